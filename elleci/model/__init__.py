@@ -1,0 +1,19 @@
+"""The Elleci model: config, layers, Mamba-2 and MLA mixers, the LM, generation, checkpoints, tokenizer.
+
+    from elleci.model import ElleciConfig, ElleciLM
+    model = ElleciLM(ElleciConfig.from_name("tiny"))
+    logits = model(input_ids)                       # [B, L, vocab]
+    model = load_original("elleci_v1_final.pth")    # the original checkpoint, same logits
+"""
+from .checkpoint import from_pretrained, load_original, save_pretrained
+from .config import PRESETS, ElleciConfig
+from .generation import generate, sample_next
+from .layers import BitLinear, RMSNorm, SwiGLU
+from .lm import Block, ElleciLM, InferenceCache
+from .mamba2 import Mamba2Mixer, ssm_scan_chunked, ssm_scan_ref
+from .mla import MLAMixer
+from .tokenizer import Tokenizer
+
+__all__ = ["ElleciConfig", "PRESETS", "ElleciLM", "Block", "InferenceCache", "RMSNorm", "BitLinear", "SwiGLU",
+           "Mamba2Mixer", "MLAMixer", "ssm_scan_ref", "ssm_scan_chunked", "generate", "sample_next",
+           "save_pretrained", "from_pretrained", "load_original", "Tokenizer"]

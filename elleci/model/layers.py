@@ -1,0 +1,124 @@
+"""Small layers of Elleci: RMSNorm, rotary embeddings, BitLinear (1.58-bit) and the SwiGLU FFN.
+
+All follow the original code exactly (specs/elleci_original_model.md §2.3-2.5, §2.10):
+
+* RMSNorm:   y = (x / sqrt(mean(x²) + eps)).to(dtype) * w, computed in fp32, weight applied after the cast.
+* RoPE:      NeoX rotate-half over the full head, inv_freq_i = base^(-2i/hd), angles duplicated [f, f].
+             Computed on the fly in fp32 for the positions asked (no table, no sticky dtype: this fixes
+             the original's cache whose dtype was fixed by the first call).
+* BitLinear: internal RMSNorm (eps 1e-5, learnable), 8-bit absmax activations per token, absmean
+             ternary weights per tensor, both with straight-through gradients.
+* SwiGLU:    w3(silu(w1 x) * w2 x), all three BitLinear, hidden = 256 * ceil(int(8d/3) / 256).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """y = (x_f32 * rsqrt(mean(x_f32², -1) + eps)).to(x.dtype) * weight."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+# ---- rotary position embedding --------------------------------------------------------------
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape [*positions.shape, head_dim] in fp32.
+
+    angle[t, i] = positions[t] / base^(2i/hd) for i < hd/2, duplicated as [angle, angle] over hd.
+    """
+    exponents = torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim
+    inv_freq = 1.0 / (base ** exponents)                      # this exact form keeps fp32 bits of the original
+    angles = positions.float()[..., None] * inv_freq          # [..., hd/2]
+    angles = torch.cat([angles, angles], dim=-1)              # [..., hd]
+    return angles.cos(), angles.sin()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[a, b] -> [-b, a] over the last dim (a, b its two halves)."""
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin. x: [B, H, T, hd]; cos, sin: [B, T, hd] (fp32)."""
+    cos, sin = cos[:, None].to(x.dtype), sin[:, None].to(x.dtype)
+    return x * cos + rotate_half(x) * sin
+
+
+# ---- BitLinear ------------------------------------------------------------------------------
+
+def quantize_activations(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit absmax per token: q = clamp(round(x s), -128, 127), s = 127 / max(max_j |x_j|, eps).
+
+    Returns (q, s) in fp32 with q integer-valued; the dequantised value is q / s.
+    """
+    xf = x.float()
+    s = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=eps)
+    return (xf * s).round().clamp(-128, 127), s
+
+
+def quantize_weights(w: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ternary absmean per tensor: q = clamp(round(W / γ), -1, 1) ∈ {-1, 0, 1}, γ = max(mean|W|, eps).
+
+    Returns (q, γ) in fp32; the dequantised weight is q * γ.
+    """
+    wf = w.float()
+    gamma = wf.abs().mean().clamp(min=eps)
+    return (wf / gamma).round().clamp(-1, 1), gamma
+
+
+def _straight_through(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
+    """Value of x_q, gradient of x: x + (x_q - x).detach()."""
+    return x + (x_q - x).detach()
+
+
+class BitLinear(nn.Linear):
+    """BitNet b1.58 linear layer (bias-free) as in the original `BitLinear`.
+
+        x̃ = RMSNorm_g(x)                          # internal norm, eps 1e-5, in fp32, back to x.dtype
+        y = F.linear(Q_a(x̃), Q_w(W))              # Q_a: 8-bit absmax per token, Q_w: ternary absmean
+    Both quantisers use straight-through gradients, so dy/dx̃ and dy/dW are those of an ordinary
+    linear layer evaluated at the quantised values. Weights are re-quantised on every call.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+        self.rms_norm = RMSNorm(in_features, eps=1e-5)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The internal RMSNorm: the input every quantised matmul (and a LoRA adapter) sees."""
+        # F.rms_norm, as the original's nn.RMSNorm: same fp32 bits, which decide 8-bit rounding ties
+        w = self.rms_norm.weight
+        return F.rms_norm(x.float(), w.shape, w.float(), self.rms_norm.eps).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(x)
+        q, s = quantize_activations(x)
+        x_q = _straight_through(x, (q / s).to(x.dtype))
+        qw, gamma = quantize_weights(self.weight)
+        w_q = _straight_through(self.weight, (qw * gamma).to(self.weight.dtype))
+        return F.linear(x_q, w_q)
+
+
+class SwiGLU(nn.Module):
+    """FFN(x) = w3(silu(w1 x) ⊙ w2 x): w1 gate (d→h), w2 up (d→h), w3 down (h→d), all BitLinear."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w1 = BitLinear(d_model, hidden)
+        self.w2 = BitLinear(d_model, hidden)
+        self.w3 = BitLinear(hidden, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
