@@ -1,0 +1,18 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# ../shared beside the repository (CI and developer machines); tests that need it skip without it.
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+FIXTURES = SHARED / "fixtures" / "original_elleci"
+
+
+@pytest.fixture
+def fixtures_dir():
+    if not FIXTURES.is_dir():
+        pytest.skip(f"original Elleci fixtures not found at {FIXTURES}")
+    return FIXTURES
