@@ -39,7 +39,7 @@ class ElleciConfig:
     d_state: int = 16                  # N
     d_conv: int = 4
     expand: int = 2                    # d_inner = expand * d_model
-    chunk_size: int = 64               # chunk length of the parallel scan (computational only)
+    chunk_size: int = 16               # chunk length of the parallel scan (computational only; see mamba2.py)
     mamba_input_gate: bool = False     # V2 ("Differential"): x <- x * (1 + 0.5 sigmoid(W_g (u_t - u_{t-1})))
     # FFN (SwiGLU of BitLinear)
     ffn_hidden: int | None = None      # None: 256 * ceil(int(8 d / 3) / 256)
@@ -129,13 +129,13 @@ class ElleciConfig:
 
 
 _V1 = dict(vocab_size=32128, d_model=2048, n_layers=24, layer_pattern="MA", n_heads=16, kv_lora_rank=128,
-           mamba_heads=8, d_state=16, d_conv=4, expand=2, chunk_size=64)
+           mamba_heads=8, d_state=16, d_conv=4, expand=2, chunk_size=16)
 
 PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=512, d_model=64, n_layers=4, layer_pattern="MA", n_heads=4, kv_lora_rank=32,
                  mamba_heads=4, d_state=16, d_conv=4, expand=2, chunk_size=16),
     "small": dict(vocab_size=4096, d_model=256, n_layers=8, layer_pattern="MMMA", n_heads=4, kv_lora_rank=64,
-                  mamba_heads=4, d_state=16, d_conv=4, expand=2, chunk_size=32,
+                  mamba_heads=4, d_state=16, d_conv=4, expand=2, chunk_size=16,
                   mamba_input_gate=True, mla_latent_gate=True),
     "elleci-v1": dict(_V1),
     "elleci-v2": dict(_V1, layer_pattern="MMMA", mamba_input_gate=True, mla_latent_gate=True),

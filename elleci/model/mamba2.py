@@ -16,7 +16,9 @@ The recurrence is computed two ways in this file, held equal by the tests:
 * `ssm_scan_chunked`: the chunked parallel (SSD) form, the default. Within a chunk of length Q,
       y_t = Σ_{s≤t} (C_t·B_s) exp(Σ_{k=s+1..t} a_k) u_s + C_t·(exp(Σ_{k≤t} a_k) h_in),
   with a = A dt (log decay) and u = dt x, and the chunk states are carried by a short loop over chunks.
-  Because dt is per channel, the decay matrix is per channel: [B, chunks, D_i, Q, Q] (memory D_i·Q per token).
+  Because dt is per channel, the decay matrix is per channel: [B, chunks, D_i, Q, Q] (memory D_i·Q per token),
+  so the chunk is short (16 by default; the original's 64 costs 4x the memory and, on 2 CPU cores,
+  4.5x the time of a training step of the example model: 3.6 s vs 0.77 s, measured).
 
 Differences from the original, each deliberate:
 1. The inference cache holds the conv window (last d_conv-1 pre-conv inputs) and the previous input u
