@@ -120,23 +120,22 @@ def test_original_fixture_config_inferred(fixtures_dir, name):
 
 @pytest.mark.parametrize("name", ["v1_tiny", "v2_tiny"])
 def test_original_fixture_logits(fixtures_dir, name):
-    """Our fp32 logits vs the original code's fp32 logits.
+    """Our fp32 logits vs the original code's fp32 logits, position by position.
 
-    v2_tiny agrees to ≤1e-4 everywhere. In v1_tiny one activation at row 0, position 22 of
-    blocks.1.ffn.w1 sits 3.8e-6 (in units of the 8-bit step) from a rounding tie, computed in
-    float64; fp32 rounding in either implementation decides which side it lands on, and the
-    original's own fp32 output crosses another tie in row 1 (its float64 evaluation differs there).
-    So every position must agree to 1e-4 except the few a crossed tie touches (one quantisation
-    step: ~1e-2), and positions before the first tie must agree to 1e-4.
+    BitLinear rounds x·s (s = 127 / max|x|) to integers, so where x·s lies within float noise of a
+    .5 tie, which side a fp32 evaluation lands on depends on summation order, and one activation
+    moves by a whole 8-bit step: ~1e-3..1e-2 in the logits from there on. Measured: in v1_tiny,
+    blocks.1.ffn.w1 at row 0, position 22 sits 3.8e-6 steps from a tie (float64); the original's
+    own fp32 output crosses another tie in row 1 (its float64 evaluation differs there); changing
+    only our scan's chunk length moves v2_tiny between 100% and 99.3% of positions within 1e-4.
+    So: nearly all positions agree to 1e-4 (the median far below), and none by more than a tie.
     """
     path, expected, _ = _fixture(fixtures_dir, name)
     model = load_original(path).eval()
     with torch.no_grad():
         diff = (model(expected["input_ids"]) - expected["logits"]).abs().amax(-1)   # [2, T]
-    assert diff[:, :16].max() <= 1e-4
-    assert (diff <= 1e-4).float().mean() >= 0.9 and diff.max() < 0.02
-    if name == "v2_tiny":
-        assert diff.max() <= 1e-4
+    assert (diff <= 1e-4).float().mean() >= 0.9, diff
+    assert diff.median() <= 1e-5 and diff.max() < 0.02
 
 
 def test_convert_cli(fixtures_dir, tmp_path):

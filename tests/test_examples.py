@@ -1,0 +1,35 @@
+import importlib.util
+import json
+from pathlib import Path
+
+import torch
+
+from elleci.model import ElleciLM, Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_pretrain_example_runs_saves_and_resumes(tmp_path, capsys):
+    pretrain = _load("pretrain")
+    small = ["--n-docs", "300", "--vocab-size", "400", "--seq-len", "32", "--batch-size", "4", "--d-model", "32",
+             "--n-layers", "2", "--log-every", "1", "--save-every", "2", "--out", str(tmp_path)]
+    pretrain.main(small + ["--steps", "4"])
+    printed = capsys.readouterr().out
+    assert "step 0 | loss" in printed and "tok/s" in printed and "->" in printed
+    model, tok = ElleciLM.from_pretrained(tmp_path / "final"), Tokenizer.load(tmp_path / "final")
+    assert model.config.vocab_size >= tok.vocab_size and model.config.d_model == 32
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3]
+    pretrain.main(small + ["--steps", "6", "--resume"])
+    assert "resumed from" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4, 5]
+    resumed = ElleciLM.from_pretrained(tmp_path / "final")
+    assert not torch.equal(resumed.lm_head.weight, model.lm_head.weight)   # training went on
