@@ -23,7 +23,7 @@ from typing import Iterator
 
 import torch
 
-ROLES = ("system", "user", "assistant")
+from elleci.model.tokenizer import CHAT_ROLES as ROLES, check_messages
 Messages = list[dict[str, str]]
 
 
@@ -100,18 +100,11 @@ def _str_field(rec: dict, key: str, required: bool = True) -> str:
 
 def validate_messages(messages) -> Messages:
     """Check a chat: a non-empty list of `{"role", "content"}` dicts, role in system/user/assistant,
-    content a string, and a system message only in first position. Returns the messages unchanged."""
+    content a string, a system message only first (and followed by a user message). Returns the
+    messages unchanged. The rules are the chat template's (`elleci.model.tokenizer.check_messages`)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("'messages' must be a non-empty list")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"message {i} must be an object with 'role' and 'content'")
-        if m["role"] not in ROLES:
-            raise ValueError(f"message {i} has role {m['role']!r}; expected one of {ROLES}")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"message {i} content must be a string, got {type(m['content']).__name__}")
-        if m["role"] == "system" and i != 0:
-            raise ValueError(f"message {i} is a system message; only the first message may be one")
+    check_messages(messages)
     return messages
 
 

@@ -125,7 +125,7 @@ def test_read_sft_bad_chat_names_line(tmp_path):
     good = {"messages": [{"role": "user", "content": "u"}]}
     bad = {"messages": [{"role": "user", "content": "u"}, {"role": "robot", "content": "a"}]}
     p = write_lines(tmp_path / "chat.jsonl", [json.dumps(good), "", json.dumps(bad)])
-    with pytest.raises(ValueError, match=r"chat\.jsonl:3: chat record: message 1 has role 'robot'"):
+    with pytest.raises(ValueError, match=r"chat\.jsonl:3: chat record: messages\[1\] has role 'robot'"):
         read_sft(p, format="chat")
 
 

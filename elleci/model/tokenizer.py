@@ -58,7 +58,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 
 # ----------------------------------------------------------------------------- chat template
 
-def _check_messages(messages: Sequence[Mapping]) -> None:
+def check_messages(messages: Sequence[Mapping]) -> None:
     """Raise ValueError, naming the index, unless `messages` is a valid list of chat turns."""
     if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Sequence):
         raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
@@ -97,7 +97,7 @@ def render_chat(messages: Sequence[Mapping], add_generation_prompt: bool = False
         render_chat([{"role": "user", "content": "U"}], add_generation_prompt=True)
         == "<|im_start|>user\\nU<|im_end|>\\n<|im_start|>assistant\\n"
     """
-    _check_messages(messages)
+    check_messages(messages)
     parts = [f"{IM_START_TOKEN}{role}\n{content}{IM_END_TOKEN}" for role, content in _fold_system(messages)]
     if add_generation_prompt:
         parts.append(f"{IM_START_TOKEN}assistant\n")
