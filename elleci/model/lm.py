@@ -107,6 +107,9 @@ class ElleciLM(nn.Module):
             if attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
             attention_mask = attention_mask.bool()
+            if cache is not None and bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+                raise ValueError("with a cache, padding must be on the left (a real token is followed by "
+                                 "padding in attention_mask); generate() left-pads for you")
         full_mask = attention_mask
         if cache is not None:
             new = attention_mask if attention_mask is not None else input_ids.new_ones(B, L, dtype=torch.bool)

@@ -51,7 +51,7 @@ def ssm_step(h, x, dt, A, B, C, D):
 def ssm_scan_ref(x, dt, A, B, C, D, h0=None):
     """Sequential reference scan. x, dt: [b, L, c]; A, D: [c]; B, C: [b, L, N]; h0: [b, c, N] or None.
 
-    Returns y [b, L, c] and the final state [b, c, N]. Everything in fp32.
+    Returns y [b, L, c] and the final state [b, c, N], in the inputs' dtype (the mixer passes fp32 or fp64).
     """
     b, L, c = x.shape
     h = x.new_zeros(b, c, B.shape[-1]) if h0 is None else h0
@@ -210,13 +210,6 @@ class Mamba2Mixer(nn.Module):
         if cache is not None:                                        # advance the decoding state
             cache.ssm = h
             cache.conv = xc[..., -(K - 1):].detach() if K > 1 else xc[..., :0]
-            cache.prev_u = u[:, -1] if pad_mask is None else _last_real(u, pad_mask, cache.prev_u)
+            cache.prev_u = u[:, -1]                                  # the last position is real (left padding)
         return self.out_proj(self.norm(y * F.silu(z)))
 
-
-def _last_real(u: torch.Tensor, pad_mask: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """u at the last real position of each row ([B, d]), or `prev` for a row with no real token."""
-    L = u.shape[1]
-    idx = torch.where(pad_mask, torch.arange(L, device=u.device), -1).amax(dim=1)       # [B]
-    last = u[torch.arange(u.shape[0], device=u.device), idx.clamp(min=0)]
-    return torch.where((idx >= 0)[:, None], last, prev.to(u.dtype))

@@ -196,3 +196,9 @@ def test_special_inits_applied_after_generic_init():
     gate = model.blocks[3].attn.embed_gate[0].weight
     assert gate.abs().max() <= 0.5 * math.sqrt(6 / (64 + 32)) and gate.std() > 0.05
     assert abs(model.lm_head.weight.std().item() - 0.02) < 0.002
+
+
+def test_cache_rejects_right_padding():
+    model = tiny()
+    with pytest.raises(ValueError, match="padding must be on the left"):
+        model(torch.tensor([[5, 6, 0]]), attention_mask=torch.tensor([[1, 1, 0]]), cache=model.new_cache(1))
