@@ -95,7 +95,7 @@ def test_bitlinear_activations_8bit_absmax():
     x = torch.tensor([[0.5, -1.0, 0.25, 0.0]])
     q, s = quantize_activations(x)
     assert s.item() == 127.0                      # 127 / max|x| = 127
-    assert q.tolist() == [[64.0, -127.0, 32.0, 0.0]]   # round(63.5) = 64 (half away? torch rounds half to even: 64)
+    assert q.tolist() == [[64.0, -127.0, 32.0, 0.0]]   # 63.5 rounds half-to-even to 64; 31.75 -> 32
 
 
 def test_bitlinear_forward_equals_quantized_matmul_and_straight_through_grads():
