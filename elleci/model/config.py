@@ -8,8 +8,8 @@ Presets (`ElleciConfig.from_name`):
 
 | name        | d_model | layers | pattern | gates | params        | use                          |
 |-------------|---------|--------|---------|-------|---------------|------------------------------|
-| `tiny`      | 64      | 4      | MA      | no    | ~0.2M         | unit tests                   |
-| `small`     | 256     | 8      | MMMA    | yes   | ~6M (+vocab)  | CPU examples                 |
+| `tiny`      | 64      | 4      | MA      | no    | 354,384       | unit tests                   |
+| `small`     | 256     | 8      | MMMA    | yes   | 9,736,528     | CPU examples and benchmarks  |
 | `elleci-v1` | 2048    | 24     | MA      | no    | 1,377,245,376 | the released V1 checkpoint   |
 | `elleci-v2` | 2048    | 24     | MMMA    | yes   | 1,476,434,376 | the original HEAD default    |
 

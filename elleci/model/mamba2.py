@@ -209,7 +209,7 @@ class Mamba2Mixer(nn.Module):
 
         if cache is not None:                                        # advance the decoding state
             cache.ssm = h
-            cache.conv = xc[..., -(K - 1):].detach() if K > 1 else xc[..., :0]
+            cache.conv = xc[..., xc.shape[-1] - (K - 1):]          # last K-1 inputs (none if K = 1)
             cache.prev_u = u[:, -1]                                  # the last position is real (left padding)
         return self.out_proj(self.norm(y * F.silu(z)))
 
