@@ -6,6 +6,11 @@ import torch
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
+# Without a GPU the Triton kernels are tested in the interpreter (exact, slow: small shapes only).
+# `triton.jit` reads this when a kernel module is imported, so it is set before any elleci import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # ../shared beside the repository (CI and developer machines); tests that need it skip without it.
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 FIXTURES = SHARED / "fixtures" / "original_elleci"

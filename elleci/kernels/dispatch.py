@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import os
 from contextlib import contextmanager
 
 import torch
@@ -55,5 +54,4 @@ def resolve_backend(tensor: torch.Tensor) -> str:
     """"torch" or "triton" for a call on `tensor`, following the current setting."""
     if _backend != "auto":
         return _backend
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
-    return "triton" if triton_available() and (tensor.is_cuda or interpret) else "torch"
+    return "triton" if tensor.is_cuda and triton_available() else "torch"

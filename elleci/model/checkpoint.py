@@ -81,6 +81,9 @@ def check_state_dict(model: torch.nn.Module, state: dict, source: str) -> None:
         problems.append(f"unexpected keys ({len(unexpected)}): {_short(unexpected)}")
     if bad:
         problems.append(f"shape mismatches ({len(bad)}): {_short(bad)}")
+    if any(".lora_" in k or ".base_layer." in k for k in unexpected):
+        problems.append("these are LoRA-wrapped weights: save the base with merge_lora(model, unload=True) "
+                        "before save_pretrained, or keep the adapter apart with save_adapter / load_adapter")
     if problems:
         raise ValueError(f"{source} does not fit the model config: " + "; ".join(problems))
 

@@ -102,13 +102,17 @@ class BitLinear(nn.Linear):
         w = self.rms_norm.weight
         return F.rms_norm(x.float(), w.shape, w.float(), self.rms_norm.eps).to(x.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def quantized_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q_a(x̃), Q_w(W)): the two operands of the matmul, dequantised, with straight-through gradients."""
         x = self.normalize(x)
         q, s = quantize_activations(x)
         x_q = _straight_through(x, (q / s).to(x.dtype))
         qw, gamma = quantize_weights(self.weight)
         w_q = _straight_through(self.weight, (qw * gamma).to(self.weight.dtype))
-        return F.linear(x_q, w_q)
+        return x_q, w_q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(*self.quantized_operands(x))
 
 
 class SwiGLU(nn.Module):
