@@ -33,3 +33,9 @@ def test_pretrain_example_runs_saves_and_resumes(tmp_path, capsys):
     assert steps == [0, 1, 2, 3, 4, 5]
     resumed = ElleciLM.from_pretrained(tmp_path / "final")
     assert not torch.equal(resumed.lm_head.weight, model.lm_head.weight)   # training went on
+
+
+def test_bench_lora_smoke_runs_on_cpu(capsys):
+    assert _load("bench_lora").main(["--smoke"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4")]
+    assert len(rows) == 2 and all(line.count("×") == 3 for line in rows)
