@@ -39,3 +39,23 @@ def test_bench_lora_smoke_runs_on_cpu(capsys):
     assert _load("bench_lora").main(["--smoke"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4")]
     assert len(rows) == 2 and all(line.count("×") == 3 for line in rows)
+
+
+def test_pipeline_quick_runs_every_stage(tmp_path, capsys):
+    results = _load("pipeline").main(["--quick", "--out", str(tmp_path)])
+    assert set(results[0]) == {"seed", "SFT", "DPO", "UNA-binary", "seconds"}
+    assert all(0.0 <= results[0][k] <= 1.0 for k in ("SFT", "DPO", "UNA-binary"))
+    assert json.loads((tmp_path / "results.json").read_text())["results"][0]["seed"] == 0
+    assert "| DPO |" in capsys.readouterr().out
+
+
+def test_sft_then_dpo_and_una_from_the_saved_stage(tmp_path, capsys):
+    sft = _load("sft").main(["--quick", "--out", str(tmp_path / "sft")])
+    assert (tmp_path / "sft" / "adapter" / "adapter_model.safetensors").is_file()
+    dpo = _load("dpo").main(["--quick", "--sft", str(tmp_path / "sft"), "--out", str(tmp_path / "dpo"),
+                             "--reference", "copy", "--loss", "ipo"])
+    una = _load("una").main(["--quick", "--sft", str(tmp_path / "sft"), "--out", str(tmp_path / "una"),
+                             "--kind", "score"])
+    assert dpo["before"] == una["before"] == sft["after"]          # both start from the saved SFT model
+    out = capsys.readouterr().out
+    assert "rewards/margin" in out and "SFT" in out and "UNA-score" in out

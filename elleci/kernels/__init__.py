@@ -1,7 +1,8 @@
 """Triton kernels, each beside a pure-PyTorch reference with the same signature, and the dispatch switch.
 
     lora_linear(x, weight, lora_A, lora_B, scaling, bias=None)   # x Wᵀ + b + s·(x Aᵀ) Bᵀ, fused epilogue
-    lora_linear_ref(...)                                          # the same in plain PyTorch
+    token_logprobs(hidden, weight, labels, ignore_index=-100)     # log p(label | h), logits never stored
+    lora_linear_ref(...), token_logprobs_ref(...)                 # the same in plain PyTorch
 
 Which implementation runs:
 
@@ -14,7 +15,8 @@ only when asked for ("triton") under TRITON_INTERPRET=1, which is how the tests 
 "triton" where it cannot import raises an ImportError that says so.
 """
 from .dispatch import BACKENDS, get_backend, resolve_backend, set_backend, triton_available, use_backend
+from .logprobs import token_logprobs, token_logprobs_ref
 from .lora import lora_linear, lora_linear_ref
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "resolve_backend", "triton_available",
-           "lora_linear", "lora_linear_ref"]
+           "lora_linear", "lora_linear_ref", "token_logprobs", "token_logprobs_ref"]

@@ -1,0 +1,162 @@
+"""Preference and feedback training around the pure losses: encoding, the reference, the step function.
+
+    items = encode_pairs(tok, pairs)                               # {"prompt", "chosen", "rejected"} records
+    precompute_reference(model, items)                             # ref log-probs stored with the data
+    step = pairwise_step(dpo_loss, beta=0.1, reference="precomputed")
+    train_loop(model, sample_batches(items, 8, 0, pair_collate(tok.pad_id)), step, steps=100, lr=5e-4)
+
+The reference model is explicit (DESIGN §5), one of:
+    "precomputed"   log-probs stored in the items (`precompute_reference`): one pass, no second model in
+                    memory during training — the path for small GPUs;
+    "adapters"      the same model with its LoRA adapters disabled (`disable_adapters`): the reference is
+                    whatever the adapters were applied to;
+    an nn.Module    a frozen copy (e.g. `copy.deepcopy(model).eval()` before training).
+Single-response feedback (UNA binary / score) uses the same machinery with `encode_feedback` and
+`feedback_step`. Log-probs are summed over response tokens unless `reduction="mean"` is given.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..model.lora import disable_adapters, lora_modules
+from .chat import collate, encode_prompt_response
+from .logprobs import concatenated_logprobs, sequence_logprobs
+
+
+def encode_pairs(tokenizer, records: Sequence[dict], max_len: int | None = None) -> list[dict]:
+    """{"prompt", "chosen", "rejected"[, ref_chosen_logps, ref_rejected_logps]} → token items."""
+    items = []
+    for rec in records:
+        c_ids, c_lab = encode_prompt_response(tokenizer, rec["prompt"], rec["chosen"], max_len)
+        r_ids, r_lab = encode_prompt_response(tokenizer, rec["prompt"], rec["rejected"], max_len)
+        item = {"chosen": (c_ids, c_lab), "rejected": (r_ids, r_lab)}
+        for k in ("ref_chosen_logps", "ref_rejected_logps"):
+            if k in rec:
+                item[k] = float(rec[k])
+        items.append(item)
+    return items
+
+
+def encode_feedback(tokenizer, records: Sequence[dict], target: str, max_len: int | None = None) -> list[dict]:
+    """{"prompt", "completion", target[, ref_logps]} → token items; target is "label" or "score"."""
+    items = []
+    for rec in records:
+        item = {"response": encode_prompt_response(tokenizer, rec["prompt"], rec["completion"], max_len),
+                "target": float(rec[target])}
+        if "ref_logps" in rec:
+            item["ref_logps"] = float(rec["ref_logps"])
+        items.append(item)
+    return items
+
+
+def _floats(items, key):
+    if not all(key in it for it in items):
+        return None
+    return torch.tensor([it[key] for it in items], dtype=torch.float32)
+
+
+def pair_collate(items: Sequence[dict], pad_token_id: int) -> dict:
+    c_ids, c_lab = collate([it["chosen"] for it in items], pad_token_id)
+    r_ids, r_lab = collate([it["rejected"] for it in items], pad_token_id)
+    return {"chosen_ids": c_ids, "chosen_labels": c_lab, "rejected_ids": r_ids, "rejected_labels": r_lab,
+            "ref_chosen_logps": _floats(items, "ref_chosen_logps"),
+            "ref_rejected_logps": _floats(items, "ref_rejected_logps"), "pad_token_id": pad_token_id}
+
+
+def feedback_collate(items: Sequence[dict], pad_token_id: int) -> dict:
+    ids, labels = collate([it["response"] for it in items], pad_token_id)
+    return {"ids": ids, "labels": labels, "target": _floats(items, "target"),
+            "ref_logps": _floats(items, "ref_logps"), "pad_token_id": pad_token_id}
+
+
+def collate_fn(kind: str, pad_token_id: int) -> Callable:
+    """`sample_batches` collate for "pairs" or "feedback" items."""
+    fns = {"pairs": pair_collate, "feedback": feedback_collate}
+    if kind not in fns:
+        raise ValueError(f"unknown item kind {kind!r}; choose one of {sorted(fns)}")
+    return functools.partial(fns[kind], pad_token_id=pad_token_id)
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _pair_logps(model, b: dict, reduction: str):
+    return concatenated_logprobs(model, b["chosen_ids"], b["chosen_labels"], b["rejected_ids"], b["rejected_labels"],
+                                 reduction=reduction, pad_token_id=b["pad_token_id"])
+
+
+def _reference_call(reference, model, fn):
+    """Evaluate fn(ref_model) without gradients under the chosen reference."""
+    with torch.no_grad():
+        if reference == "adapters":
+            if not lora_modules(model):
+                raise ValueError("reference='adapters' needs a model with LoRA adapters (apply_lora first)")
+            with disable_adapters(model):
+                return fn(model)
+        if isinstance(reference, torch.nn.Module):
+            return fn(reference)
+    raise ValueError(f"unknown reference {reference!r}: 'precomputed', 'adapters' or a frozen nn.Module")
+
+
+def pairwise_step(loss_fn: Callable, *, reference="precomputed", reduction: str = "sum", **loss_kw) -> Callable:
+    """step(model, batch) for `train_loop`: policy log-probs in one concatenated forward, the reference's,
+    then `loss_fn(pc, pr, rc, rr, **loss_kw)` (dpo_loss, ipo_loss, hinge_loss, robust_dpo_loss, ...)."""
+    def step(model, batch):
+        b = _to(batch, next(model.parameters()).device)
+        pc, pr = _pair_logps(model, b, reduction)
+        if reference == "precomputed":
+            if b["ref_chosen_logps"] is None or b["ref_rejected_logps"] is None:
+                raise ValueError("reference='precomputed' but the items carry no ref_chosen_logps / "
+                                 "ref_rejected_logps: call precompute_reference(ref_model, items) first")
+            rc, rr = b["ref_chosen_logps"], b["ref_rejected_logps"]
+        else:
+            rc, rr = _reference_call(reference, model, lambda m: _pair_logps(m, b, reduction))
+        return loss_fn(pc, pr, rc, rr, **loss_kw)
+    return step
+
+
+def feedback_step(loss_fn: Callable, *, reference="precomputed", reduction: str = "sum", **loss_kw) -> Callable:
+    """step(model, batch) for single-response feedback: `loss_fn(policy_logps, ref_logps, targets, **loss_kw)`
+    (una_binary_loss with labels, una_score_loss with scores)."""
+    def step(model, batch):
+        b = _to(batch, next(model.parameters()).device)
+        logps = sequence_logprobs(model, b["ids"], b["labels"], reduction=reduction)
+        if reference == "precomputed":
+            if b["ref_logps"] is None:
+                raise ValueError("reference='precomputed' but the items carry no ref_logps: "
+                                 "call precompute_reference(ref_model, items) first")
+            ref = b["ref_logps"]
+        else:
+            ref = _reference_call(reference, model, lambda m: sequence_logprobs(m, b["ids"], b["labels"],
+                                                                                  reduction=reduction))
+        return loss_fn(logps, ref, b["target"], **loss_kw)
+    return step
+
+
+@torch.no_grad()
+def precompute_reference(ref_model, items: list[dict], *, pad_token_id: int = 1, batch_size: int = 32,
+                         reduction: str = "sum") -> list[dict]:
+    """Store the reference log-probs in each item (in place; also returned): ref_chosen_logps /
+    ref_rejected_logps for pairs, ref_logps for single responses. Run once, before training."""
+    was_training = ref_model.training
+    ref_model.eval()
+    device = next(ref_model.parameters()).device
+    try:
+        for i in range(0, len(items), batch_size):
+            chunk = items[i: i + batch_size]
+            if "chosen" in chunk[0]:
+                b = _to(pair_collate(chunk, pad_token_id), device)
+                rc, rr = _pair_logps(ref_model, b, reduction)
+                for it, c, r in zip(chunk, rc.tolist(), rr.tolist()):
+                    it["ref_chosen_logps"], it["ref_rejected_logps"] = c, r
+            else:
+                b = _to(feedback_collate(chunk, pad_token_id), device)
+                for it, v in zip(chunk, sequence_logprobs(ref_model, b["ids"], b["labels"], reduction=reduction).tolist()):
+                    it["ref_logps"] = v
+    finally:
+        ref_model.train(was_training)
+    return items

@@ -1,0 +1,173 @@
+"""The author's roadmap (phase 2A/2B) on the arithmetic task, one function per stage, small enough for a CPU:
+
+    base      a tokenizer and a small Elleci pretrained on plain text (generated corpus + worked sums)
+    SFT       LoRA instruction tuning on ChatML conversations (loss on assistant tokens only)
+    DPO       from the SFT model: pairs (correct solution, plausible wrong one), reference = SFT model
+    UNA       from the SFT model: thumbs up/down (binary) or graded scores, reference = SFT model
+    eval      greedy decoding on held-out problems, exact-answer accuracy
+
+The examples (`examples/pipeline.py`, `sft.py`, `dpo.py`, `una.py`) are thin command lines over these
+functions; every stage uses only the library (`elleci.algos`, `elleci.model.lora`). DPO and UNA keep
+training the SFT adapter, with the SFT model's log-probs precomputed once as the reference.
+"""
+from __future__ import annotations
+
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..algos.chat import encode_prompt_response
+from ..algos.dpo import dpo_loss
+from ..algos.loop import sample_batches, train_loop
+from ..algos.preference import (collate_fn, encode_feedback, encode_pairs, feedback_step, pairwise_step,
+                                precompute_reference)
+from ..algos.sft import encode_sft, sft_collate, sft_step
+from ..algos.una import una_binary_loss, una_score_loss
+from ..data import pack_documents
+from ..model import ElleciConfig, ElleciLM, Tokenizer
+from ..model.lora import LoraConfig, apply_lora, load_adapter
+from . import arithmetic
+from .corpus import synthetic_corpus
+
+
+@dataclass
+class PipelineConfig:
+    seed: int = 0
+    levels: tuple[int, ...] = (1, 2, 3)
+    n_train: int = 3000                  # training problems (pretraining text, SFT, preference data)
+    n_eval: int = 300                    # held-out problems
+    vocab_size: int = 384
+    d_model: int = 128
+    n_layers: int = 4
+    pretrain_steps: int = 300
+    pretrain_lr: float = 3e-3
+    seq_len: int = 96
+    batch_size: int = 32
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    target_modules: list[str] | str = "all-linear"
+    sft_steps: int = 100
+    sft_lr: float = 2e-3
+    pref_steps: int = 60
+    pref_lr: float = 1e-3
+    pref_batch_size: int = 16
+    beta: float = 0.1
+    una_kind: str = "binary"             # "binary" (thumbs up/down, MSE on σ(r)) or "score"
+    una_beta: float = 0.1
+    max_new_tokens: int = 32
+    device: str = "cpu"
+    log_every: int = 20
+    extra: dict = field(default_factory=dict)
+
+
+QUICK = dict(n_train=200, n_eval=20, vocab_size=384, d_model=32, n_layers=2, pretrain_steps=3, seq_len=32,
+             batch_size=4, sft_steps=2, pref_steps=2, pref_batch_size=2, max_new_tokens=8, log_every=1)
+"""Overrides for a seconds-long smoke run of every stage (the examples' --quick, used by the tests)."""
+
+
+def problems(cfg: PipelineConfig) -> tuple[list, list]:
+    """(train, held-out) problems: disjoint questions, deterministic in the seed."""
+    train = arithmetic.make_problems(cfg.n_train, seed=cfg.seed, levels=cfg.levels, split="train")
+    test = arithmetic.make_problems(cfg.n_eval, seed=cfg.seed + 1000, levels=cfg.levels, split="test")
+    return train, test
+
+
+def pretraining_texts(cfg: PipelineConfig, train) -> list[str]:
+    """Generated bilingual prose plus the training problems written out as plain text."""
+    worked = [f"{p.question}\n{p.solution}" for p in train]
+    prose = synthetic_corpus(len(worked), seed=cfg.seed)
+    texts = worked + prose
+    random.Random(cfg.seed).shuffle(texts)
+    return texts
+
+
+def build_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "text.txt"
+        path.write_text("\n".join(t.replace("\n", " ") for t in texts), encoding="utf-8")
+        return Tokenizer.train(path, vocab_size=vocab_size)
+
+
+def pretrain_base(cfg: PipelineConfig, tok: Tokenizer, texts: list[str], print_fn=print) -> ElleciLM:
+    """A small Elleci (the `small` preset's layout, shrunk) trained on packed `texts` with the LM loss."""
+    torch.manual_seed(cfg.seed)
+    config = ElleciConfig.from_name("small", d_model=cfg.d_model, n_layers=cfg.n_layers, vocab_size=tok.vocab_size,
+                                    n_heads=4, kv_lora_rank=32, mamba_heads=4)
+    model = ElleciLM(config).to(cfg.device)
+    stream = pack_documents([tok.encode(t) for t in texts], eos_id=tok.eos_id)
+    n = (stream.numel() - 1) // cfg.seq_len
+    rows = stream[: n * cfg.seq_len].view(n, cfg.seq_len)
+    items = [(r.tolist(), r.tolist()) for r in rows]                  # every token scored
+    batches = sample_batches(items, cfg.batch_size, cfg.seed, sft_collate(tok.pad_id))
+    train_loop(model, batches, sft_step, steps=cfg.pretrain_steps, lr=cfg.pretrain_lr, weight_decay=0.1,
+               log_every=cfg.log_every, print_fn=print_fn)
+    return model
+
+
+def build_base(cfg: PipelineConfig, train, print_fn=print) -> tuple[ElleciLM, Tokenizer]:
+    """Tokenizer + pretrained base from the generated corpus and the training problems' worked text."""
+    texts = pretraining_texts(cfg, train)
+    tok = build_tokenizer(texts, cfg.vocab_size)
+    return pretrain_base(cfg, tok, texts, print_fn=print_fn), tok
+
+
+def load_stage(directory, device: str = "cpu") -> tuple[ElleciLM, Tokenizer]:
+    """A stage saved by the examples: DIR/base (model + tokenizer) plus DIR/adapter (LoRA) if present,
+    or DIR/model (full fine-tuning)."""
+    directory = Path(directory)
+    model_dir = directory / "model" if (directory / "model").is_dir() else directory / "base"
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"{directory}: expected base/ (+ adapter/) or model/ written by examples/sft.py")
+    model, tok = ElleciLM.from_pretrained(model_dir).to(device), Tokenizer.load(model_dir)
+    if model_dir.name == "base" and (directory / "adapter").is_dir():
+        load_adapter(model, directory / "adapter")
+    return model.eval(), tok
+
+
+def run_sft(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, train, print_fn=print) -> list[dict]:
+    """Apply LoRA and instruction-tune on the training problems' worked solutions."""
+    apply_lora(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules))
+    examples = encode_sft(tok, arithmetic.sft_examples(train))
+    batches = sample_batches(examples, cfg.batch_size, cfg.seed + 1, sft_collate(tok.pad_id))
+    return train_loop(model, batches, sft_step, steps=cfg.sft_steps, lr=cfg.sft_lr, log_every=cfg.log_every,
+                      print_fn=print_fn)
+
+
+def run_dpo(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, train, loss_fn=dpo_loss, print_fn=print,
+            **loss_kw) -> list[dict]:
+    """Keep training the SFT adapter with a pairwise loss; the reference (the SFT model) is precomputed."""
+    items = encode_pairs(tok, arithmetic.preference_pairs(train, seed=cfg.seed))
+    precompute_reference(model, items, pad_token_id=tok.pad_id)
+    batches = sample_batches(items, cfg.pref_batch_size, cfg.seed + 2, collate_fn("pairs", tok.pad_id))
+    step = pairwise_step(loss_fn, reference="precomputed", beta=cfg.beta, **loss_kw)
+    return train_loop(model, batches, step, steps=cfg.pref_steps, lr=cfg.pref_lr, log_every=cfg.log_every,
+                      print_fn=print_fn)
+
+
+def run_una(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, train, print_fn=print) -> list[dict]:
+    """UNA from the SFT model: binary thumbs up/down (MSE on σ(r)) or graded scores (MSE on σ(r))."""
+    if cfg.una_kind == "binary":
+        records, target = arithmetic.binary_feedback(train, seed=cfg.seed), "label"
+        step = feedback_step(una_binary_loss, beta=cfg.una_beta, kind="mse")
+    elif cfg.una_kind == "score":
+        records, target = arithmetic.scored_feedback(train, seed=cfg.seed), "score"
+        step = feedback_step(una_score_loss, beta=cfg.una_beta)
+    else:
+        raise ValueError(f"una_kind={cfg.una_kind!r}; choose 'binary' or 'score'")
+    items = encode_feedback(tok, records, target)
+    precompute_reference(model, items, pad_token_id=tok.pad_id)
+    batches = sample_batches(items, cfg.pref_batch_size, cfg.seed + 3, collate_fn("feedback", tok.pad_id))
+    return train_loop(model, batches, step, steps=cfg.pref_steps, lr=cfg.pref_lr, log_every=cfg.log_every,
+                      print_fn=print_fn)
+
+
+def evaluate(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, test) -> dict:
+    return arithmetic.evaluate(model, tok, test, max_new_tokens=cfg.max_new_tokens)
+
+
+def prompt_ids(tok: Tokenizer, problem) -> list[int]:
+    """The ids the model sees at evaluation time (for inspection)."""
+    return encode_prompt_response(tok, problem.question, "")[0][:-1]
