@@ -15,6 +15,12 @@ Forward is timed under no_grad, forward+backward with a random upstream gradient
 with CUDA events after warm-up. "extra MiB" is the peak allocated during forward+backward minus what was
 allocated before it (inputs); it includes the gradients themselves (T*D + V*D elements). Prints a markdown
 table headed by the GPU name.
+
+    python examples/bench_logprobs.py --dpo-step                       # CUDA: peak memory of one DPO step
+
+`--dpo-step` measures instead the peak memory of one DPO step of `elleci-v1` (bf16 weights) with LoRA
+(r=16 on the default targets), one pair of 1024-token sequences, gradient checkpointing and precomputed
+reference log-probs (the path for a 12 GB card). With --tiny it runs the same code on the tiny preset, on CPU.
 """
 from __future__ import annotations
 
@@ -83,6 +89,47 @@ def extra_mib(device, fn):
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def dpo_step_memory(device: str, tiny: bool, seq_len: int = 1024) -> None:
+    """Peak memory of one DPO forward+backward+AdamW step: elleci-v1 + LoRA r=16, one pair, checkpointing."""
+    from elleci.algos import dpo_loss
+    from elleci.algos.preference import pairwise_step
+    from elleci.model import ElleciConfig, ElleciLM
+    from elleci.model.lora import LoraConfig, apply_lora
+    from elleci.train import make_optimizer
+
+    preset, seq_len = ("tiny", 32) if tiny else ("elleci-v1", seq_len)
+    config = ElleciConfig.from_name(preset, gradient_checkpointing=True)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    with torch.device(device):
+        model = ElleciLM(config).to(dtype)
+    apply_lora(model, LoraConfig(r=16, lora_alpha=16))
+    opt = make_optimizer(model, lr=1e-5, weight_decay=0.0)
+    ids = torch.randint(4, config.vocab_size, (2, 1, seq_len), device=device)
+    labels = ids.clone()
+    labels[..., : seq_len // 4] = -100                           # a quarter prompt, the rest response
+    batch = {"chosen_ids": ids[0], "chosen_labels": labels[0], "rejected_ids": ids[1], "rejected_labels": labels[1],
+             "ref_chosen_logps": torch.tensor([-900.0]), "ref_rejected_logps": torch.tensor([-905.0]),
+             "pad_token_id": 1}
+    step = pairwise_step(dpo_loss, reference="precomputed", beta=0.1)
+    model.train()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):                                             # the second step has the AdamW state
+        loss, _ = step(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        print(f"{torch.cuda.get_device_name()}: one DPO step of {preset} ({model.num_parameters() / 1e9:.3f}B, bf16) "
+              f"+ LoRA r=16 ({n_lora / 1e6:.1f}M trainable), 1 pair x {seq_len} tokens, gradient checkpointing, "
+              f"precomputed reference: peak {peak:.2f} GiB allocated")
+    else:
+        print(f"CPU smoke run: one DPO step of {preset} + LoRA r=16 ({n_lora} trainable), loss {loss.item():.4f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8192)
@@ -91,8 +138,13 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (32 x 16 x 300); runs on CPU")
+    ap.add_argument("--dpo-step", action="store_true", help="peak memory of one elleci-v1 + LoRA DPO step")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dpo_step:
+        if device == "cpu" and not args.tiny:
+            raise SystemExit("--dpo-step needs a CUDA GPU; add --tiny for a CPU smoke run")
+        return dpo_step_memory(device, args.tiny)
     if device == "cpu" and not args.tiny:
         raise SystemExit("bench_logprobs needs a CUDA GPU for the real shapes; use --tiny for a CPU smoke run")
     if args.tiny:

@@ -59,3 +59,8 @@ def test_sft_then_dpo_and_una_from_the_saved_stage(tmp_path, capsys):
     assert dpo["before"] == una["before"] == sft["after"]          # both start from the saved SFT model
     out = capsys.readouterr().out
     assert "rewards/margin" in out and "SFT" in out and "UNA-score" in out
+
+
+def test_bench_logprobs_dpo_step_smoke(capsys):
+    _load("bench_logprobs").main(["--dpo-step", "--tiny"])
+    assert "one DPO step of tiny + LoRA r=16" in capsys.readouterr().out

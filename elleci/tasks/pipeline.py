@@ -28,6 +28,7 @@ from ..algos.sft import encode_sft, sft_collate, sft_step
 from ..algos.una import una_binary_loss, una_score_loss
 from ..data import pack_documents
 from ..model import ElleciConfig, ElleciLM, Tokenizer
+from ..model.tokenizer import render_chat
 from ..model.lora import LoraConfig, apply_lora, load_adapter
 from . import arithmetic
 from .corpus import synthetic_corpus
@@ -85,10 +86,14 @@ def pretraining_texts(cfg: PipelineConfig, train) -> list[str]:
 
 
 def build_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+    """SentencePiece on `texts` plus one rendered chat (so the template's words are pieces); digits split,
+    so each digit has one token whatever surrounds it."""
+    chat = render_chat([{"role": "user", "content": "1 + 2 = ?"}, {"role": "assistant", "content": "Answer: 3"}])
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "text.txt"
-        path.write_text("\n".join(t.replace("\n", " ") for t in texts), encoding="utf-8")
-        return Tokenizer.train(path, vocab_size=vocab_size)
+        lines = [t.replace("\n", " ") for t in texts] + [chat.replace("\n", " ")] * 50
+        path.write_text("\n".join(lines), encoding="utf-8")
+        return Tokenizer.train(path, vocab_size=vocab_size, split_digits=True)
 
 
 def pretrain_base(cfg: PipelineConfig, tok: Tokenizer, texts: list[str], print_fn=print) -> ElleciLM:
