@@ -7,8 +7,10 @@
 Per seed: train a tokenizer and pretrain a small Elleci on generated prose plus worked sums (base);
 instruction-tune it with LoRA on ChatML conversations (SFT); from that same SFT adapter, train once with
 DPO on (correct, plausible wrong) pairs and once with UNA on binary feedback, each against the SFT model
-as reference (log-probs precomputed); evaluate every stage by greedy decoding on held-out problems
-(questions never seen in training). Writes OUT/results.json and prints the table.
+as reference (log-probs precomputed) and with an NLL term on the chosen / desired answers (RPO; set
+nll_weight=0 in PipelineConfig for the plain losses); as a control, once more with plain SFT for the same
+steps. Every stage is evaluated by greedy decoding on held-out problems (questions never seen in
+training). Writes OUT/results.json and prints the table.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from elleci._io import write_json_atomic
 from elleci.model.lora import load_adapter, save_adapter
-from elleci.tasks.pipeline import QUICK, PipelineConfig, build_base, evaluate, problems, run_dpo, run_sft, run_una
+from elleci.tasks.pipeline import QUICK, PipelineConfig, build_base, evaluate, problems, run_dpo, run_sft, run_sft_control, run_una
 
 
 
@@ -48,6 +50,9 @@ def run_seed(cfg: PipelineConfig, print_fn=print) -> dict:
         load_adapter(model, d)
         run_una(cfg, model, tok, train, print_fn=print_fn)
         acc[f"UNA-{cfg.una_kind}"] = evaluate(cfg, model, tok, test)["accuracy"]
+        load_adapter(model, d)
+        run_sft_control(cfg, model, tok, train, print_fn=print_fn)
+        acc["SFT continued (control)"] = evaluate(cfg, model, tok, test)["accuracy"]
     acc["seconds"] = time.perf_counter() - t0
     return acc
 

@@ -43,7 +43,7 @@ def test_bench_lora_smoke_runs_on_cpu(capsys):
 
 def test_pipeline_quick_runs_every_stage(tmp_path, capsys):
     results = _load("pipeline").main(["--quick", "--out", str(tmp_path)])
-    assert set(results[0]) == {"seed", "SFT", "DPO", "UNA-binary", "seconds"}
+    assert set(results[0]) == {"seed", "SFT", "DPO", "UNA-binary", "SFT continued (control)", "seconds"}
     assert all(0.0 <= results[0][k] <= 1.0 for k in ("SFT", "DPO", "UNA-binary"))
     assert json.loads((tmp_path / "results.json").read_text())["results"][0]["seed"] == 0
     assert "| DPO |" in capsys.readouterr().out

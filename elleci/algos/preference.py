@@ -23,7 +23,7 @@ import torch
 
 from ..model.lora import disable_adapters, lora_modules
 from .chat import collate, encode_prompt_response
-from .logprobs import concatenated_logprobs, sequence_logprobs
+from .logprobs import IGNORE_INDEX, concatenated_logprobs, sequence_logprobs
 
 
 def encode_pairs(tokenizer, records: Sequence[dict], max_len: int | None = None) -> list[dict]:
@@ -102,9 +102,22 @@ def _reference_call(reference, model, fn):
     raise ValueError(f"unknown reference {reference!r}: 'precomputed', 'adapters' or a frozen nn.Module")
 
 
-def pairwise_step(loss_fn: Callable, *, reference="precomputed", reduction: str = "sum", **loss_kw) -> Callable:
+def _nll(logps_sum: torch.Tensor, labels: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the (selected) sequences of the per-token NLL: −Σ_t log π / |y|."""
+    n_tok = (labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
+    nll = -logps_sum / n_tok
+    if select is not None:
+        return (nll * select).sum() / select.sum().clamp(min=1)
+    return nll.mean()
+
+
+def pairwise_step(loss_fn: Callable, *, reference="precomputed", reduction: str = "sum", nll_weight: float = 0.0,
+                  **loss_kw) -> Callable:
     """step(model, batch) for `train_loop`: policy log-probs in one concatenated forward, the reference's,
-    then `loss_fn(pc, pr, rc, rr, **loss_kw)` (dpo_loss, ipo_loss, hinge_loss, robust_dpo_loss, ...)."""
+    then `loss_fn(pc, pr, rc, rr, **loss_kw)` (dpo_loss, ipo_loss, hinge_loss, robust_dpo_loss, ...).
+
+    `nll_weight` α > 0 adds α·NLL(chosen) (per-token mean), as RPO / Iterative RPO (Pang et al. 2024,
+    arXiv 2404.19733) do to stop the chosen likelihood from falling; α = 0 is the plain loss."""
     def step(model, batch):
         b = _to(batch, next(model.parameters()).device)
         pc, pr = _pair_logps(model, b, reduction)
@@ -115,13 +128,22 @@ def pairwise_step(loss_fn: Callable, *, reference="precomputed", reduction: str 
             rc, rr = b["ref_chosen_logps"], b["ref_rejected_logps"]
         else:
             rc, rr = _reference_call(reference, model, lambda m: _pair_logps(m, b, reduction))
-        return loss_fn(pc, pr, rc, rr, **loss_kw)
+        loss, metrics = loss_fn(pc, pr, rc, rr, **loss_kw)
+        if nll_weight:
+            if reduction != "sum":
+                raise ValueError("nll_weight needs reduction='sum' (the NLL is normalised per token here)")
+            nll = _nll(pc, b["chosen_labels"])
+            loss = loss + nll_weight * nll
+            metrics = {**metrics, "nll/chosen": nll.detach()}
+        return loss, metrics
     return step
 
 
-def feedback_step(loss_fn: Callable, *, reference="precomputed", reduction: str = "sum", **loss_kw) -> Callable:
+def feedback_step(loss_fn: Callable, *, reference="precomputed", reduction: str = "sum", nll_weight: float = 0.0,
+                  **loss_kw) -> Callable:
     """step(model, batch) for single-response feedback: `loss_fn(policy_logps, ref_logps, targets, **loss_kw)`
-    (una_binary_loss with labels, una_score_loss with scores)."""
+    (una_binary_loss with labels, una_score_loss with scores). `nll_weight` α > 0 adds α·NLL of the
+    responses whose target is 1 (desired / fully correct), as `pairwise_step` does for chosen ones."""
     def step(model, batch):
         b = _to(batch, next(model.parameters()).device)
         logps = sequence_logprobs(model, b["ids"], b["labels"], reduction=reduction)
@@ -133,7 +155,14 @@ def feedback_step(loss_fn: Callable, *, reference="precomputed", reduction: str 
         else:
             ref = _reference_call(reference, model, lambda m: sequence_logprobs(m, b["ids"], b["labels"],
                                                                                   reduction=reduction))
-        return loss_fn(logps, ref, b["target"], **loss_kw)
+        loss, metrics = loss_fn(logps, ref, b["target"], **loss_kw)
+        if nll_weight:
+            if reduction != "sum":
+                raise ValueError("nll_weight needs reduction='sum' (the NLL is normalised per token here)")
+            nll = _nll(logps, b["labels"], select=(b["target"] == 1).float())
+            loss = loss + nll_weight * nll
+            metrics = {**metrics, "nll/desired": nll.detach()}
+        return loss, metrics
     return step
 
 

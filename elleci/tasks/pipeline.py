@@ -37,27 +37,28 @@ from .corpus import synthetic_corpus
 @dataclass
 class PipelineConfig:
     seed: int = 0
-    levels: tuple[int, ...] = (1, 2, 3)
+    levels: tuple[int, ...] = (1, 3)     # one-digit steps: held-out questions compose facts seen in training
     n_train: int = 3000                  # training problems (pretraining text, SFT, preference data)
     n_eval: int = 300                    # held-out problems
     vocab_size: int = 384
     d_model: int = 128
     n_layers: int = 4
-    pretrain_steps: int = 300
+    pretrain_steps: int = 250
     pretrain_lr: float = 3e-3
-    seq_len: int = 96
+    seq_len: int = 64
     batch_size: int = 32
     lora_r: int = 16
     lora_alpha: float = 32.0
     target_modules: list[str] | str = "all-linear"
-    sft_steps: int = 100
-    sft_lr: float = 2e-3
+    sft_steps: int = 120
+    sft_lr: float = 3e-3
     pref_steps: int = 60
-    pref_lr: float = 1e-3
+    pref_lr: float = 2e-4
     pref_batch_size: int = 16
     beta: float = 0.1
     una_kind: str = "binary"             # "binary" (thumbs up/down, MSE on σ(r)) or "score"
     una_beta: float = 0.1
+    nll_weight: float = 1.0              # α·NLL on chosen / desired responses (RPO); 0 = the papers' plain losses
     max_new_tokens: int = 32
     device: str = "cpu"
     log_every: int = 20
@@ -141,13 +142,21 @@ def run_sft(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, train, print_f
                       print_fn=print_fn)
 
 
+def run_sft_control(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, train, print_fn=print) -> list[dict]:
+    """The control for DPO/UNA: keep SFT-training the adapter for the same steps, lr and batch size."""
+    examples = encode_sft(tok, arithmetic.sft_examples(train))
+    batches = sample_batches(examples, cfg.pref_batch_size, cfg.seed + 4, sft_collate(tok.pad_id))
+    return train_loop(model, batches, sft_step, steps=cfg.pref_steps, lr=cfg.pref_lr, log_every=cfg.log_every,
+                      print_fn=print_fn)
+
+
 def run_dpo(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, train, loss_fn=dpo_loss, print_fn=print,
             **loss_kw) -> list[dict]:
     """Keep training the SFT adapter with a pairwise loss; the reference (the SFT model) is precomputed."""
     items = encode_pairs(tok, arithmetic.preference_pairs(train, seed=cfg.seed))
     precompute_reference(model, items, pad_token_id=tok.pad_id)
     batches = sample_batches(items, cfg.pref_batch_size, cfg.seed + 2, collate_fn("pairs", tok.pad_id))
-    step = pairwise_step(loss_fn, reference="precomputed", beta=cfg.beta, **loss_kw)
+    step = pairwise_step(loss_fn, reference="precomputed", nll_weight=cfg.nll_weight, beta=cfg.beta, **loss_kw)
     return train_loop(model, batches, step, steps=cfg.pref_steps, lr=cfg.pref_lr, log_every=cfg.log_every,
                       print_fn=print_fn)
 
@@ -156,10 +165,10 @@ def run_una(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, train, print_f
     """UNA from the SFT model: binary thumbs up/down (MSE on σ(r)) or graded scores (MSE on σ(r))."""
     if cfg.una_kind == "binary":
         records, target = arithmetic.binary_feedback(train, seed=cfg.seed), "label"
-        step = feedback_step(una_binary_loss, beta=cfg.una_beta, kind="mse")
+        step = feedback_step(una_binary_loss, nll_weight=cfg.nll_weight, beta=cfg.una_beta, kind="mse")
     elif cfg.una_kind == "score":
         records, target = arithmetic.scored_feedback(train, seed=cfg.seed), "score"
-        step = feedback_step(una_score_loss, beta=cfg.una_beta)
+        step = feedback_step(una_score_loss, nll_weight=cfg.nll_weight, beta=cfg.una_beta)
     else:
         raise ValueError(f"una_kind={cfg.una_kind!r}; choose 'binary' or 'score'")
     items = encode_feedback(tok, records, target)

@@ -152,3 +152,22 @@ def test_loops_learn(tok):
                       pairwise_step(dpo_loss, beta=0.1), steps=15, lr=1e-2, log_every=5, print_fn=None)
     assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert hist[-1]["rewards/margin"] > 0.5 and hist[-1]["rewards/accuracy"] == 1.0
+
+
+def test_nll_weight_adds_the_chosen_per_token_nll(tok):
+    m = _model()
+    items = precompute_reference(m, _pair_items(tok), pad_token_id=tok.pad_id)
+    batch = collate_fn("pairs", tok.pad_id)(items)
+    loss, metrics = pairwise_step(dpo_loss, beta=0.1, nll_weight=0.5)(m, batch)
+    tok_c = sequence_logprobs(m, batch["chosen_ids"], batch["chosen_labels"], reduction="mean")
+    nll = -tok_c.mean()
+    assert torch.allclose(metrics["nll/chosen"], nll, atol=1e-5)
+    assert math.isclose(loss.item(), math.log(2) + 0.5 * nll.item(), rel_tol=1e-5)
+    recs = [{"prompt": "1 + 1 = ?", "completion": "Answer: 2", "label": 1},
+            {"prompt": "1 + 1 = ?", "completion": "Answer: 3", "label": 0}]
+    fb = precompute_reference(m, encode_feedback(tok, recs, "label"), pad_token_id=tok.pad_id)
+    b = collate_fn("feedback", tok.pad_id)(fb)
+    loss, metrics = feedback_step(una_binary_loss, beta=0.5, nll_weight=2.0)(m, b)
+    desired = -sequence_logprobs(m, b["ids"][:1], b["labels"][:1], reduction="mean")[0]
+    assert torch.allclose(metrics["nll/desired"], desired, atol=1e-5)          # only the label-1 response
+    assert math.isclose(loss.item(), 0.25 + 2.0 * desired.item(), rel_tol=1e-5)
