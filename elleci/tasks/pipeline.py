@@ -4,22 +4,26 @@
     SFT       LoRA instruction tuning on ChatML conversations (loss on assistant tokens only)
     DPO       from the SFT model: pairs (correct solution, plausible wrong one), reference = SFT model
     UNA       from the SFT model: thumbs up/down (binary) or graded scores, reference = SFT model
+    control   from the SFT model: the same number of further SFT steps (what DPO/UNA must beat to show
+              that the preference signal, not just more training, helps)
     eval      greedy decoding on held-out problems, exact-answer accuracy
 
 The examples (`examples/pipeline.py`, `sft.py`, `dpo.py`, `una.py`) are thin command lines over these
 functions; every stage uses only the library (`elleci.algos`, `elleci.model.lora`). DPO and UNA keep
-training the SFT adapter, with the SFT model's log-probs precomputed once as the reference.
+training the SFT adapter, with the SFT model's log-probs precomputed once as the reference, and by
+default add an NLL term on the chosen / desired answers (`nll_weight`, RPO, arXiv 2404.19733): without it,
+on this task, both losses lowered the chosen answers' likelihood and held-out accuracy fell below SFT's
+(seed 0: DPO 0.253 → 0.163, UNA-binary 0.253 → 0.230 at lr 2e-4, 60 steps).
 """
 from __future__ import annotations
 
 import random
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..algos.chat import encode_prompt_response
 from ..algos.dpo import dpo_loss
 from ..algos.loop import sample_batches, train_loop
 from ..algos.preference import (collate_fn, encode_feedback, encode_pairs, feedback_step, pairwise_step,
@@ -62,7 +66,6 @@ class PipelineConfig:
     max_new_tokens: int = 32
     device: str = "cpu"
     log_every: int = 20
-    extra: dict = field(default_factory=dict)
 
 
 QUICK = dict(n_train=200, n_eval=20, vocab_size=384, d_model=32, n_layers=2, pretrain_steps=3, seq_len=32,
@@ -180,8 +183,3 @@ def run_una(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, train, print_f
 
 def evaluate(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, test) -> dict:
     return arithmetic.evaluate(model, tok, test, max_new_tokens=cfg.max_new_tokens)
-
-
-def prompt_ids(tok: Tokenizer, problem) -> list[int]:
-    """The ids the model sees at evaluation time (for inspection)."""
-    return encode_prompt_response(tok, problem.question, "")[0][:-1]
