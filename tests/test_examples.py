@@ -64,3 +64,23 @@ def test_sft_then_dpo_and_una_from_the_saved_stage(tmp_path, capsys):
 def test_bench_logprobs_dpo_step_smoke(capsys):
     _load("bench_logprobs").main(["--dpo-step", "--tiny"])
     assert "one DPO step of tiny + LoRA r=16" in capsys.readouterr().out
+
+
+def test_iterative_dpo_quick_runs_both_arms_and_resumes(tmp_path, capsys):
+    args = ["--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "bases")]
+    first = _load("iterative_dpo").main(args)[0]
+    assert {"SFT", "offline DPO", "iterative round 1", "iterative round 2"} <= set(first)
+    assert (tmp_path / "seed0" / "iterative" / "round_2" / "metrics.json").is_file()
+    assert any((tmp_path / "bases").iterdir())                       # the base was cached ...
+    again = _load("iterative_dpo").main(args)[0]                     # ... and reused; finished arms resume
+    out = capsys.readouterr().out
+    assert "base: loaded from" in out and "resuming after round 2" in out
+    assert again == first
+
+
+def test_bench_generate_reports_prefill_decode_and_bound(capsys):
+    rows = _load("bench_generate").main(["--presets", "tiny", "--batch", "1", "2", "--prompt-len", "4", "--new", "4"])
+    assert [r["batch"] for r in rows] == [1, 2]
+    assert all(r["decode_tok_s"] > 0 and r["prefill_ms"] > 0 for r in rows)
+    assert rows[1]["bound_tok_s"] == 2 * rows[0]["bound_tok_s"]        # the bound scales with the batch
+    assert "% of bound" in capsys.readouterr().out

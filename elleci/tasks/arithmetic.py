@@ -30,7 +30,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
+from ..algos.sampling import complete, prompt_ids
 
 LEVELS = (1, 2, 3)
 SPLITS = ("train", "test")
@@ -248,35 +248,12 @@ def scored_feedback(problems: Sequence[Problem], seed: int = 0, p_good: float = 
 
 # ----------------------------------------------------------------------------- evaluation
 
-def _stop_ids(tokenizer) -> list[int]:
-    return [i for i in (getattr(tokenizer, "im_end_id", None), getattr(tokenizer, "eos_id", None)) if i is not None]
-
-
 def generate_completions(model, tokenizer, problems: Sequence[Problem], *, max_new_tokens: int = 32,
                          batch_size: int = 32) -> list[str]:
     """Greedy completions (new tokens only, cut at the first <|im_end|> / <|endoftext|>, special
     tokens dropped) for each problem's chat prompt. The model's train/eval mode is restored."""
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
-    problems, stops = list(problems), _stop_ids(tokenizer)
-    vocab = getattr(tokenizer, "vocab_size", None)  # the model's embedding may be padded beyond it
-    was_training = model.training
-    model.eval()
-    texts = []
-    try:
-        with torch.no_grad():
-            for start in range(0, len(problems), batch_size):
-                batch = problems[start:start + batch_size]
-                prompts = [tokenizer.apply_chat_template(prompt_messages(p), add_generation_prompt=True) for p in batch]
-                out = model.generate(prompts, max_new_tokens=max_new_tokens, temperature=0.0, eos_token_id=stops)
-                width = max(map(len, prompts))
-                for row in out[:, width:].tolist():
-                    cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-                    ids = [t for t in row[:cut] if vocab is None or 0 <= t < vocab]
-                    texts.append(tokenizer.decode(ids, skip_special_tokens=True))
-    finally:
-        model.train(was_training)
-    return texts
+    ids = prompt_ids(tokenizer, [prompt_messages(p) for p in problems])
+    return complete(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
 
 
 def evaluate(model, tokenizer, problems: Sequence[Problem], *, max_new_tokens: int = 32,

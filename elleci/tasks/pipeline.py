@@ -17,17 +17,21 @@ on this task, both losses lowered the chosen answers' likelihood and held-out ac
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from .._io import write_json_atomic
 from ..algos.dpo import dpo_loss
 from ..algos.loop import sample_batches, train_loop
 from ..algos.preference import (collate_fn, encode_feedback, encode_pairs, feedback_step, pairwise_step,
                                 precompute_reference)
+from ..algos.rlaif import PairwiseTemplate, pairwise_prompt
 from ..algos.sft import encode_sft, sft_collate, sft_step
 from ..algos.una import una_binary_loss, una_score_loss
 from ..data import pack_documents
@@ -63,6 +67,7 @@ class PipelineConfig:
     una_kind: str = "binary"             # "binary" (thumbs up/down, MSE on σ(r)) or "score"
     una_beta: float = 0.1
     nll_weight: float = 1.0              # α·NLL on chosen / desired responses (RPO); 0 = the papers' plain losses
+    judge_examples: int = 0              # pairwise-judging conversations mixed into SFT (RLAIF's self-labeler)
     max_new_tokens: int = 32
     device: str = "cpu"
     log_every: int = 20
@@ -123,6 +128,34 @@ def build_base(cfg: PipelineConfig, train, print_fn=print) -> tuple[ElleciLM, To
     return pretrain_base(cfg, tok, texts, print_fn=print_fn), tok
 
 
+BASE_FIELDS = ("seed", "levels", "n_train", "vocab_size", "d_model", "n_layers", "pretrain_steps", "pretrain_lr",
+               "seq_len", "batch_size")
+"""The PipelineConfig fields that determine the base model (the key of `cached_base`)."""
+
+
+def base_key(cfg: PipelineConfig) -> str:
+    """A short stable name for the base that `cfg` builds: seed plus a hash of the BASE_FIELDS."""
+    fields = {k: v for k, v in asdict(cfg).items() if k in BASE_FIELDS}
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode()).hexdigest()[:10]
+    return f"seed{cfg.seed}-{digest}"
+
+
+def cached_base(cfg: PipelineConfig, train, cache_dir=None, print_fn=print) -> tuple[ElleciLM, Tokenizer]:
+    """`build_base`, saved under cache_dir/<base_key> and loaded from there when present (pretraining is
+    most of an example's CPU time; every example of a seed shares one base). cache_dir=None: no cache."""
+    if cache_dir is None:
+        return build_base(cfg, train, print_fn=print_fn)
+    directory = Path(cache_dir) / base_key(cfg)
+    if (directory / "cache.json").is_file():               # written last: the base is complete
+        print_fn(f"base: loaded from {directory}")
+        return ElleciLM.from_pretrained(directory).to(cfg.device), Tokenizer.load(directory)
+    model, tok = build_base(cfg, train, print_fn=print_fn)
+    model.save_pretrained(directory, tokenizer=tok)
+    write_json_atomic(directory / "cache.json", {k: v for k, v in asdict(cfg).items() if k in BASE_FIELDS})
+    print_fn(f"base: saved to {directory}")
+    return model, tok
+
+
 def load_stage(directory, device: str = "cpu") -> tuple[ElleciLM, Tokenizer]:
     """A stage saved by the examples: DIR/base (model + tokenizer) plus DIR/adapter (LoRA) if present,
     or DIR/model (full fine-tuning)."""
@@ -136,10 +169,33 @@ def load_stage(directory, device: str = "cpu") -> tuple[ElleciLM, Tokenizer]:
     return model.eval(), tok
 
 
+JUDGE_TEMPLATE = PairwiseTemplate(preamble="Which response is right?")
+"""The short pairwise template the pipeline's self-labeler is trained on (RLAIF's "base" preamble)."""
+
+
+def judge_conversations(problems, seed: int, template: PairwiseTemplate = JUDGE_TEMPLATE) -> list[list[dict]]:
+    """Pairwise-judging SFT conversations: the four-part prompt over a right and a plausible wrong
+    solution, in random order, answered "1" or "2" (the position of the right one)."""
+    rng = random.Random(f"judge/{seed}")
+    convs = []
+    for p in problems:
+        wrong = arithmetic.wrong_solution(p, rng)
+        right_first = rng.random() < 0.5
+        first, second = (p.solution, wrong) if right_first else (wrong, p.solution)
+        convs.append([{"role": "user", "content": pairwise_prompt(template, p.question, first, second)},
+                      {"role": "assistant", "content": "1" if right_first else "2"}])
+    return convs
+
+
 def run_sft(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, train, print_fn=print) -> list[dict]:
-    """Apply LoRA and instruction-tune on the training problems' worked solutions."""
+    """Apply LoRA and instruction-tune on the training problems' worked solutions (plus, when
+    `cfg.judge_examples` > 0, that many pairwise-judging conversations: the RLAIF self-labeler's skill)."""
     apply_lora(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules))
-    examples = encode_sft(tok, arithmetic.sft_examples(train))
+    conversations = arithmetic.sft_examples(train)
+    if cfg.judge_examples:
+        rng = random.Random(f"judge-problems/{cfg.seed}")
+        conversations += judge_conversations(rng.choices(train, k=cfg.judge_examples), cfg.seed)
+    examples = encode_sft(tok, conversations)
     batches = sample_batches(examples, cfg.batch_size, cfg.seed + 1, sft_collate(tok.pad_id))
     return train_loop(model, batches, sft_step, steps=cfg.sft_steps, lr=cfg.sft_lr, log_every=cfg.log_every,
                       print_fn=print_fn)

@@ -1,0 +1,40 @@
+"""The pipeline's stage helpers: the base cache and the self-labeler's judging conversations."""
+from dataclasses import replace
+
+import torch
+
+from elleci.algos.rlaif import PAIRWISE_TEMPLATES
+from elleci.tasks import arithmetic
+from elleci.tasks.pipeline import (JUDGE_TEMPLATE, QUICK, PipelineConfig, base_key, cached_base,
+                                   judge_conversations, problems)
+
+
+def test_judge_conversations_answer_the_right_position():
+    probs = arithmetic.make_problems(40, seed=3, levels=(1, 3))
+    convs = judge_conversations(probs, seed=0)
+    answers = [c[1]["content"] for c in convs]
+    assert set(answers) == {"1", "2"} and 10 < answers.count("1") < 30       # both orders occur
+    for p, (user, assistant) in zip(probs, convs):
+        text = user["content"]
+        assert text.startswith(JUDGE_TEMPLATE.preamble) and text.endswith(JUDGE_TEMPLATE.ending)
+        first = text.split("Response 1: ")[1].split("\nResponse 2: ")[0]
+        second = text.split("Response 2: ")[1].split("\nPreferred Response=")[0]
+        right = first if assistant["content"] == "1" else second
+        wrong = second if assistant["content"] == "1" else first
+        assert arithmetic.verify(p, right) and not arithmetic.verify(p, wrong)
+    assert judge_conversations(probs, seed=0) == convs
+    it = judge_conversations(probs[:1], seed=0, template=PAIRWISE_TEMPLATES["it"])
+    assert "Risposta preferita=" in it[0][0]["content"]
+
+
+def test_cached_base_builds_once_then_loads(tmp_path):
+    cfg = replace(PipelineConfig(seed=0), **QUICK)
+    train, _ = problems(cfg)
+    printed = []
+    built, tok = cached_base(cfg, train, tmp_path, print_fn=printed.append)
+    loaded, tok2 = cached_base(cfg, train, tmp_path, print_fn=printed.append)
+    assert any("saved to" in p for p in printed) and any("loaded from" in p for p in printed)
+    assert tok2.encode("3 + 4 = ?") == tok.encode("3 + 4 = ?")
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), loaded.state_dict().values()))
+    assert base_key(replace(cfg, pretrain_steps=4)) != base_key(cfg)        # a different base, another entry
+    assert base_key(replace(cfg, sft_steps=99)) == base_key(cfg)            # SFT settings do not matter
