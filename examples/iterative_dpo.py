@@ -32,8 +32,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--prompts-per-round", type=int, default=300)
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--prompts-per-round", type=int, default=200)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--steps-per-round", type=int, default=30)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--beta", type=float, default=0.1)
@@ -51,7 +52,8 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
     cfg = PipelineConfig(seed=seed, device=args.device)
     cfg = replace(cfg, **QUICK) if args.quick else cfg
     n, rounds = (4, 2) if args.quick else (args.prompts_per_round, args.rounds)
-    icfg = IterativeDPOConfig(rounds=rounds, k=args.k, steps_per_round=2 if args.quick else args.steps_per_round,
+    icfg = IterativeDPOConfig(rounds=rounds, k=args.k, temperature=args.temperature,
+                              steps_per_round=2 if args.quick else args.steps_per_round,
                               lr=args.lr, beta=args.beta, nll_weight=args.nll_weight, reference=args.reference,
                               data=args.data, batch_size=cfg.pref_batch_size, seed=seed,
                               max_new_tokens=cfg.max_new_tokens, log_every=cfg.log_every)

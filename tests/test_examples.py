@@ -84,3 +84,10 @@ def test_bench_generate_reports_prefill_decode_and_bound(capsys):
     assert all(r["decode_tok_s"] > 0 and r["prefill_ms"] > 0 for r in rows)
     assert rows[1]["bound_tok_s"] == 2 * rows[0]["bound_tok_s"]        # the bound scales with the batch
     assert "% of bound" in capsys.readouterr().out
+
+
+def test_rlaif_quick_self_labels_and_reports(tmp_path, capsys):
+    res = _load("rlaif").main(["--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "bases")])[0]
+    assert {"SFT", "judge accuracy", "judge position consistency", "RLAIF round 1", "RLAIF round 2"} <= set(res)
+    assert all(0.0 <= res[k] <= 1.0 for k in ("SFT", "judge accuracy", "RLAIF round 2"))
+    assert "judge accuracy" in capsys.readouterr().out

@@ -9,9 +9,13 @@ This package imports on any machine (CPU, no Triton).
 """
 from .dpo import dpo_loss, hinge_loss, ipo_loss, robust_dpo_loss
 from .feedback import read_binary, read_pairwise, read_scored, write_jsonl
+from .iterative_dpo import IterativeDPOConfig, build_pairs, round_robin_rewards, run_iterative_dpo, select_pair
 from .logprobs import concatenated_logprobs, sequence_logprobs
 from .loop import sample_batches, train_loop
 from .preference import feedback_step, pairwise_step, precompute_reference
+from .reward_model import RewardModel, soft_bt_loss, train_reward_model
+from .rlaif import DirectScorer, PairwiseLabeler
+from .sampling import complete, next_token_logprobs, sample_responses
 from .sft import sft_loss, sft_step
 from .una import una_binary_loss, una_pairwise_loss, una_score_loss
 
@@ -19,4 +23,7 @@ __all__ = ["dpo_loss", "ipo_loss", "hinge_loss", "robust_dpo_loss",
            "una_pairwise_loss", "una_binary_loss", "una_score_loss",
            "read_pairwise", "read_binary", "read_scored", "write_jsonl",
            "sequence_logprobs", "concatenated_logprobs", "sft_loss", "sft_step",
-           "pairwise_step", "feedback_step", "precompute_reference", "sample_batches", "train_loop"]
+           "pairwise_step", "feedback_step", "precompute_reference", "sample_batches", "train_loop",
+           "IterativeDPOConfig", "run_iterative_dpo", "select_pair", "build_pairs", "round_robin_rewards",
+           "PairwiseLabeler", "DirectScorer", "RewardModel", "soft_bt_loss", "train_reward_model",
+           "complete", "sample_responses", "next_token_logprobs"]
