@@ -111,7 +111,11 @@ def next_token_logprobs(model, ids: Sequence[Sequence[int]], *, batch_size: int 
                 x[b, : len(p)] = torch.as_tensor(list(p), device=device)
             h = model.hidden_states(x)                                        # [B, L, d]
             last = h[torch.arange(len(batch), device=device), lengths - 1]     # [B, d]
-            logits = torch.nn.functional.linear(last.float(), model.lm_head.weight.float())   # fp32 read-out
+            w = getattr(model.lm_head, "weight", None)
+            if w is not None and w.dtype != torch.float32:                     # a 16-bit judge: read out in fp32
+                logits = torch.nn.functional.linear(last.float(), w.float())
+            else:
+                logits = model.lm_head(last).float()
             out.append(torch.log_softmax(logits, -1).cpu())
     finally:
         model.train(was_training)
