@@ -15,6 +15,7 @@ from .loop import sample_batches, train_loop
 from .preference import feedback_step, pairwise_step, precompute_reference
 from .reward_model import RewardModel, soft_bt_loss, train_reward_model
 from .rlaif import DirectScorer, PairwiseLabeler
+from .rlaif_v import best_of_n, collect_pairs
 from .sampling import complete, next_token_logprobs, sample_responses
 from .sft import sft_loss, sft_step
 from .una import una_binary_loss, una_pairwise_loss, una_score_loss
@@ -26,4 +27,4 @@ __all__ = ["dpo_loss", "ipo_loss", "hinge_loss", "robust_dpo_loss",
            "pairwise_step", "feedback_step", "precompute_reference", "sample_batches", "train_loop",
            "IterativeDPOConfig", "run_iterative_dpo", "select_pair", "build_pairs", "round_robin_rewards",
            "PairwiseLabeler", "DirectScorer", "RewardModel", "soft_bt_loss", "train_reward_model",
-           "complete", "sample_responses", "next_token_logprobs"]
+           "complete", "sample_responses", "next_token_logprobs", "collect_pairs", "best_of_n"]
