@@ -17,7 +17,6 @@ each arm's per-round checkpoints (resumable) under OUT/seed<k>/.
 from __future__ import annotations
 
 import argparse
-import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from elleci._io import write_json_atomic
 from elleci.algos.iterative_dpo import IterativeDPOConfig, per_response, run_iterative_dpo
 from elleci.model.lora import load_adapter, save_adapter
 from elleci.tasks import arithmetic
-from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, evaluate, problems, run_sft
+from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, evaluate, problems, run_sft, seed_table
 
 
 def parse_args(argv=None):
@@ -84,22 +83,10 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
     return result
 
 
-def summary_table(results: list[dict]) -> str:
-    rows = [k for k in results[0] if k != "seed"]
-    lines = ["| | " + " | ".join(f"seed {r['seed']}" for r in results) + " | mean ± std |",
-             "|---|" + "---|" * (len(results) + 1)]
-    for k in rows:
-        vals = [r[k] for r in results]
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        fmt = (lambda v: f"{v:.0f}") if "pairs" in k else (lambda v: f"{v:.3f}")
-        lines.append(f"| {k} | " + " | ".join(fmt(v) for v in vals) + f" | {fmt(statistics.mean(vals))} ± {sd:.3f} |")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     args = parse_args(argv)
     results = [run_seed(args, s) for s in args.seeds]
-    table = summary_table(results)
+    table = seed_table(results)
     print(f"\nheld-out accuracy (greedy, exact answer)\n{table}")
     write_json_atomic(Path(args.out) / "results.json", {"results": results, "args": vars(args)})
     return results

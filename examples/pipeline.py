@@ -15,7 +15,6 @@ training). Writes OUT/results.json and prints the table.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -23,7 +22,8 @@ from pathlib import Path
 
 from elleci._io import write_json_atomic
 from elleci.model.lora import load_adapter, save_adapter
-from elleci.tasks.pipeline import QUICK, PipelineConfig, build_base, evaluate, problems, run_dpo, run_sft, run_sft_control, run_una
+from elleci.tasks.pipeline import (QUICK, PipelineConfig, build_base, evaluate, problems, run_dpo, run_sft,
+                                   run_sft_control, run_una, seed_table)
 
 
 
@@ -57,17 +57,6 @@ def run_seed(cfg: PipelineConfig, print_fn=print) -> dict:
     return acc
 
 
-def summary_table(results: list[dict]) -> str:
-    stages = [k for k in results[0] if k not in ("seed", "seconds")]
-    lines = ["| stage | " + " | ".join(f"seed {r['seed']}" for r in results) + " | mean ± std |",
-             "|---|" + "---|" * (len(results) + 1)]
-    for s in stages:
-        vals = [r[s] for r in results]
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        lines.append(f"| {s} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {statistics.mean(vals):.3f} ± {sd:.3f} |")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     args = parse_args(argv)
     results = []
@@ -78,7 +67,7 @@ def main(argv=None):
         results.append({"seed": seed, **acc})
         print(f"seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in acc.items() if k != "seconds")
               + f" ({acc['seconds']:.0f} s)")
-    table = summary_table(results)
+    table = seed_table(results, "stage")
     print(f"\nheld-out accuracy (greedy, exact answer; {PipelineConfig.n_eval if not args.quick else QUICK['n_eval']} "
           f"problems per seed)\n{table}")
     write_json_atomic(Path(args.out) / "results.json", {"results": results, "una_kind": args.una_kind})

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +25,8 @@ from elleci._io import write_json_atomic
 from elleci.algos.iterative_dpo import IterativeDPOConfig, round_robin_rewards, run_iterative_dpo
 from elleci.algos.rlaif import PairwiseLabeler
 from elleci.tasks import arithmetic
-from elleci.tasks.pipeline import QUICK, JUDGE_TEMPLATE, PipelineConfig, cached_base, evaluate, problems, run_sft
+from elleci.tasks.pipeline import (JUDGE_TEMPLATE, QUICK, PipelineConfig, cached_base, evaluate, problems, run_sft,
+                                   seed_table)
 
 
 def parse_args(argv=None):
@@ -93,20 +93,10 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
     return result
 
 
-def summary_table(results: list[dict]) -> str:
-    lines = ["| | " + " | ".join(f"seed {r['seed']}" for r in results) + " | mean ± std |",
-             "|---|" + "---|" * (len(results) + 1)]
-    for k in [k for k in results[0] if k != "seed"]:
-        vals = [r[k] for r in results]
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        lines.append(f"| {k} | " + " | ".join(f"{v:.3f}" for v in vals) + f" | {statistics.mean(vals):.3f} ± {sd:.3f} |")
-    return "\n".join(lines)
-
-
 def main(argv=None):
     args = parse_args(argv)
     results = [run_seed(args, s) for s in args.seeds]
-    print(f"\nheld-out accuracy (greedy, exact answer) and judge statistics\n{summary_table(results)}")
+    print(f"\nheld-out accuracy (greedy, exact answer) and judge statistics\n{seed_table(results)}")
     write_json_atomic(Path(args.out) / "results.json", {"results": results, "args": vars(args)})
     return results
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import statistics
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -239,3 +240,17 @@ def run_una(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, train, print_f
 
 def evaluate(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, test) -> dict:
     return arithmetic.evaluate(model, tok, test, max_new_tokens=cfg.max_new_tokens)
+
+
+def seed_table(results: list[dict], label: str = "") -> str:
+    """Markdown table of per-seed results ({"seed": s, name: value, ...}): one row per name (except
+    "seed" and "seconds"), one column per seed, then mean ± std. Names containing "pairs" are counts."""
+    names = [k for k in results[0] if k not in ("seed", "seconds")]
+    lines = [f"| {label} | " + " | ".join(f"seed {r['seed']}" for r in results) + " | mean ± std |",
+             "|---|" + "---|" * (len(results) + 1)]
+    for name in names:
+        vals = [r[name] for r in results]
+        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        fmt = (lambda v: f"{v:.0f}") if "pairs" in name else (lambda v: f"{v:.3f}")
+        lines.append(f"| {name} | " + " | ".join(fmt(v) for v in vals) + f" | {fmt(statistics.mean(vals))} ± {sd:.3f} |")
+    return "\n".join(lines)

@@ -38,3 +38,13 @@ def test_cached_base_builds_once_then_loads(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), loaded.state_dict().values()))
     assert base_key(replace(cfg, pretrain_steps=4)) != base_key(cfg)        # a different base, another entry
     assert base_key(replace(cfg, sft_steps=99)) == base_key(cfg)            # SFT settings do not matter
+
+
+def test_seed_table_rows_columns_and_counts():
+    from elleci.tasks.pipeline import seed_table
+    table = seed_table([{"seed": 0, "SFT": 0.1, "pairs": 10, "seconds": 5.0},
+                        {"seed": 1, "SFT": 0.3, "pairs": 20, "seconds": 6.0}], "stage")
+    lines = table.splitlines()
+    assert lines[0] == "| stage | seed 0 | seed 1 | mean ± std |" and len(lines) == 4   # no "seconds" row
+    assert lines[2] == "| SFT | 0.100 | 0.300 | 0.200 ± 0.141 |"
+    assert lines[3] == "| pairs | 10 | 20 | 15 ± 7.071 |"
