@@ -4,7 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Two threads at most; an explicit OMP_NUM_THREADS wins (1 keeps tests fast beside other CPU work).
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 # Without a GPU the Triton kernels are tested in the interpreter (exact, slow: small shapes only).
 # `triton.jit` reads this when a kernel module is imported, so it is set before any elleci import.

@@ -91,3 +91,12 @@ def test_rlaif_quick_self_labels_and_reports(tmp_path, capsys):
     assert {"SFT", "judge accuracy", "judge position consistency", "RLAIF round 1", "RLAIF round 2"} <= set(res)
     assert all(0.0 <= res[k] <= 1.0 for k in ("SFT", "judge accuracy", "RLAIF round 2"))
     assert "judge accuracy" in capsys.readouterr().out
+
+
+def test_merge_quick_prints_every_method_for_both_tasks(tmp_path, capsys):
+    rows = _load("merge").main(["--quick", "--cache", "", "--out", str(tmp_path)])[0]
+    printed = capsys.readouterr().out
+    for name in ("average", "task arithmetic", "TIES", "DARE-TIES", "SLERP", "RegMean α=1.0", "RegMean α=0.1"):
+        assert any(k.startswith(name) for k in rows) and f"| {name}" in printed
+    assert set(rows["base"]) == {"arithmetic", "words held-out", "words SFT", "kept"}
+    assert json.loads((tmp_path / "results.json").read_text())["results"]["0"].keys() == rows.keys()

@@ -5,10 +5,13 @@ Losses are pure functions of per-sequence log-prob tensors returning `(loss, met
     from elleci.algos import dpo_loss
     loss, metrics = dpo_loss(pc, pr, rc, rr, beta=0.1)      # metrics["rewards/margin"], ...
 
-This package imports on any machine (CPU, no Triton).
+This package imports on any machine (CPU, no Triton). Merging is imported as its own module
+(`from elleci.algos.merge import ties_merge, regmean_merge`), so `python -m elleci.algos.merge CONFIG`
+runs it without a second copy in memory.
 """
 from .dpo import dpo_loss, hinge_loss, ipo_loss, robust_dpo_loss
 from .feedback import read_binary, read_pairwise, read_scored, write_jsonl
+from .fslora import FSLoRAConfig, client_update, run_fslora, server_step
 from .iterative_dpo import IterativeDPOConfig, build_pairs, round_robin_rewards, run_iterative_dpo, select_pair
 from .logprobs import concatenated_logprobs, sequence_logprobs
 from .loop import sample_batches, train_loop
@@ -18,6 +21,7 @@ from .rlaif import DirectScorer, PairwiseLabeler
 from .rlaif_v import best_of_n, collect_pairs
 from .sampling import complete, next_token_logprobs, sample_responses
 from .sft import sft_loss, sft_step
+from .tli import alignment, alignment_by_layer, early_layer_lora, tli_loss, train_tli, word_embeddings
 from .una import una_binary_loss, una_pairwise_loss, una_score_loss
 
 __all__ = ["dpo_loss", "ipo_loss", "hinge_loss", "robust_dpo_loss",
@@ -27,4 +31,6 @@ __all__ = ["dpo_loss", "ipo_loss", "hinge_loss", "robust_dpo_loss",
            "pairwise_step", "feedback_step", "precompute_reference", "sample_batches", "train_loop",
            "IterativeDPOConfig", "run_iterative_dpo", "select_pair", "build_pairs", "round_robin_rewards",
            "PairwiseLabeler", "DirectScorer", "RewardModel", "soft_bt_loss", "train_reward_model",
-           "complete", "sample_responses", "next_token_logprobs", "collect_pairs", "best_of_n"]
+           "complete", "sample_responses", "next_token_logprobs", "collect_pairs", "best_of_n",
+           "FSLoRAConfig", "run_fslora", "client_update", "server_step",
+           "word_embeddings", "alignment", "alignment_by_layer", "tli_loss", "early_layer_lora", "train_tli"]

@@ -39,7 +39,7 @@ from ..data import pack_documents
 from ..model import ElleciConfig, ElleciLM, Tokenizer
 from ..model.tokenizer import render_chat
 from ..model.lora import LoraConfig, apply_lora, load_adapter
-from . import arithmetic
+from . import arithmetic, lexicon, translation
 from .corpus import synthetic_corpus
 
 
@@ -69,6 +69,7 @@ class PipelineConfig:
     una_beta: float = 0.1
     nll_weight: float = 1.0              # α·NLL on chosen / desired responses (RPO); 0 = the papers' plain losses
     judge_examples: int = 0              # pairwise-judging conversations mixed into SFT (RLAIF's self-labeler)
+    lexicon: bool = False                # add the IT-EN lexicon's sentences to pretraining (word translation)
     max_new_tokens: int = 32
     device: str = "cpu"
     log_every: int = 20
@@ -87,10 +88,13 @@ def problems(cfg: PipelineConfig) -> tuple[list, list]:
 
 
 def pretraining_texts(cfg: PipelineConfig, train) -> list[str]:
-    """Generated bilingual prose plus the training problems written out as plain text."""
+    """Generated bilingual prose plus the training problems written out as plain text (plus, with
+    `cfg.lexicon`, sentences stating every pair of the IT-EN lexicon: the word-translation task's knowledge)."""
     worked = [f"{p.question}\n{p.solution}" for p in train]
     prose = synthetic_corpus(len(worked), seed=cfg.seed)
     texts = worked + prose
+    if cfg.lexicon:
+        texts += translation.pretraining_texts(lexicon.PAIRS, seed=cfg.seed)
     random.Random(cfg.seed).shuffle(texts)
     return texts
 
@@ -130,13 +134,15 @@ def build_base(cfg: PipelineConfig, train, print_fn=print) -> tuple[ElleciLM, To
 
 
 BASE_FIELDS = ("seed", "levels", "n_train", "vocab_size", "d_model", "n_layers", "pretrain_steps", "pretrain_lr",
-               "seq_len", "batch_size")
+               "seq_len", "batch_size", "lexicon")
 """The PipelineConfig fields that determine the base model (the key of `cached_base`)."""
 
 
 def base_key(cfg: PipelineConfig) -> str:
     """A short stable name for the base that `cfg` builds: seed plus a hash of the BASE_FIELDS."""
     fields = {k: v for k, v in asdict(cfg).items() if k in BASE_FIELDS}
+    if not fields["lexicon"]:
+        del fields["lexicon"]                                # keys of bases made before the field existed
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode()).hexdigest()[:10]
     return f"seed{cfg.seed}-{digest}"
 
