@@ -5,19 +5,23 @@
     python examples/merge.py --quick                  # seconds-long smoke run (tests)
 
 Per seed: the pipeline's base with the IT-EN lexicon in its pretraining text (cached under --cache) →
-two full fine-tunes from it, same steps and lr:
-  arithmetic    worked solutions of the training problems   → held-out problems, exact answer
-  translation   "Translate to English: <it>" → "<en>" on the lexicon's TRAIN_PAIRS
-                → the held-out CONTROL_PAIRS (knowledge from pretraining, format from SFT) and the SFT words
+two full fine-tunes from it (every parameter, lr --lr):
+  arithmetic    worked solutions of the training problems (120 steps) → held-out problems, exact answer
+  translation   "Translate to English: <it>" → "<en>" on the lexicon's 336 TRAIN_PAIRS (300 steps)
+                → those words (the tiny base does not know the held-out words, so the skill is the
+                fine-tuned one)
 → Grams of every Linear's inputs in each specialist on its own training conversations (padding masked,
 per-token mean) → merges: average, task arithmetic, TIES, DARE-TIES, SLERP, RegMean at several α.
-"kept" is the mean over the two tasks of merged accuracy / specialist accuracy (1 = both skills kept);
-arithmetic and the held-out words are the two tasks. Writes OUT/results.json.
+Each model gets greedy accuracy and the mean answer NLL on both tasks; "kept" is the mean over the two
+tasks of merged accuracy / specialist accuracy (1 = both skills kept). Each seed's rows are written to OUT/seed<k>.json
+and reused by a later run with the same settings (seeds can run as separate processes, then one
+`--seeds 0 1 2` prints the table); OUT/results.json holds the table's data.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +33,7 @@ from elleci.algos.loop import sample_batches, train_loop
 from elleci.algos.merge import collect_grams, merge, text_batches
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
 from elleci.tasks import arithmetic, translation
-from elleci.tasks.lexicon import CONTROL_PAIRS, TRAIN_PAIRS
+from elleci.tasks.lexicon import TRAIN_PAIRS
 from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, evaluate, problems
 
 REGMEAN_ALPHAS = (1.0, 0.9, 0.5, 0.1)
@@ -38,7 +42,8 @@ REGMEAN_ALPHAS = (1.0, 0.9, 0.5, 0.1)
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--steps", type=int, default=120, help="fine-tuning steps per specialist")
+    ap.add_argument("--steps-arithmetic", type=int, default=120, help="fine-tuning steps, arithmetic specialist")
+    ap.add_argument("--steps-words", type=int, default=300, help="fine-tuning steps, translation specialist")
     ap.add_argument("--lr", type=float, default=1e-3, help="full fine-tuning learning rate")
     ap.add_argument("--gram-examples", type=int, default=512, help="training conversations per Gram")
     ap.add_argument("--density", type=float, default=0.2, help="TIES / DARE density")
@@ -48,6 +53,10 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="out/merge")
     ap.add_argument("--quick", action="store_true")
     return ap.parse_args(argv)
+
+
+def read_json(path) -> dict:
+    return json.loads(Path(path).read_text())
 
 
 def finetune(base, tok, conversations, *, steps: int, lr: float, batch_size: int, seed: int, print_fn=print):
@@ -82,29 +91,44 @@ def merges(args, base, specialists, grams) -> dict[str, dict]:
     return out
 
 
+@torch.no_grad()
+def answer_nll(model, tok, conversations, batch_size: int = 32) -> float:
+    """Mean per-token NLL of the assistant answers given their prompts (a graded view of a skill: it
+    moves before greedy accuracy does)."""
+    items, collate = encode_sft(tok, conversations), sft_collate(tok.pad_id)
+    total = tokens = 0.0
+    for i in range(0, len(items), batch_size):
+        loss, m = sft_step(model, collate(items[i:i + batch_size]))
+        n = m["sft/tokens"].item()
+        total, tokens = total + loss.item() * n, tokens + n
+    return total / tokens
+
+
 def scores(cfg, model, tok, test, quick: bool) -> dict:
-    words = CONTROL_PAIRS[:4] if quick else CONTROL_PAIRS
-    sft_words = TRAIN_PAIRS[:4] if quick else TRAIN_PAIRS
+    """Accuracy and answer NLL on both tasks: held-out arithmetic problems and the SFT'd words."""
+    words = TRAIN_PAIRS[:4] if quick else TRAIN_PAIRS
+    model.eval()
     return {"arithmetic": evaluate(cfg, model, tok, test)["accuracy"],
-            "words held-out": translation.evaluate(model, tok, words)["accuracy"],
-            "words SFT": translation.evaluate(model, tok, sft_words)["accuracy"]}
+            "words": translation.evaluate(model, tok, words)["accuracy"],
+            "arithmetic NLL": answer_nll(model, tok, arithmetic.sft_examples(test)),
+            "words NLL": answer_nll(model, tok, translation.sft_examples(words))}
 
 
 def kept(row: dict, arith: dict, words: dict) -> float:
     """Mean over the two tasks of accuracy / the specialist's accuracy on its own task."""
     ratio = lambda a, b: a / b if b > 0 else float("nan")
-    return 0.5 * (ratio(row["arithmetic"], arith["arithmetic"]) + ratio(row["words held-out"], words["words held-out"]))
+    return 0.5 * (ratio(row["arithmetic"], arith["arithmetic"]) + ratio(row["words"], words["words"]))
 
 
 def run_seed(args, seed: int, print_fn=print) -> dict[str, dict]:
     cfg = PipelineConfig(seed=seed, device=args.device, lexicon=True)
     cfg = replace(cfg, **QUICK) if args.quick else cfg
-    steps = 2 if args.quick else args.steps
+    steps = [2, 2] if args.quick else [args.steps_arithmetic, args.steps_words]
     torch.manual_seed(seed)
     train, test = problems(cfg)
     base, tok = cached_base(cfg, train, args.cache or None, print_fn=print_fn)
     data = {"arithmetic": arithmetic.sft_examples(train), "translation": translation.sft_examples(TRAIN_PAIRS)}
-    specialists = [finetune(base, tok, conv, steps=steps, lr=args.lr, batch_size=cfg.batch_size, seed=seed + i,
+    specialists = [finetune(base, tok, conv, steps=steps[i], lr=args.lr, batch_size=cfg.batch_size, seed=seed + i,
                             print_fn=print_fn) for i, conv in enumerate(data.values())]
     n = 8 if args.quick else args.gram_examples
     grams = [grams_on(m, tok, conv, n) for m, conv in zip(specialists, data.values())]
@@ -123,7 +147,7 @@ def run_seed(args, seed: int, print_fn=print) -> dict[str, dict]:
 
 def table(per_seed: list[dict[str, dict]], seeds: list[int]) -> str:
     """Rows = models, columns = metrics, each 'mean ± std' over seeds (the value itself for one seed)."""
-    metrics = list(next(iter(per_seed[0].values())))
+    metrics = ["arithmetic", "words", "kept", "arithmetic NLL", "words NLL"]
     head = f"| model ({len(seeds)} seed{'s' * (len(seeds) > 1)}: {' '.join(map(str, seeds))}) | " + " | ".join(metrics) + " |"
     lines = [head, "|---|" + "---|" * len(metrics)]
     for name in per_seed[0]:
@@ -136,15 +160,26 @@ def table(per_seed: list[dict[str, dict]], seeds: list[int]) -> str:
     return "\n".join(lines)
 
 
+def settings(args) -> dict:
+    """The arguments that decide a seed's results (a finished seed is reused only if they match)."""
+    return {k: v for k, v in vars(args).items() if k not in ("seeds", "out", "device")}
+
+
 def main(argv=None):
     args = parse_args(argv)
     per_seed = []
     for seed in args.seeds:
-        per_seed.append(run_seed(args, seed))
-        write_json_atomic(Path(args.out) / "results.json",
-                          {"results": dict(zip(map(str, args.seeds), per_seed)), "args": vars(args)})
-    out = table(per_seed, args.seeds[:len(per_seed)])
-    print(out)
+        path = Path(args.out) / f"seed{seed}.json"
+        done = read_json(path) if path.is_file() else None
+        if done and done["settings"] == settings(args):
+            print(f"seed {seed}: results loaded from {path}")
+        else:
+            done = {"settings": settings(args), "rows": list(run_seed(args, seed).items())}   # a list keeps the order
+            write_json_atomic(path, done)
+        per_seed.append(dict(done["rows"]))
+    write_json_atomic(Path(args.out) / "results.json",
+                      {"results": dict(zip(map(str, args.seeds), per_seed)), "args": vars(args)})
+    print(table(per_seed, args.seeds))
     reg = statistics.mean(rows["RegMean α=1.0"]["kept"] for rows in per_seed)
     avg = statistics.mean(rows["average"]["kept"] for rows in per_seed)
     print(f"RegMean (α=1) keeps {reg:.3f} of the two skills on average, plain averaging {avg:.3f}: "

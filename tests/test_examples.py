@@ -98,5 +98,8 @@ def test_merge_quick_prints_every_method_for_both_tasks(tmp_path, capsys):
     printed = capsys.readouterr().out
     for name in ("average", "task arithmetic", "TIES", "DARE-TIES", "SLERP", "RegMean α=1.0", "RegMean α=0.1"):
         assert any(k.startswith(name) for k in rows) and f"| {name}" in printed
-    assert set(rows["base"]) == {"arithmetic", "words held-out", "words SFT", "kept"}
+    assert set(rows["base"]) == {"arithmetic", "words", "kept", "arithmetic NLL", "words NLL"}
+    assert list(rows)[:3] == ["base", "arithmetic specialist", "translation specialist"]
     assert json.loads((tmp_path / "results.json").read_text())["results"]["0"].keys() == rows.keys()
+    again = _load("merge").main(["--quick", "--cache", "", "--out", str(tmp_path)])[0]     # reused, same order
+    assert "results loaded from" in capsys.readouterr().out and list(again) == list(rows)
