@@ -115,9 +115,11 @@ def verdict(before: dict, after: dict, where: str) -> tuple[bool, str]:
     b, a = before[f"{where}/control"], after[f"{where}/control"]
     d_pair, d_rand = a["pair_cos"] - b["pair_cos"], a["random_cos"] - b["random_cos"]
     ok = d_pair > d_rand
+    both_fell = d_pair < 0 and d_rand < 0
+    how = ("fell LESS than" if both_fell else "rose MORE than") if ok else ("fell MORE than" if both_fell else
+                                                                              "did NOT rise more than")
     return ok, (f"{where} layer, held-out control pairs: translation cos {d_pair:+.4f}, random-pair cos {d_rand:+.4f}: "
-                f"alignment rose {'MORE' if ok else 'NOT more'} on translation pairs than on random pairs "
-                f"(gap {d_pair - d_rand:+.4f})")
+                f"translation-pair cos {how} random-pair cos (gap {d_pair - d_rand:+.4f})")
 
 
 def run_seed(args, seed: int, print_fn=print) -> dict:
