@@ -5,9 +5,9 @@ Losses are pure functions of per-sequence log-prob tensors returning `(loss, met
     from elleci.algos import dpo_loss
     loss, metrics = dpo_loss(pc, pr, rc, rr, beta=0.1)      # metrics["rewards/margin"], ...
 
-This package imports on any machine (CPU, no Triton). Merging is imported as its own module
-(`from elleci.algos.merge import ties_merge, regmean_merge`), so `python -m elleci.algos.merge CONFIG`
-runs it without a second copy in memory.
+This package imports on any machine (CPU, no Triton). Merging is not re-exported here: import it as
+`from elleci.algos.merge import ties_merge, regmean_merge`, so that the command line
+`python -m elleci.algos.merge CONFIG` does not find the module already imported by the package.
 """
 from .dpo import dpo_loss, hinge_loss, ipo_loss, robust_dpo_loss
 from .feedback import read_binary, read_pairwise, read_scored, write_jsonl
