@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -23,3 +24,19 @@ def fixtures_dir():
     if not FIXTURES.is_dir():
         pytest.skip(f"original Elleci fixtures not found at {FIXTURES}")
     return FIXTURES
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def load_example():
+    """Import examples/<name>.py as a module: `load_example("merge").main(["--quick", ...])`."""
+    return _load_example

@@ -1,23 +1,12 @@
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
 from elleci.model import ElleciLM, Tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
 
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_pretrain_example_runs_saves_and_resumes(tmp_path, capsys):
-    pretrain = _load("pretrain")
+def test_pretrain_example_runs_saves_and_resumes(load_example, tmp_path, capsys):
+    pretrain = load_example("pretrain")
     small = ["--n-docs", "300", "--vocab-size", "400", "--seq-len", "32", "--batch-size", "4", "--d-model", "32",
              "--n-layers", "2", "--log-every", "1", "--save-every", "2", "--out", str(tmp_path)]
     pretrain.main(small + ["--steps", "4"])
@@ -35,71 +24,71 @@ def test_pretrain_example_runs_saves_and_resumes(tmp_path, capsys):
     assert not torch.equal(resumed.lm_head.weight, model.lm_head.weight)   # training went on
 
 
-def test_bench_lora_smoke_runs_on_cpu(capsys):
-    assert _load("bench_lora").main(["--smoke"]) == 0
+def test_bench_lora_smoke_runs_on_cpu(load_example, capsys):
+    assert load_example("bench_lora").main(["--smoke"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 4")]
     assert len(rows) == 2 and all(line.count("×") == 3 for line in rows)
 
 
-def test_pipeline_quick_runs_every_stage(tmp_path, capsys):
-    results = _load("pipeline").main(["--quick", "--out", str(tmp_path)])
+def test_pipeline_quick_runs_every_stage(load_example, tmp_path, capsys):
+    results = load_example("pipeline").main(["--quick", "--out", str(tmp_path)])
     assert set(results[0]) == {"seed", "SFT", "DPO", "UNA-binary", "SFT continued (control)", "seconds"}
     assert all(0.0 <= results[0][k] <= 1.0 for k in ("SFT", "DPO", "UNA-binary"))
     assert json.loads((tmp_path / "results.json").read_text())["results"][0]["seed"] == 0
     assert "| DPO |" in capsys.readouterr().out
 
 
-def test_sft_then_dpo_and_una_from_the_saved_stage(tmp_path, capsys):
-    sft = _load("sft").main(["--quick", "--out", str(tmp_path / "sft")])
+def test_sft_then_dpo_and_una_from_the_saved_stage(load_example, tmp_path, capsys):
+    sft = load_example("sft").main(["--quick", "--out", str(tmp_path / "sft")])
     assert (tmp_path / "sft" / "adapter" / "adapter_model.safetensors").is_file()
-    dpo = _load("dpo").main(["--quick", "--sft", str(tmp_path / "sft"), "--out", str(tmp_path / "dpo"),
+    dpo = load_example("dpo").main(["--quick", "--sft", str(tmp_path / "sft"), "--out", str(tmp_path / "dpo"),
                              "--reference", "copy", "--loss", "ipo"])
-    una = _load("una").main(["--quick", "--sft", str(tmp_path / "sft"), "--out", str(tmp_path / "una"),
+    una = load_example("una").main(["--quick", "--sft", str(tmp_path / "sft"), "--out", str(tmp_path / "una"),
                              "--kind", "score"])
     assert dpo["before"] == una["before"] == sft["after"]          # both start from the saved SFT model
     out = capsys.readouterr().out
     assert "rewards/margin" in out and "SFT" in out and "UNA-score" in out
 
 
-def test_bench_logprobs_dpo_step_smoke(capsys):
-    _load("bench_logprobs").main(["--dpo-step", "--tiny"])
+def test_bench_logprobs_dpo_step_smoke(load_example, capsys):
+    load_example("bench_logprobs").main(["--dpo-step", "--tiny"])
     assert "one DPO step of tiny + LoRA r=16" in capsys.readouterr().out
 
 
-def test_iterative_dpo_quick_runs_both_arms_and_resumes(tmp_path, capsys):
+def test_iterative_dpo_quick_runs_both_arms_and_resumes(load_example, tmp_path, capsys):
     args = ["--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "bases")]
-    first = _load("iterative_dpo").main(args)[0]
+    first = load_example("iterative_dpo").main(args)[0]
     assert {"SFT", "offline DPO", "iterative round 1", "iterative round 2"} <= set(first)
     assert (tmp_path / "seed0" / "iterative" / "round_2" / "metrics.json").is_file()
     assert any((tmp_path / "bases").iterdir())                       # the base was cached ...
-    again = _load("iterative_dpo").main(args)[0]                     # ... and reused; finished arms resume
+    again = load_example("iterative_dpo").main(args)[0]                     # ... and reused; finished arms resume
     out = capsys.readouterr().out
     assert "base: loaded from" in out and "resuming after round 2" in out
     assert again == first
 
 
-def test_bench_generate_reports_prefill_decode_and_bound(capsys):
-    rows = _load("bench_generate").main(["--presets", "tiny", "--batch", "1", "2", "--prompt-len", "4", "--new", "4"])
+def test_bench_generate_reports_prefill_decode_and_bound(load_example, capsys):
+    rows = load_example("bench_generate").main(["--presets", "tiny", "--batch", "1", "2", "--prompt-len", "4", "--new", "4"])
     assert [r["batch"] for r in rows] == [1, 2]
     assert all(r["decode_tok_s"] > 0 and r["prefill_ms"] > 0 for r in rows)
     assert rows[1]["bound_tok_s"] == 2 * rows[0]["bound_tok_s"]        # the bound scales with the batch
     assert "% of bound" in capsys.readouterr().out
 
 
-def test_rlaif_quick_self_labels_and_reports(tmp_path, capsys):
-    res = _load("rlaif").main(["--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "bases")])[0]
+def test_rlaif_quick_self_labels_and_reports(load_example, tmp_path, capsys):
+    res = load_example("rlaif").main(["--quick", "--out", str(tmp_path), "--cache", str(tmp_path / "bases")])[0]
     assert {"SFT", "judge accuracy", "judge position consistency", "RLAIF round 1", "RLAIF round 2"} <= set(res)
     assert all(0.0 <= res[k] <= 1.0 for k in ("SFT", "judge accuracy", "RLAIF round 2"))
     assert "judge accuracy" in capsys.readouterr().out
 
 
-def test_merge_quick_prints_every_method_for_both_tasks(tmp_path, capsys):
-    rows = _load("merge").main(["--quick", "--cache", "", "--out", str(tmp_path)])[0]
+def test_merge_quick_prints_every_method_for_both_tasks(load_example, tmp_path, capsys):
+    rows = load_example("merge").main(["--quick", "--cache", "", "--out", str(tmp_path)])[0]
     printed = capsys.readouterr().out
     for name in ("average", "task arithmetic", "TIES", "DARE-TIES", "SLERP", "RegMean α=1.0", "RegMean α=0.1"):
         assert any(k.startswith(name) for k in rows) and f"| {name}" in printed
     assert set(rows["base"]) == {"arithmetic", "words", "kept", "arithmetic NLL", "words NLL"}
     assert list(rows)[:3] == ["base", "arithmetic specialist", "translation specialist"]
     assert json.loads((tmp_path / "results.json").read_text())["results"]["0"].keys() == rows.keys()
-    again = _load("merge").main(["--quick", "--cache", "", "--out", str(tmp_path)])[0]     # reused, same order
+    again = load_example("merge").main(["--quick", "--cache", "", "--out", str(tmp_path)])[0]     # reused, same order
     assert "results loaded from" in capsys.readouterr().out and list(again) == list(rows)

@@ -1,10 +1,8 @@
 """FSLoRA: the spec's oracles (unbiased sketch, support, mask regression, k = r ≡ federated LoRA, divisor M),
 errors, the 2-process gloo run against the simulation, and the example's --quick run."""
-import importlib.util
 import json
 import random
 import socket
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +16,6 @@ from elleci.model import ElleciConfig, ElleciLM
 from elleci.model.lora import LoraConfig, apply_lora, lora_modules
 from elleci.train import optimizer_step
 
-ROOT = Path(__file__).resolve().parents[2]
 TARGETS = ["attn.in_proj", "attn.w_q", "ffn.w1"]
 QUIET = dict(print_fn=None)
 
@@ -335,11 +332,8 @@ def test_two_gloo_processes_equal_the_simulation(tmp_path):
 
 # ----------------------------------------------------------------------------- the example
 
-def test_example_quick_has_the_three_arms(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("fslora_example", ROOT / "examples" / "fslora.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    result = mod.main(["--quick", "--out", str(tmp_path)])
+def test_example_quick_has_the_three_arms(load_example, tmp_path, capsys):
+    result = load_example("fslora").main(["--quick", "--out", str(tmp_path)])
     printed = capsys.readouterr().out
     arms = ["sketched FSLoRA", "full-rank FedLoRA", "centralised LoRA"]
     saved = json.loads((tmp_path / "results.json").read_text())

@@ -1,10 +1,8 @@
 """Smoke test of examples/rlaif_v.py (--quick): every stage runs, the three arms are reported, the JSON is
 written, the base is cached; and the oracle labeler labels held-out claims exactly."""
 import contextlib
-import importlib.util
 import io
 import json
-from pathlib import Path
 
 import pytest
 
@@ -12,23 +10,14 @@ from elleci.algos import rlaif_v
 from elleci.model import Tokenizer
 from elleci.tasks.grounded_qa import make_items, verification_examples
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
 
 @pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def quick_run(load_example, tmp_path_factory):
     """One --quick run. A 3-step base answers noise, so every candidate scores alike and no pair forms;
     where that happens the wrapped collect_pairs adds one (reference answer ≻ answer + a made-up claim)
     per prompt, so the DPO path runs too."""
     tmp = tmp_path_factory.mktemp("rlaif_v")
-    mod, real = _load("rlaif_v"), rlaif_v.collect_pairs
+    mod, real = load_example("rlaif_v"), rlaif_v.collect_pairs
 
     def collect_pairs(policy, labeler, tok, items, **kw):
         records, stats = real(policy, labeler, tok, items, **kw)

@@ -1,8 +1,6 @@
 """Tests for elleci.algos.tli (spec algos_merge_data.md §3.3 oracles) and the examples/tli.py smoke run."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +10,6 @@ from elleci.model import ElleciConfig, ElleciLM, Tokenizer
 from elleci.model.lora import LoraConfig, apply_lora, lora_modules
 from elleci.tasks.lexicon import PAIRS, TRAIN_PAIRS, random_pairs
 
-ROOT = Path(__file__).resolve().parents[2]
 WORDS = PAIRS[:40]
 
 
@@ -211,15 +208,9 @@ def test_short_training_raises_the_training_pair_cosine(tok):
 
 # ----------------------------------------------------------------------------- the example
 
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
-
-def test_example_quick_runs(tmp_path, capsys):
-    result = _load("tli").main(["--quick", "--out", str(tmp_path), "--cache", ""])
+def test_example_quick_runs(load_example, tmp_path, capsys):
+    result = load_example("tli").main(["--quick", "--out", str(tmp_path), "--cache", ""])
     out = capsys.readouterr().out
     assert "| layer |" in out and "translation cos" in out and "control" in out
     saved = json.loads((tmp_path / "results.json").read_text())

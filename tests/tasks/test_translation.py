@@ -4,7 +4,6 @@ from collections import Counter
 from dataclasses import replace
 
 import pytest
-import torch
 
 from elleci.tasks import lexicon, translation
 from elleci.tasks.pipeline import QUICK, PipelineConfig, base_key, problems, pretraining_texts
