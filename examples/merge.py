@@ -1,6 +1,6 @@
 """Merge two specialists fine-tuned from one base, every way, and measure both skills in every model.
 
-    python examples/merge.py                          # one seed, CPU, a few minutes after the base
+    python examples/merge.py                          # one seed, CPU: ~16 min at 1 thread after the base
     python examples/merge.py --seeds 0 1 2            # the README's table
     python examples/merge.py --quick                  # seconds-long smoke run (tests)
 
