@@ -22,7 +22,8 @@ on held-out problems: accuracy (CoT SFT and step-DPO decode step by step, i.e. p
 revision, and also without as a diagnostic), and the self-correction rate: a wrong step (a wrong result)
 is planted at a random equation step k of the reference solution, the prefix stops there, and the arm
 continues (DiffCoT sees its last w − 1 steps as revisable drafts): the fraction that still ends right.
-Writes OUT/results.json and the adapters under OUT/seed<k>/.
+Writes OUT/results.json, and per seed the adapters and result.json under OUT/seed<k>/ (a seed whose
+result.json holds the same settings is not run again).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ import re
 import time
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from elleci._io import write_json_atomic
 from elleci.algos.diffcot import (build_pools, build_window_pairs, encode_window_pairs, model_step_fn,
@@ -44,7 +47,7 @@ from elleci.algos.preference import collate_fn, pairwise_step, precompute_refere
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
 from elleci.model.lora import load_adapter, save_adapter
 from elleci.tasks import arithmetic
-from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, problems, run_sft, seed_table
+from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, problems, resumable_seeds, run_sft, seed_table
 
 ARMS = ("CoT SFT", "step-DPO", "DiffCoT")
 QUICK_ARGS = dict(sft_steps=2, sft_batch=4, pair_problems=6, m=2, rollouts=2, steps=2, batch=2, n_eval=4,
@@ -146,6 +149,7 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
     train, test = problems(cfg)
     test = test[: args.n_eval]
     model, tok = cached_base(cfg, train, args.cache or None, print_fn=print_fn)
+    torch.manual_seed(seed)                           # the LoRA initialisation (a cached base leaves it unseeded)
     run_sft(replace(cfg, sft_steps=args.sft_steps, batch_size=args.sft_batch), model, tok, train, print_fn=print_fn)
     out = Path(args.out) / f"seed{seed}"
     save_adapter(model, out / "sft_adapter")
@@ -195,7 +199,7 @@ TABLES = (("accuracy", "held-out accuracy (greedy)"),
 
 def main(argv=None):
     args = parse_args(argv)
-    results = [run_seed(args, s) for s in args.seeds]
+    results = resumable_seeds(args, run_seed)
     for prefix, title in TABLES:
         rows = [{"seed": r["seed"], **{k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(prefix + "/")}}
                 for r in results]

@@ -19,7 +19,8 @@ After imitation and each epoch: win rates against the fixed scripted opponent (g
 vs the scripted defender, as defender vs the scripted attacker), tie rate (both seats), attacker rule breaks,
 and held-out arithmetic accuracy (`pipeline.evaluate` on the first --eval-problems problems). Writes
 OUT/results.json (per seed: every number, self-play statistics, sample games), OUT/seed<k>/imitation.pt (the
-trained parameters after imitation) and prints tables over seeds.
+trained parameters after imitation), OUT/seed<k>/result.json as each seed ends (a rerun with the same --out
+loads finished seeds instead of redoing them) and prints tables over seeds.
 
 Choices forced by the CPU scale (each is a flag):
 - The output layer is trained with the adapters (PEFT's modules_to_save=["lm_head"]). The base never saw the
@@ -48,7 +49,7 @@ from elleci.algos.spag import (SPAGConfig, encode_sft_items, imitation_step, mix
 from elleci.algos.spag_play import ModelPlayer, play_games
 from elleci.model.lora import LoraConfig, apply_lora
 from elleci.tasks import arithmetic, corpus, taboo
-from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, evaluate, problems, seed_table
+from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, evaluate, problems, resumable_seeds, seed_table
 
 QUICK_ARGS = dict(imitation_games=6, imitation_steps=2, game_batch_size=2, sft_batch_size=2, epochs=1, games=4,
                   eval_games=2, eval_problems=4, max_new_tokens=4, log_every=1)
@@ -135,6 +136,7 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
     cfg = PipelineConfig(seed=seed, device=args.device, **(QUICK if args.quick else {}))
     train, test = problems(cfg)
     model, tok = cached_base(cfg, train, cache_dir=args.cache or None, print_fn=print_fn)
+    torch.manual_seed(seed)                              # the LoRA init (a cached base skips pretraining's seeding)
     apply_lora(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules))
     model.lm_head.weight.requires_grad_(not args.frozen_head)
     row, extra = {"seed": seed}, {"samples": {}, "self_play": {}}
@@ -212,7 +214,7 @@ def _show(games) -> list[dict]:
 
 def main(argv=None):
     args = parse_args(argv)
-    per_seed = [run_seed(args, s) for s in args.seeds]
+    per_seed = resumable_seeds(args, run_seed)             # OUT/seed<k>/result.json: a cut run resumes
     rows = [r["row"] for r in per_seed]
     for prefix, title in TABLES:
         sub = [{"seed": r["seed"], **{k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(prefix + "/")}}

@@ -4,20 +4,24 @@ arXiv 2406.15126; `elleci.algos.synth`).
 
     python examples/synth.py                                  # one seed, CPU (base and teacher cached under --cache)
     python examples/synth.py --seeds 0 1 2                    # the README's table
-    python examples/synth.py --k-demos 0 --temperature 1.0    # no in-context demos, hotter sampling
-    python examples/synth.py --arms gold filtered "filtered + re-weighted"   # choose the students
+    python examples/synth.py --prompt attributes+demos        # attributes and one demo in the generation prompt
+    python examples/synth.py --prompt attributes --teacher-format-steps 40   # teach the teacher that prompt first
+    python examples/synth.py --arms gold filtered "filtered + re-weighted" self-consistency   # other students
     python examples/synth.py --quick                          # seconds-long smoke run (tests)
 
 Per seed:
   base       the cached pipeline base (`cached_base`, default PipelineConfig fields).
-  teacher    `run_sft` (the pipeline's LoRA SFT, its steps, lr and batch) on the gold solutions of the first
-             --n-labeled training problems, then --teacher-format-steps more SFT steps on the same problems
-             asked with the generation prompt below: a plain `run_sft` teacher's pass rate fell from 17.7% to
-             6.5% (seed 0, T=0.7) when the question came with a system message stating the attributes. The
-             adapter is cached under --cache. The other training questions are the unlabelled pool.
-  prompts    --prompts items: attributes (level, operations) drawn from a grid (no subtraction at level 1), an
-             unlabelled question with those attributes, --k-demos labelled demos with the same attributes
-             (chat turns), the task spec and attributes in the system message (`build_prompts`).
+  teacher    `run_sft` (the pipeline's LoRA SFT: its steps, lr and batch) on the gold solutions of the first
+             --n-labeled training problems (optionally --teacher-format-steps more SFT steps on them asked in the
+             --prompt style). Cached under --cache. The other training questions are the unlabelled pool.
+             Its greedy held-out accuracy is reported for each prompt style (PROMPT_STYLES).
+  prompts    --prompts items (`build_prompts`): attributes (level, operations) drawn from a grid (no subtraction
+             at level 1), an unlabelled question with those attributes, and by --prompt: the bare question
+             (default), or a system message stating the attributes ("Solve:\nlevel 3: + -"), or that plus
+             --k-demos labelled demos with the same attributes as chat turns. Default "question": on seed 0 the
+             teacher's exact worked solutions (greedy, unlabelled questions) fell from 33% to 10% with the
+             attribute message even after 40 SFT steps on that format (demos made it worse: the small model
+             copies the demos' numbers).
   generate   --k samples per prompt at --temperature, cut after the first "Answer: <n>" (`LMTeacher`).
   curate     step verifier (every line of the worked solution right, `steps_ok`) → exact dedup → near dedup
              (MinHash, word 3-grams, J ≥ 0.8); for comparison an outcome verifier (final answer right only,
@@ -28,9 +32,9 @@ Per seed:
              gold (the true solutions of the same prompt questions: the reference), unfiltered (every sample),
              filtered, filtered (answer only), and with --arms: filtered + re-weighted (inverse frequency of
              level, sampled by weight), self-consistency (the survey's label enhancement by vote).
-Reported: held-out greedy accuracy of the teacher (asked with the generation prompt) and of each student (asked
-the bare question), and the data metrics. Writes OUT/results.json and OUT/seed<k>/{kept,rejected}.jsonl (one
-record per line with its provenance: teacher, prompt, attributes, demos, seeds, filters passed, scores, weight).
+Reported: held-out greedy accuracy of the teacher and of each student (asked the bare question), and the data
+metrics. Writes OUT/results.json and OUT/seed<k>/{kept,rejected}.jsonl (one record per line with its provenance:
+teacher, prompt, attributes, demos, seeds, filters passed, scores, weight).
 """
 from __future__ import annotations
 
@@ -54,16 +58,19 @@ from elleci.algos.synth_metrics import (dataset_report, inverse_frequency_weight
                                         with_weights)
 from elleci.model.lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from elleci.tasks import arithmetic
-from elleci.tasks.pipeline import (QUICK, PipelineConfig, base_key, cached_base, evaluate, problems, run_sft,
-                                   seed_table)
+from elleci.tasks.pipeline import (QUICK, PipelineConfig, base_key, cached_base, evaluate, problems,
+                                   resumable_seeds, run_sft, seed_table)
 
 SPEC = TaskSpec("arithmetic-worked-solutions", "Solve:", attribute_template="level {level}: {operations}")
 """Short words: the small base's 384-piece vocabulary spells most English letter by letter, and every prompt
 token costs teacher SFT and generation time ("Solve:\nlevel 3: + -" is 15 tokens)."""
+PROMPT_STYLES = ("question", "attributes", "attributes+demos")
+"""question: the bare question (its attributes chose it); attributes: + the system message stating them;
+attributes+demos: + --k-demos demos with the same attributes as chat turns."""
 STOP = r"Answer: \d+"
 ARMS = ("gold", "unfiltered", "filtered", "filtered (answer only)", "filtered + re-weighted", "self-consistency")
-QUICK_ARGS = dict(n_labeled=100, prompts=8, k=2, teacher_format_steps=2, teacher_batch=4, student_steps=2,
-                  student_batch=4, max_new_tokens=8)
+QUICK_ARGS = dict(n_labeled=100, prompts=8, k=2, prompt="attributes+demos", teacher_format_steps=2, teacher_batch=4,
+                  student_steps=2, student_batch=4, max_new_tokens=8)
 
 
 def parse_args(argv=None):
@@ -71,13 +78,14 @@ def parse_args(argv=None):
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--n-labeled", type=int, default=1500, help="gold training problems the teacher is SFT'd on")
     ap.add_argument("--teacher-steps", type=int, default=None, help="teacher SFT steps (default: PipelineConfig's)")
-    ap.add_argument("--teacher-format-steps", type=int, default=40,
-                    help="teacher SFT steps on the generation-prompt format after run_sft (0 = plain run_sft teacher)")
+    ap.add_argument("--teacher-format-steps", type=int, default=0,
+                    help="teacher SFT steps on the --prompt format after run_sft (0 = the plain run_sft teacher)")
     ap.add_argument("--teacher-batch", type=int, default=16, help="batch of those steps")
     ap.add_argument("--prompts", type=int, default=300, help="prompt items (unlabelled questions)")
     ap.add_argument("--k", type=int, default=4, help="samples per prompt")
-    ap.add_argument("--k-demos", type=int, default=1, help="in-context demos per prompt")
-    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--prompt", default="question", choices=PROMPT_STYLES, help="generation prompt (see PROMPT_STYLES)")
+    ap.add_argument("--k-demos", type=int, default=1, help="in-context demos per prompt (--prompt attributes+demos)")
+    ap.add_argument("--temperature", type=float, default=0.4)
     ap.add_argument("--near-threshold", type=float, default=0.8)
     ap.add_argument("--student-steps", type=int, default=120)
     ap.add_argument("--student-batch", type=int, default=16)
@@ -116,12 +124,20 @@ def by_cell(pool) -> dict[tuple, list[dict]]:
     return cells
 
 
-def generation_prompt(p, cells, k_demos: int, rng, exclude: str | None = None) -> list[dict]:
-    """The generation prompt of one problem: spec + its attributes, k demos with the same attributes
+def spec_and_demos(args, style: str) -> tuple[TaskSpec, int]:
+    """The TaskSpec and demo count of a prompt style."""
+    if style == "question":
+        return replace(SPEC, instruction="", show_attributes=False), 0
+    return SPEC, (args.k_demos if style == "attributes+demos" else 0)
+
+
+def generation_prompt(args, style: str, p, cells, rng, exclude: str | None = None) -> list[dict]:
+    """The prompt of one problem in a style: its attributes stated, k demos with the same attributes
     (`select_demos` over the pool's matching cell, never the problem itself)."""
+    spec, k = spec_and_demos(args, style)
     a = attributes(p)
     same = [d for d in cells.get(tuple(a.values()), []) if d["id"] != exclude]
-    return render_prompt(SPEC, a, select_demos(same, min(k_demos, len(same)), rng, attributes=a), p.question)
+    return render_prompt(spec, a, select_demos(same, min(k, len(same)), rng, attributes=a), p.question)
 
 
 def teacher_model(args, cfg, base, tok, labeled, print_fn=print):
@@ -129,10 +145,13 @@ def teacher_model(args, cfg, base, tok, labeled, print_fn=print):
     --teacher-format-steps more SFT steps on the same problems asked with the generation prompt (spec +
     attributes, demos); the adapter is cached under --cache."""
     teacher = copy.deepcopy(base)
-    fields = {"base": base_key(cfg), "n_labeled": len(labeled), "k_demos": args.k_demos, "spec": asdict(SPEC),
-              "format_steps": args.teacher_format_steps, "format_batch": args.teacher_batch,
+    fields = {"base": base_key(cfg), "n_labeled": len(labeled),
               **{k: v for k, v in asdict(cfg).items() if k in ("sft_steps", "sft_lr", "lora_r", "lora_alpha",
                                                                "target_modules")}}
+    if args.teacher_format_steps:
+        spec, k = spec_and_demos(args, args.prompt)
+        fields.update(format_steps=args.teacher_format_steps, format_batch=args.teacher_batch, spec=asdict(spec),
+                      k_demos=k)
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=list).encode()).hexdigest()[:10]
     directory = Path(args.cache) / f"synth-teacher-{base_key(cfg)}-{digest}" if args.cache else None
     if directory is not None and (directory / "cache.json").is_file():
@@ -142,7 +161,7 @@ def teacher_model(args, cfg, base, tok, labeled, print_fn=print):
     if args.teacher_format_steps:
         pool, rng = demo_pool(labeled), random.Random(f"synth/teacher/{cfg.seed}")
         cells = by_cell(pool)
-        convs = [generation_prompt(p, cells, args.k_demos, rng, exclude=d["id"])
+        convs = [generation_prompt(args, args.prompt, p, cells, rng, exclude=d["id"])
                  + [{"role": "assistant", "content": p.solution}] for p, d in zip(labeled, pool)]
         batches = sample_batches(encode_sft(tok, convs), args.teacher_batch, cfg.seed + 2, sft_collate(tok.pad_id))
         train_loop(teacher, batches, sft_step, steps=args.teacher_format_steps, lr=cfg.sft_lr,
@@ -153,11 +172,11 @@ def teacher_model(args, cfg, base, tok, labeled, print_fn=print):
     return teacher.eval()
 
 
-def teacher_accuracy(args, teacher, tok, labeled, test, seed: int) -> float:
-    """Greedy accuracy of the teacher on held-out questions asked with the generation prompt."""
+def teacher_accuracy(args, teacher, tok, labeled, test, seed: int, style: str) -> float:
+    """Greedy held-out accuracy (final answer) of the teacher asked in a prompt style."""
     cells, rng = by_cell(demo_pool(labeled)), random.Random(f"synth/teacher-eval/{seed}")
     lm = LMTeacher(teacher, tok, temperature=0.0, max_new_tokens=args.max_new_tokens, stop_pattern=STOP)
-    texts = lm([generation_prompt(p, cells, args.k_demos, rng) for p in test])
+    texts = lm([generation_prompt(args, style, p, cells, rng) for p in test])
     return sum(arithmetic.verify(p, t[0]) for p, t in zip(test, texts)) / len(test)
 
 
@@ -169,8 +188,8 @@ def prompt_items(args, seed: int, labeled, unlabeled) -> list[dict]:
     grid = AttributeGrid({"level": [1, 3], "operations": ["+", "+ -"]},          # level 1 has no subtraction
                          allowed=lambda a: tuple(a.values()) in by_cell)
     pick = lambda a, rng: rng.choice(by_cell[tuple(a.values())])
-    return build_prompts(SPEC, grid, args.prompts, seed=seed, input_fn=pick, demo_pool=demo_pool(labeled),
-                         k_demos=args.k_demos)
+    spec, k = spec_and_demos(args, args.prompt)
+    return build_prompts(spec, grid, args.prompts, seed=seed, input_fn=pick, demo_pool=demo_pool(labeled), k_demos=k)
 
 
 def steps_ok(problem: arithmetic.Problem, text: str) -> bool:
@@ -234,9 +253,12 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
     base, tok = cached_base(cfg, train, cache_dir=args.cache or None, print_fn=print_fn)
     base.eval()
     teacher = teacher_model(args, cfg, base, tok, labeled, print_fn=print_fn)
-    result = {"seed": seed, "accuracy/teacher (greedy)": teacher_accuracy(args, teacher, tok, labeled, test, seed)}
-    print_fn(f"seed {seed} | teacher | held-out accuracy {result['accuracy/teacher (greedy)']:.3f} | "
-             f"{time.time() - t0:.0f}s")
+    result = {"seed": seed}
+    for style in PROMPT_STYLES:
+        result[f"accuracy/teacher, prompt: {style}"] = teacher_accuracy(args, teacher, tok, labeled, test, seed, style)
+    print_fn(f"seed {seed} | teacher | held-out accuracy by prompt: " + ", ".join(
+        f"{style} {result[f'accuracy/teacher, prompt: {style}']:.3f}" for style in PROMPT_STYLES)
+        + f" | {time.time() - t0:.0f}s")
 
     items = prompt_items(args, seed, labeled, unlabeled)
     t1 = time.time()
@@ -280,7 +302,7 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
 
 def main(argv=None):
     args = parse_args(argv)
-    results = [run_seed(args, s) for s in args.seeds]
+    results = resumable_seeds(args, run_seed)              # OUT/seed<k>/result.json: a cut run resumes
     for prefix, title in (("accuracy", "held-out accuracy (greedy): teacher and students (same steps, batch, lr)"),
                           ("data", "synthetic data before/after curation (counts, pass rate, diversity)")):
         names = list(dict.fromkeys(k for r in results for k in r if k.startswith(prefix + "/")))

@@ -9,6 +9,11 @@ Generation, Curation, and Evaluation", Findings of ACL 2024, https://arxiv.org/a
     kept, rejected, stats = apply_filters(records, [verifier_filter(check), exact_dedup_filter()])
     write_records("out/synth.jsonl", kept)                      # atomically, one record per line
 
+    # label-first generation (classification): the label is an attribute, the teacher writes the input
+    spec = TaskSpec("sentiment", "You write movie reviews.", labels=("positive", "negative"),
+                    request="Write a {label} review.")
+    items = build_prompts(spec, AttributeGrid({"label": ["positive", "negative"]}), 100, seed=0)
+
 Objective: D_gen = {(x, y) : y ~ M(p(T, a, D_demo, x)), a ~ P(A), every filter f(x, y) = keep}, faithful
 (verified) and diverse (attribute coverage, distinct n-grams).
 
@@ -83,14 +88,14 @@ class TaskSpec:
     show_attributes: bool = True          # state the sampled attributes in the system message
 
     def __post_init__(self):
-        if not self.name or not self.instruction:
-            raise ValueError("TaskSpec needs a non-empty name and instruction")
+        if not self.name:
+            raise ValueError("TaskSpec needs a non-empty name")
         if not _fields(self.request):
             raise ValueError(f"TaskSpec.request {self.request!r} has no field: it must hold {{input}} or an attribute")
 
     def system(self, attributes: Mapping) -> str:
-        """The system message: instruction, the attributes, the label space, the output format."""
-        parts = [self.instruction]
+        """The system message: instruction, the attributes, the label space, the output format ("" = none)."""
+        parts = [self.instruction] if self.instruction else []
         if self.show_attributes and attributes:
             if self.attribute_template is None:
                 parts.append("Attributes: " + "; ".join(f"{k}={v}" for k, v in attributes.items()))
@@ -218,14 +223,15 @@ def grow_pool(pool: Sequence[Mapping], records: Sequence[Mapping]) -> list[dict]
 
 def render_prompt(spec: TaskSpec, attributes: Mapping, demos: Sequence[Mapping] = (), input: str | None = None,
                   *, style: str = "turns") -> list[dict]:
-    """Chat messages: system (spec + attributes), the demos, the request.
+    """Chat messages: system (spec + attributes; none when that is empty), the demos, the request.
 
     style="turns": each demo is a user/assistant exchange before the request (chat few-shot);
     style="inline": the demos are written into the request turn as "Example:" blocks.
     """
     if style not in DEMO_STYLES:
         raise ValueError(f"unknown demo style {style!r}; choose one of {DEMO_STYLES}")
-    messages = [{"role": "system", "content": spec.system(attributes)}]
+    system = spec.system(attributes)
+    messages = [{"role": "system", "content": system}] if system else []
     request = spec.user(input, attributes)
     asks = [spec.user(d.get("input"), {**attributes, **d.get("attributes", {})}) for d in demos]
     if style == "turns":

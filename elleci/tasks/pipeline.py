@@ -248,6 +248,25 @@ def evaluate(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, test) -> dict
     return arithmetic.evaluate(model, tok, test, max_new_tokens=cfg.max_new_tokens)
 
 
+def resumable_seeds(args, run_seed, print_fn=print, skip: tuple = ("seeds", "out")) -> list:
+    """`run_seed(args, seed)` for each of args.seeds, each result saved as it ends to
+    OUT/seed<k>/result.json beside the settings (vars(args) without `skip`). A rerun with the same settings
+    loads a finished seed instead of running it again, so a long multi-seed run that is cut off resumes."""
+    settings = {k: v for k, v in vars(args).items() if k not in skip}
+    results = []
+    for seed in args.seeds:
+        path = Path(args.out) / f"seed{seed}" / "result.json"
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("settings") == json.loads(json.dumps(settings)):
+                print_fn(f"seed {seed}: result loaded from {path} (delete it to run the seed again)")
+                results.append(saved["result"])
+                continue
+        results.append(run_seed(args, seed))
+        write_json_atomic(path, {"result": results[-1], "settings": settings})
+    return results
+
+
 def seed_table(results: list[dict], label: str = "") -> str:
     """Markdown table of per-seed results ({"seed": s, name: value, ...}): one row per name (except
     "seed" and "seconds"), one column per seed, then mean ± std. Names containing "pairs" are counts."""

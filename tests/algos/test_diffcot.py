@@ -288,3 +288,6 @@ def test_example_quick(load_example, tmp_path):
     assert r["pairs/step-DPO pairs"] > 0 and r["pairs/DiffCoT pairs"] >= r["pairs/step-DPO pairs"]
     for name in ("sft_adapter", "CoT_SFT", "step-DPO", "DiffCoT"):                 # every arm's adapter saved
         assert (tmp_path / "seed0" / name / "adapter_config.json").is_file()
+    mod = load_example("diffcot")
+    mod.run_seed = lambda *a, **k: pytest.fail("a finished seed with the same settings must not run again")
+    assert mod.main(["--quick", "--out", str(tmp_path), "--cache", ""]) == results

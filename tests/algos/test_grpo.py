@@ -116,6 +116,22 @@ def test_oracle_mu1_clipped_gradient_equals_vanilla_policy_gradient(tok, name):
     assert max((a - b).abs().max() for a, b in zip(stale, vanilla)) > 1e-4
 
 
+def test_one_step_raises_the_rewarded_completion_and_lowers_the_others(tok):
+    model = tiny(tok)
+    ids = torch.randint(5, tok.vocab_size, (4, 8), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    mask = labels[:, 1:] != -100
+    adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]])).flatten()
+    before = sequence_logprobs(model, ids, labels).detach()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    logps = sequence_logprobs(model, ids, labels, reduction="none")
+    grpo_loss(logps, logps.detach(), adv, mask, beta=0.0)[0].backward()
+    opt.step()
+    delta = sequence_logprobs(model, ids, labels).detach() - before
+    assert delta[0] > 0 and (delta[1:] < 0).all()
+
+
 def test_clipping_by_hand():
     logps, old = torch.log(torch.tensor([[1.5], [0.5], [1.5]])), torch.zeros(3, 1)
     adv, mask = torch.tensor([2.0, -1.0, -1.0]), torch.ones(3, 1, dtype=torch.bool)

@@ -177,6 +177,13 @@ def test_select_demos_similar_and_errors():
     terse = TaskSpec("t", "Solve:", attribute_template="level {level}: {operations}", output_format="Be brief.")
     assert terse.system({"level": 3, "operations": "+ -"}) == "Solve:\nlevel 3: + -\nBe brief."
     assert SPEC.system({"level": 1}) == "You write worked solutions.\nAttributes: level=1\nEnd with 'Answer: <n>'."
+    label_first = TaskSpec("sentiment", "Write reviews.", labels=("pos", "neg"), request="Write a {label} review.")
+    items = build_prompts(label_first, AttributeGrid({"label": ["pos", "neg"]}), 4, seed=0)
+    assert [it["prompt"][-1]["content"] for it in items] == [f"Write a {it['attributes']['label']} review."
+                                                              for it in items]
+    assert items[0]["prompt"][0]["content"].endswith("Labels: pos, neg") and items[0]["input"] is None
+    bare = TaskSpec("t", "", show_attributes=False)
+    assert render_prompt(bare, {"level": 3}, [], "1 + 1 = ?") == [{"role": "user", "content": "1 + 1 = ?"}]
     with pytest.raises(ValueError, match="attribute_template needs the attributes \\['operations'\\]"):
         terse.system({"level": 3})
     with pytest.raises(ValueError, match="needs the attributes \\['tone'\\]"):

@@ -48,3 +48,23 @@ def test_seed_table_rows_columns_and_counts():
     assert lines[0] == "| stage | seed 0 | seed 1 | mean ± std |" and len(lines) == 4   # no "seconds" row
     assert lines[2] == "| SFT | 0.100 | 0.300 | 0.200 ± 0.141 |"
     assert lines[3] == "| pairs | 10 | 20 | 15 ± 7.071 |"
+
+
+def test_resumable_seeds_saves_loads_and_reruns_on_other_settings(tmp_path):
+    from argparse import Namespace
+    from elleci.tasks.pipeline import resumable_seeds
+    calls = []
+
+    def run_seed(args, seed):
+        calls.append(seed)
+        return {"seed": seed, "acc": seed / 10 + args.lr}
+
+    args = Namespace(seeds=[0, 1], out=str(tmp_path), lr=0.5)
+    first = resumable_seeds(args, run_seed, print_fn=lambda *a: None)
+    assert calls == [0, 1] and (tmp_path / "seed1" / "result.json").is_file()
+    args.seeds = [0, 1, 2]                                    # two finished seeds are loaded, one is run
+    assert resumable_seeds(args, run_seed, print_fn=lambda *a: None) == first + [{"seed": 2, "acc": 0.7}]
+    assert calls == [0, 1, 2]
+    args.lr = 0.25                                           # other settings: every seed runs again
+    assert [r["acc"] for r in resumable_seeds(args, run_seed, print_fn=lambda *a: None)] == [0.25, 0.35, 0.45]
+    assert calls == [0, 1, 2, 0, 1, 2]
