@@ -18,7 +18,9 @@ The recurrence is computed two ways in this file, held equal by the tests:
   with a = A dt (log decay) and u = dt x, and the chunk states are carried by a short loop over chunks.
   Because dt is per channel, the decay matrix is per channel: [B, chunks, D_i, Q, Q] (memory D_i·Q per token),
   so the chunk is short (16 by default; the original's 64 costs 4x the memory and, on 2 CPU cores,
-  4.5x the time of a training step of the example model: 3.6 s vs 0.77 s, measured).
+  4.5x the time of a training step of the example model: 3.6 s vs 0.77 s, measured), and those matrices
+  are built a block of chunks at a time (recomputed in the backward when there is more than one block),
+  so memory stays linear in B·L·D_i at elleci-v1 size.
 
 Differences from the original, each deliberate:
 1. The inference cache holds the conv window (last d_conv-1 pre-conv inputs) and the previous input u
@@ -78,11 +80,34 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~causal, -math.inf)
 
 
-def ssm_scan_chunked(x, dt, A, B, C, D, h0=None, chunk_size: int = 64):
+BLOCK_BYTES = 256 * 2**20
+"""Budget of one block of chunks' per-channel decay matrices ([b, chunks, c, Q, Q]) in `ssm_scan_chunked`."""
+
+
+def _intra_chunk(a, u, CB):
+    """Within-chunk outputs y_t = Σ_{s≤t} (C_t·B_s) exp(Σ_{k=s+1..t} a_k) u_s for a block of chunks.
+
+    a, u: [b, g, c, Q]; CB: [b, g, Q(t), Q(s)] -> [b, g, Q(t), c]. Builds the [b, g, c, Q, Q] decay matrices.
+    """
+    decay = torch.exp(segsum(a))                                    # [b, g, c, Q(t), Q(s)]
+    return torch.einsum("bzts,bzcts,bzcs->bztc", CB, decay, u)
+
+
+def ssm_scan_chunked(x, dt, A, B, C, D, h0=None, chunk_size: int = 64, block_bytes: int | None = None):
     """Chunked parallel scan, same contract and result as `ssm_scan_ref`.
 
     The sequence is right-padded with dt = x = 0 to a multiple of Q (a padded step leaves the state
     unchanged: decay exp(0) = 1, input 0), split into chunks, and each chunk solved in closed form.
+
+    Memory. Everything is linear in b·L·c (·N for the chunk-entry states, stored once per chunk) except
+    the per-channel decay matrices of the within-chunk term, c·Q floats per token. Those are built for a
+    block of chunks at a time, at most `block_bytes` (default BLOCK_BYTES) each; when the sequence takes
+    more than one block and gradients are needed, each block is recomputed in the backward
+    (activation checkpointing), so the saved tensors stay linear in b·L·c. At elleci-v1 (c = 4096,
+    Q = 16), batch 8 × 1024 in one block would be 2 GiB per decay tensor per layer, several of them saved.
+
+    Numerics. Every exponent is a sum of log-decays a ≤ 0 over a contiguous range (never a difference of
+    two cumulative sums), so no term overflows however large the decays are.
     """
     b, L, c = x.shape
     N = B.shape[-1]
@@ -97,12 +122,19 @@ def ssm_scan_chunked(x, dt, A, B, C, D, h0=None, chunk_size: int = 64):
     u = (dt * x).view(b, nc, Q, c).transpose(-1, -2)
     Bc, Cc = B.view(b, nc, Q, N), C.view(b, nc, Q, N)
 
-    decay = torch.exp(segsum(a))                                   # [b, nc, c, Q(t), Q(s)]
+    # within-chunk contributions, a block of g chunks at a time
     CB = torch.einsum("bztn,bzsn->bzts", Cc, Bc)                    # [b, nc, Q, Q], shared by channels
-    y_diag = torch.einsum("bzts,bzcts,bzcs->bztc", CB, decay, u)    # within-chunk contributions
+    g = max(1, (BLOCK_BYTES if block_bytes is None else block_bytes) // (b * c * Q * Q * x.element_size()))
+    checkpointed = g < nc and torch.is_grad_enabled() and any(t.requires_grad for t in (a, u, CB))
+    y_diag = torch.cat([
+        torch.utils.checkpoint.checkpoint(_intra_chunk, a[:, z:z + g], u[:, z:z + g], CB[:, z:z + g],
+                                          use_reentrant=False) if checkpointed else
+        _intra_chunk(a[:, z:z + g], u[:, z:z + g], CB[:, z:z + g])
+        for z in range(0, nc, g)], dim=1)                           # [b, nc, Q, c]
 
     # state each chunk adds at its end: Σ_s exp(Σ_{k=s+1..Q-1} a_k) u_s B_s
-    chunk_states = torch.einsum("bzcs,bzsn->bzcn", decay[..., -1, :] * u, Bc)   # [b, nc, c, N]
+    to_end = F.pad(a.flip(-1).cumsum(-1).flip(-1)[..., 1:], (0, 1))    # Σ_{k=s+1..Q-1} a_k: [b, nc, c, Q]
+    chunk_states = torch.einsum("bzcs,bzsn->bzcn", torch.exp(to_end) * u, Bc)   # [b, nc, c, N]
     chunk_decay = torch.exp(a.sum(-1))                              # [b, nc, c]
     h = x.new_zeros(b, c, N) if h0 is None else h0
     h_in = []                                                       # state entering each chunk
@@ -112,7 +144,7 @@ def ssm_scan_chunked(x, dt, A, B, C, D, h0=None, chunk_size: int = 64):
     h_in = torch.stack(h_in, dim=1)                                 # [b, nc, c, N]
 
     decay_in = torch.exp(torch.cumsum(a, dim=-1))                   # exp(Σ_{k≤t} a_k): [b, nc, c, Q]
-    y_off = torch.einsum("bztn,bzcn,bzct->bztc", Cc, h_in, decay_in)
+    y_off = torch.matmul(Cc, h_in.transpose(-1, -2)) * decay_in.transpose(-1, -2)   # [b, nc, Q, c]
     y = (y_diag + y_off).reshape(b, nc * Q, c)[:, :L] + D * x[:, :L]
     return y, h
 
