@@ -2,7 +2,8 @@
 
     lora_linear(x, weight, lora_A, lora_B, scaling, bias=None)   # x Wᵀ + b + s·(x Aᵀ) Bᵀ, fused epilogue
     token_logprobs(hidden, weight, labels, ignore_index=-100)     # log p(label | h), logits never stored
-    lora_linear_ref(...), token_logprobs_ref(...)                 # the same in plain PyTorch
+    selective_scan(x, dt, A, B, C, D, h0=None)                    # Mamba recurrence -> (y, h_final), fwd + bwd
+    lora_linear_ref(...), token_logprobs_ref(...), selective_scan_ref(...)   # the same in plain PyTorch
 
 Which implementation runs:
 
@@ -17,6 +18,8 @@ only when asked for ("triton") under TRITON_INTERPRET=1, which is how the tests 
 from .dispatch import BACKENDS, get_backend, resolve_backend, set_backend, triton_available, use_backend
 from .logprobs import token_logprobs, token_logprobs_ref
 from .lora import lora_linear, lora_linear_ref
+from .scan import selective_scan, selective_scan_ref
 
 __all__ = ["BACKENDS", "get_backend", "set_backend", "use_backend", "resolve_backend", "triton_available",
-           "lora_linear", "lora_linear_ref", "token_logprobs", "token_logprobs_ref"]
+           "lora_linear", "lora_linear_ref", "token_logprobs", "token_logprobs_ref",
+           "selective_scan", "selective_scan_ref"]
