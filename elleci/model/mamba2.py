@@ -11,9 +11,9 @@ Math (specs/elleci_original_model.md §2.6-2.7), u the block input [B, L, d]:
     y_t           = C_t · s_t + D_h x_t
     out           = out_proj(LayerNorm(y * silu(z)))
 
-The recurrence is computed two ways in this file, held equal by the tests:
+The recurrence is computed three ways, held equal by the tests:
 * `ssm_scan_ref`: the definition, one step at a time (`ssm_step`), also used for cached decoding;
-* `ssm_scan_chunked`: the chunked parallel (SSD) form, the default. Within a chunk of length Q,
+* `ssm_scan_chunked`: the chunked parallel (SSD) form, the default in PyTorch. Within a chunk of length Q,
       y_t = Σ_{s≤t} (C_t·B_s) exp(Σ_{k=s+1..t} a_k) u_s + C_t·(exp(Σ_{k≤t} a_k) h_in),
   with a = A dt (log decay) and u = dt x, and the chunk states are carried by a short loop over chunks.
   Because dt is per channel, the decay matrix is per channel: [B, chunks, D_i, Q, Q] (memory D_i·Q per token),
@@ -21,6 +21,8 @@ The recurrence is computed two ways in this file, held equal by the tests:
   4.5x the time of a training step of the example model: 3.6 s vs 0.77 s, measured), and those matrices
   are built a block of chunks at a time (recomputed in the backward when there is more than one block),
   so memory stays linear in B·L·D_i at elleci-v1 size.
+* `elleci.kernels.scan.selective_scan`: the Triton kernel (sequential in time, parallel over channels,
+  memory linear in B·L·D_i), used on CUDA through the kernel dispatch (`elleci.kernels.use_backend`).
 
 Differences from the original, each deliberate:
 1. The inference cache holds the conv window (last d_conv-1 pre-conv inputs) and the previous input u
@@ -39,6 +41,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..kernels.dispatch import resolve_backend
+from ..kernels.scan import selective_scan
 
 
 # ---- the recurrence ---------------------------------------------------------------------------
@@ -235,6 +240,8 @@ class Mamba2Mixer(nn.Module):
             if L == 1 and cache is not None:
                 y, h = ssm_step(h0, *(t[:, 0] if t.dim() == 3 else t for t in args[:6]))
                 y = y[:, None]
+            elif resolve_backend(x_conv) == "triton":              # the kernel: bf16 operands, fp32 state
+                y, h = selective_scan(x_conv, dt, A, Bm, Cm, D, None if h0 is None else h0.float())
             else:
                 y, h = ssm_scan_chunked(*args, chunk_size=self.chunk_size)
         y = y.to(x_conv.dtype)
@@ -244,4 +251,3 @@ class Mamba2Mixer(nn.Module):
             cache.conv = xc[..., xc.shape[-1] - (K - 1):]          # last K-1 inputs (none if K = 1)
             cache.prev_u = u[:, -1]                                  # the last position is real (left padding)
         return self.out_proj(self.norm(y * F.silu(z)))
-
