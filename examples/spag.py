@@ -203,8 +203,9 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
 def _load(model, state: dict) -> None:
     """Copy a `trainable_state` into the model for good."""
     params = dict(model.named_parameters())
-    for n, t in state.items():
-        params[n].data.copy_(t)
+    with torch.no_grad():                       # copy_ (not .data.copy_): bumps the version BitLinear caches on
+        for n, t in state.items():
+            params[n].copy_(t)
 
 
 def _show(games) -> list[dict]:

@@ -1,4 +1,5 @@
 import json
+import math
 
 import torch
 
@@ -92,3 +93,47 @@ def test_merge_quick_prints_every_method_for_both_tasks(load_example, tmp_path, 
     assert json.loads((tmp_path / "results.json").read_text())["results"]["0"].keys() == rows.keys()
     again = load_example("merge").main(["--quick", "--cache", "", "--out", str(tmp_path)])[0]     # reused, same order
     assert "results loaded from" in capsys.readouterr().out and list(again) == list(rows)
+
+
+def test_bench_model_quick_cpu_table_has_every_row_with_positive_finite_numbers(load_example, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    result = load_example("bench_model").main(["--preset", "tiny", "--device", "cpu", "--seq", "64", "--batches", "2",
+                                               "--steps", "2", "--json", str(out)])
+    printed = capsys.readouterr().out
+    rows = [line for line in printed.splitlines() if line.startswith("| ") and not line.startswith("| batch")]
+    labels = [line.split("|")[1].strip() for line in rows]
+    assert labels == ["2 × 64", "2 × 64", "2 × 64", "1", "16", "64"]       # train off/on, prefill, decode 1/16/64
+    assert [line.split("|")[2].strip() for line in rows[:2]] == ["off", "on"]
+    for line in rows:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        numbers = [float(c.replace(",", "").rstrip("%")) for c in cells if c not in ("on", "off") and "×" not in c]
+        assert numbers and all(math.isfinite(v) and v > 0 for v in numbers), line
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert [r["checkpointing"] for r in result["train"]] == [False, True]
+    assert [r["batch"] for r in result["decode"]] == [1, 16, 64]
+    assert result["decode"][1]["bound_tok_s"] == min(16 * result["decode"][0]["bound_tok_s"],
+                                                     result["prefill"][0]["bound_tok_s"])
+
+
+def test_bench_model_bounds_hand_computed(load_example):
+    bench = load_example("bench_model")
+    # 1 PFLOP/s and 1e9 parameters: training 1e15 / 6e9, forward 1e15 / 2e9 tokens/s
+    assert math.isclose(bench.training_bound(1e15, 10**9), 166_666.666_666_7)
+    assert math.isclose(bench.forward_bound(1e15, 10**9), 500_000.0)
+    # 3 TB/s over 2 GB of bf16 weights: 1,500 weight reads a second, one token per row each
+    assert math.isclose(bench.decode_bound(3e12, 2 * 10**9, 1, 1e15, 10**9), 1_500.0)
+    assert math.isclose(bench.decode_bound(3e12, 2 * 10**9, 64, 1e15, 10**9), 96_000.0)
+    assert math.isclose(bench.decode_bound(3e12, 2 * 10**9, 1024, 1e15, 10**9), 500_000.0)   # compute-capped
+
+
+def test_bench_model_prints_oom_per_configuration(load_example, monkeypatch, capsys):
+    bench = load_example("bench_model")
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+    monkeypatch.setattr(bench, "sequence_logprobs", out_of_memory)
+    result = bench.main(["--preset", "tiny", "--device", "cpu", "--seq", "16", "--batches", "1", "2", "--steps", "1",
+                         "--warmup", "0", "--no-decode"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and " × 16 |" in line]
+    assert len(rows) == 4 and all(line.count("OOM") == 4 for line in rows)
+    assert all(r["tok_s"] is None and r["bound_tok_s"] > 0 for r in result["train"]) and "decode" not in result

@@ -11,8 +11,8 @@ from torch import nn
 
 from elleci.data import TokenBatches
 from elleci.train import (MetricLogger, Throughput, accumulate_gradients, autocast, cosine_lr, constant_lr,
-                          load_checkpoint, make_optimizer, make_scheduler, optimizer_step, param_groups,
-                          save_checkpoint, wsd_lr)
+                          load_checkpoint, make_optimizer, make_scheduler, maybe_compile, optimizer_step,
+                          param_groups, save_checkpoint, wsd_lr)
 
 V = 29  # toy vocabulary
 
@@ -188,6 +188,30 @@ def test_autocast_is_noop_on_cpu():
     with autocast("cpu"):
         out = nn.Linear(3, 3)(torch.randn(2, 3))
     assert out.dtype == torch.float32
+
+
+def test_maybe_compile_off_is_a_no_op():
+    from elleci.model import ElleciConfig, ElleciLM
+    model = ElleciLM(ElleciConfig.from_name("tiny"))
+    assert maybe_compile(model) is model and maybe_compile(model, enabled=False) is model
+    assert all(m._compiled_call_impl is None for m in model.modules())
+
+
+def test_maybe_compile_on_compiles_each_block_in_place_same_outputs():
+    from elleci.model import ElleciConfig, ElleciLM
+    torch.manual_seed(0)
+    model = ElleciLM(ElleciConfig.from_name("tiny")).train()
+    ids = torch.randint(0, 512, (2, 16))
+    ref = model(ids)
+    # backend="eager": Dynamo traces the blocks but nothing is code-generated (inductor on this CPU: ~80 s)
+    assert maybe_compile(model, enabled=True, backend="eager") is model
+    assert all(blk._compiled_call_impl is not None for blk in model.blocks)
+    assert model.lm_head._compiled_call_impl is None
+    out = model(ids)
+    out.float().mean().backward()
+    assert torch.equal(out, ref) and model.blocks[0].ffn.w1.weight.grad is not None
+    toy = Toy()
+    assert maybe_compile(toy, enabled=True, backend="eager") is toy and toy._compiled_call_impl is not None
 
 
 # ---------------------------------------------------------------------------------------------- resume

@@ -7,14 +7,18 @@ All follow the original code exactly (specs/elleci_original_model.md §2.3-2.5, 
              Computed on the fly in fp32 for the positions asked (no table, no sticky dtype: this fixes
              the original's cache whose dtype was fixed by the first call).
 * BitLinear: internal RMSNorm (eps 1e-5, learnable), 8-bit absmax activations per token, absmean
-             ternary weights per tensor, both with straight-through gradients.
+             ternary weights per tensor, both with straight-through gradients. The weight's quantisation
+             is cached while the weight is unchanged (see `BitLinear`); values and gradients are the same.
 * SwiGLU:    w3(silu(w1 x) * w2 x), all three BitLinear, hidden = 256 * ceil(int(8d/3) / 256).
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 class RMSNorm(nn.Module):
@@ -83,18 +87,53 @@ def _straight_through(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
     return x + (x_q - x).detach()
 
 
+def ternary_offset(w: torch.Tensor) -> torch.Tensor:
+    """(Q_w(W) - W).detach() in W's dtype: what the straight-through estimator adds to W.
+
+    Quantised in fp32 whatever W's dtype: γ = mean|W| rounded to bf16 is not the fp32 γ, and which
+    weights round to 0 or ±1 depends on it, so quantising bf16 weights in bf16 would change the model.
+    (For fp32 master weights, the usual training set-up, fp32 *is* the weight's dtype.)
+    """
+    with torch.no_grad():
+        qw, gamma = quantize_weights(w)
+        return (qw * gamma).to(w.dtype) - w
+
+
+def _cacheable(w: torch.Tensor) -> bool:
+    """A plain eager tensor whose version counter and storage say when it changes."""
+    return (type(w) in (torch.Tensor, nn.Parameter) and not w.is_inference() and w.device.type != "meta"
+            and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(w))
+
+
 class BitLinear(nn.Linear):
     """BitNet b1.58 linear layer (bias-free) as in the original `BitLinear`.
 
         x̃ = RMSNorm_g(x)                          # internal norm, eps 1e-5, in fp32, back to x.dtype
         y = F.linear(Q_a(x̃), Q_w(W))              # Q_a: 8-bit absmax per token, Q_w: ternary absmean
     Both quantisers use straight-through gradients, so dy/dx̃ and dy/dW are those of an ordinary
-    linear layer evaluated at the quantised values. Weights are re-quantised on every call.
+    linear layer evaluated at the quantised values.
+
+    Weight cache. Q_w(W) with its straight-through gradient is W + Δ, Δ = (Q_w(W) - W).detach(). Δ depends
+    on W alone, so it is computed once and reused while W is unchanged (across gradient-accumulation
+    micro-steps, the recompute of gradient checkpointing, and every decoding step); the addition W + Δ
+    runs on every call, so the gradient reaches W exactly as without the cache (tests check bit equality
+    of outputs and gradients). Δ is recomputed when W's version counter (bumped by every in-place write:
+    optimizer updates, `load_state_dict`, `copy_` under no_grad), its storage or the Parameter object
+    change. Fused optimizers write without bumping the counter, so a global optimizer step hook bumps it
+    for every parameter an optimizer holds (`_bump_optimizer_params`). Writes through `.data` or a
+    custom kernel are invisible: call `invalidate_weight_caches(model)` after them.
+    Memory: one weight-sized tensor per layer in the weight's dtype (3.3 GB for elleci-v1 in fp32,
+    1.7 GB in bf16). `BitLinear.cache_weights = False` (class-wide, or on one layer) turns it off.
+    Not used under torch.compile (which fuses the quantisation), under torch.func transforms or for
+    inference-mode weights.
     """
+
+    cache_weights: bool = True
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.rms_norm = RMSNorm(in_features, eps=1e-5)
+        self._weight_cache: tuple | None = None          # (weakref to W, (version, data_ptr), Δ)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """The internal RMSNorm: the input every quantised matmul (and a LoRA adapter) sees."""
@@ -102,17 +141,70 @@ class BitLinear(nn.Linear):
         w = self.rms_norm.weight
         return F.rms_norm(x.float(), w.shape, w.float(), self.rms_norm.eps).to(x.dtype)
 
+    def weight_offset(self) -> torch.Tensor:
+        """Δ = (Q_w(W) - W).detach(), from the cache when W has not changed since it was computed."""
+        w = self.weight
+        if not (self.cache_weights and _cacheable(w)):
+            return ternary_offset(w)
+        key = (w._version, w.data_ptr())
+        cached = self._weight_cache
+        if cached is not None and cached[0]() is w and cached[1] == key:
+            return cached[2]
+        with torch.inference_mode(False):                 # a normal tensor, usable outside inference mode
+            delta = ternary_offset(w)
+        self._weight_cache = (weakref.ref(w), key, delta)
+        return delta
+
+    def clear_weight_cache(self) -> None:
+        self._weight_cache = None
+
+    def quantized_weight(self) -> torch.Tensor:
+        """Q_w(W) = W + Δ: the value of the ternary weight, the gradient of W (straight-through)."""
+        return self.weight + self.weight_offset()
+
     def quantized_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q_a(x̃), Q_w(W)): the two operands of the matmul, dequantised, with straight-through gradients."""
         x = self.normalize(x)
         q, s = quantize_activations(x)
         x_q = _straight_through(x, (q / s).to(x.dtype))
-        qw, gamma = quantize_weights(self.weight)
-        w_q = _straight_through(self.weight, (qw * gamma).to(self.weight.dtype))
-        return x_q, w_q
+        return x_q, self.quantized_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(*self.quantized_operands(x))
+
+    def _apply(self, fn, *args, **kwargs):             # .to(), .cuda(), .half(): drop the old Δ now
+        self._weight_cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):                            # deepcopy / pickle: the cache is not state
+        return {**self.__dict__, "_weight_cache": None}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_weight_cache", None)
+
+
+def invalidate_weight_caches(module: nn.Module) -> None:
+    """Drop the cached weight quantisation of every BitLinear in `module` (needed only after writing
+    weights behind autograd's back, e.g. through `.data` or a custom kernel)."""
+    for m in module.modules():
+        if isinstance(m, BitLinear):
+            m.clear_weight_cache()
+
+
+def _bump_optimizer_params(optimizer, args, kwargs) -> None:
+    """Global optimizer step post-hook: mark every parameter the optimizer holds as modified in place.
+
+    Non-fused optimizers already bump the version counters; fused ones (`AdamW(fused=True)`, the default
+    of `elleci.train.make_optimizer` on CUDA) do not, and BitLinear's cache keys on that counter.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not p.is_inference():
+                torch.autograd.graph.increment_version(p)     # one tensor a call: torch 2.4's signature
+
+
+register_optimizer_step_post_hook(_bump_optimizer_params)
 
 
 class SwiGLU(nn.Module):

@@ -1,0 +1,165 @@
+"""BitLinear's cached weight quantisation: same bits as recomputing it, recomputed whenever W changes."""
+import copy
+
+import pytest
+import torch
+
+import elleci.model.layers as layers
+from elleci.model import BitLinear, ElleciConfig, ElleciLM
+from elleci.model.layers import invalidate_weight_caches
+from elleci.model.lora import LoraConfig, apply_lora, mark_only_lora_trainable
+
+
+@pytest.fixture
+def count_quantisations(monkeypatch):
+    """Counts calls of `ternary_offset` (one per full quantisation of a weight)."""
+    calls = []
+    real = layers.ternary_offset
+    monkeypatch.setattr(layers, "ternary_offset", lambda w: calls.append(w) or real(w))
+    return calls
+
+
+@pytest.fixture
+def no_cache():
+    """A context manager that turns the cache off class-wide."""
+    class Off:
+        def __enter__(self):
+            BitLinear.cache_weights = False
+
+        def __exit__(self, *exc):
+            BitLinear.cache_weights = True
+    return Off
+
+
+def _layer_step(layer, x):
+    x = x.detach().clone().requires_grad_()
+    layer.zero_grad(set_to_none=True)
+    y = layer(x)
+    y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+    return y.detach(), x.grad, layer.weight.grad.clone(), layer.rms_norm.weight.grad.clone()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cached_outputs_and_gradients_are_bitwise_the_uncached_ones(dtype, no_cache):
+    torch.manual_seed(0)
+    layer, x = BitLinear(48, 20).to(dtype), torch.randn(3, 5, 48, dtype=dtype)
+    with no_cache():
+        ref = _layer_step(layer, x)
+    miss, hit = _layer_step(layer, x), _layer_step(layer, x)     # computes the offset, then reuses it
+    for a, b, c in zip(ref, miss, hit):
+        assert a.dtype == b.dtype and torch.equal(a, b) and torch.equal(a, c)
+    # the straight-through definition: value Q_w(W), gradient of W
+    qw, gamma = layers.quantize_weights(layer.weight)
+    w_q = layer.quantized_weight()
+    assert w_q.grad_fn is not None
+    assert torch.equal(w_q.detach(), layer.weight.detach() + ((qw * gamma).to(dtype) - layer.weight.detach()))
+
+
+def _model_grads(model, batches):
+    model.zero_grad(set_to_none=True)
+    for ids in batches:                                     # gradient accumulation over micro-batches
+        model(ids).float().logsumexp(-1).mean().backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_model_with_checkpointing_and_accumulation_computes_each_weight_once(count_quantisations, no_cache):
+    torch.manual_seed(0)
+    model = ElleciLM(ElleciConfig.from_name("tiny", gradient_checkpointing=True)).train()
+    n_bit = sum(isinstance(m, BitLinear) for m in model.modules())
+    batches = [torch.randint(0, 512, (2, 12)) for _ in range(3)]
+    with no_cache():
+        ref = _model_grads(model, batches)
+    count_quantisations.clear()
+    got = _model_grads(model, batches)
+    # uncached: 3 micro-batches x (forward + checkpoint recompute) per layer; cached: once per layer
+    assert len(count_quantisations) == n_bit
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+
+
+@pytest.mark.parametrize("opt_kwargs", [dict(foreach=False), dict(foreach=True), dict(fused=True)])
+def test_optimizer_step_invalidates_the_cache(opt_kwargs, count_quantisations, no_cache):
+    torch.manual_seed(0)
+    layer, x = BitLinear(32, 16), torch.randn(4, 32)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.05, **opt_kwargs)
+    for step in range(3):
+        count_quantisations.clear()
+        y, *_ = _layer_step(layer, x)
+        _layer_step(layer, x)
+        assert len(count_quantisations) == 1                  # recomputed once after every update
+        with no_cache():
+            assert torch.equal(y, _layer_step(layer, x)[0])  # and equal to a fresh quantisation
+        opt.step()
+
+
+def test_load_state_dict_invalidates_the_cache(no_cache):
+    torch.manual_seed(0)
+    model, other = ElleciLM(ElleciConfig.from_name("tiny")), ElleciLM(ElleciConfig.from_name("tiny"))
+    ids = torch.randint(0, 512, (2, 10))
+    with torch.no_grad():
+        model(ids)                                            # fills the caches with model's own weights
+        expected = other(ids)
+        model.load_state_dict(other.state_dict())             # copy_ into the same tensors
+        assert torch.equal(model(ids), expected)
+        fresh = ElleciLM(ElleciConfig.from_name("tiny"))
+        model.load_state_dict(fresh.state_dict(), assign=True)   # new Parameter objects
+        with no_cache():
+            expected = fresh(ids)
+        assert torch.equal(model(ids), expected)
+
+
+def test_no_grad_and_inference_mode_fill_a_cache_usable_for_training(no_cache, count_quantisations):
+    torch.manual_seed(0)
+    layer, x = BitLinear(24, 8), torch.randn(5, 24)
+    with no_cache():
+        ref = _layer_step(layer, x)
+    count_quantisations.clear()
+    with torch.inference_mode():
+        y_inf = layer(x)
+    with torch.no_grad():
+        y_ng = layer(x)
+    got = _layer_step(layer, x)                               # training on the offset cached in inference mode
+    assert len(count_quantisations) == 1
+    assert torch.equal(y_inf, ref[0]) and torch.equal(y_ng, ref[0])
+    assert all(torch.equal(a, b) for a, b in zip(ref, got))
+
+
+def test_lora_on_bitlinear_same_gradients_and_frozen_base_quantised_once(count_quantisations, no_cache):
+    torch.manual_seed(0)
+    model = ElleciLM(ElleciConfig.from_name("tiny"))
+    apply_lora(model, LoraConfig(r=4, lora_alpha=8, target_modules=["w1", "w2", "w3"], init_lora_weights=False))
+    mark_only_lora_trainable(model)
+    n_bit = sum(isinstance(m, BitLinear) for m in model.modules())
+    batches = [torch.randint(0, 512, (2, 9))]
+    with no_cache():
+        ref = _model_grads(model, batches)
+    count_quantisations.clear()
+    got = _model_grads(model, batches)
+    assert ref.keys() == got.keys() and all(torch.equal(ref[k], got[k]) for k in ref)
+    assert all("lora_" in k for k in got)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    opt.step()                                                # updates the adapters only
+    _model_grads(model, batches)
+    assert len(count_quantisations) == n_bit                  # the frozen bases were never re-quantised
+
+
+def test_writes_through_data_need_an_explicit_invalidation(no_cache):
+    torch.manual_seed(0)
+    layer, x = BitLinear(16, 8), torch.randn(3, 16)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.data.mul_(-1)                            # bypasses the version counter
+        invalidate_weight_caches(layer)
+        with no_cache():
+            expected = layer(x)
+        assert torch.equal(layer(x), expected)
+
+
+def test_cache_is_not_state_and_follows_dtype_and_copies():
+    torch.manual_seed(0)
+    layer, x = BitLinear(16, 8), torch.randn(3, 16)
+    layer(x)
+    assert layer._weight_cache is not None and set(layer.state_dict()) == {"weight", "rms_norm.weight"}
+    assert copy.deepcopy(layer)._weight_cache is None
+    layer.to(torch.bfloat16)
+    assert layer._weight_cache is None
+    assert layer(x.bfloat16()).dtype == torch.bfloat16 and layer._weight_cache[2].dtype == torch.bfloat16
