@@ -4,9 +4,11 @@
     model = ElleciLM(ElleciConfig.from_name("tiny"))
     logits = model(input_ids)                       # [B, L, vocab]
     model = load_original("elleci_v1_final.pth")    # the original checkpoint, same logits
+    out = model.generate(prompts, 64, static=True)  # static-cache decoder (CUDA graphs on GPU), see decode.py
 """
 from .checkpoint import from_pretrained, load_original, save_pretrained
 from .config import PRESETS, ElleciConfig
+from .decode import StaticCache, StaticDecoder, generate_static
 from .generation import generate, sample_next
 from .layers import BitLinear, RMSNorm, SwiGLU
 from .lm import Block, ElleciLM, InferenceCache
@@ -16,4 +18,5 @@ from .tokenizer import Tokenizer
 
 __all__ = ["ElleciConfig", "PRESETS", "ElleciLM", "Block", "InferenceCache", "RMSNorm", "BitLinear", "SwiGLU",
            "Mamba2Mixer", "MLAMixer", "ssm_scan_ref", "ssm_scan_chunked", "generate", "sample_next",
+           "generate_static", "StaticDecoder", "StaticCache",
            "save_pretrained", "from_pretrained", "load_original", "Tokenizer"]

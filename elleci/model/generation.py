@@ -8,6 +8,9 @@ what it would get alone (up to float rounding).
     # out: [2, 3 + n] = left-padded prompts followed by the n ≤ 20 new tokens; after a row's EOS,
     # its remaining positions hold pad_token_id.
 
+`elleci.model.decode` has the same contract with a static cache (preallocated buffers, CUDA graphs) for
+fast decoding; this dynamic-cache loop stays the reference (`ElleciLM.generate(..., static=True)` switches).
+
 Differences from the original `generate`: EOS stop and top-p exist; the model is put in eval mode
 for the call (and restored); there is no max_seq_len truncation (RoPE is computed for any position).
 """
@@ -45,6 +48,12 @@ def left_pad(input_ids, attention_mask=None, pad_token_id: int = 0, device=None)
         ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[i, T - len(r):] = True
     return ids.to(device), mask.to(device)
+
+
+def eos_and_pad(eos_token_id: int | Sequence[int] | None, pad_token_id: int | None) -> tuple[list[int], int]:
+    """(EOS ids as a list, the pad id): pad defaults to the first EOS id, else 0."""
+    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    return eos, pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -87,8 +96,7 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 1.
     Returns [B, T_prompt + n] (left-padded prompts, then new tokens), n ≤ max_new_tokens.
     """
     device = next(model.parameters()).device
-    eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    eos, pad = eos_and_pad(eos_token_id, pad_token_id)
     ids, mask = left_pad(input_ids, attention_mask, pad, device)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     was_training = model.training

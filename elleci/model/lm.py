@@ -51,6 +51,18 @@ class Block(nn.Module):
         x = x + self.dropout(h)
         return x + self.dropout(self.ffn(self.norm2(x)))
 
+    def step(self, x, state, position, column, key_mask):
+        """One token per row (x [B, 1, d]) against preallocated state, updated in place; the maths of
+        `forward`. state: the layer's `MambaCache` or `MLAStaticCache`; position [B], column [1] and
+        key_mask [B, T_max] as in `MLAMixer.step` (see `elleci.model.decode`)."""
+        h = self.norm1(x)
+        if self.kind == "M":
+            h = self.attn.step(h, state)
+        else:
+            h = self.attn.step(h, state, position, column, key_mask)
+        x = x + self.dropout(h)
+        return x + self.dropout(self.ffn(self.norm2(x)))
+
 
 class InferenceCache:
     """Per-layer decoding state (Mamba: state + conv window + previous input; MLA: latents) and the
@@ -145,8 +157,16 @@ class ElleciLM(nn.Module):
         return InferenceCache(self, batch)
 
     # ---- conveniences (implemented in their own modules) ------------------------------------
-    def generate(self, input_ids, max_new_tokens: int = 32, **kwargs) -> torch.Tensor:
-        """Sample continuations; see `elleci.model.generation.generate` for every argument."""
+    def generate(self, input_ids, max_new_tokens: int = 32, *, static: bool = False, **kwargs) -> torch.Tensor:
+        """Sample continuations; see `elleci.model.generation.generate` for every argument.
+
+        static=True uses the static-cache decoder instead (`elleci.model.decode.generate_static`: same
+        contract and outputs up to float rounding, plus `kv_mode`, `cuda_graph`, `eos_check_every`).
+        The default stays the dynamic-cache reference.
+        """
+        if static:
+            from .decode import generate_static
+            return generate_static(self, input_ids, max_new_tokens, **kwargs)
         from .generation import generate
         return generate(self, input_ids, max_new_tokens, **kwargs)
 

@@ -28,6 +28,7 @@ Differences from the original, each deliberate:
 1. The inference cache holds the conv window (last d_conv-1 pre-conv inputs) and the previous input u
    (for the gate's u_t - u_{t-1}) besides the SSM state, so token-by-token decoding equals the full
    forward. The original cached only the state (its decode was wrong after the first token).
+   `step` is the same one-token update written into preallocated state tensors (static-cache decoding).
 2. `pad_mask` (True = real token) keeps left padding out of the state, the conv window and u_{t-1}:
    a padded prompt gives exactly the state of the unpadded one.
 3. New models get the intended special inits after the generic init (see `ElleciLM.reset_parameters`):
@@ -251,3 +252,18 @@ class Mamba2Mixer(nn.Module):
             cache.conv = xc[..., xc.shape[-1] - (K - 1):]          # last K-1 inputs (none if K = 1)
             cache.prev_u = u[:, -1]                                  # the last position is real (left padding)
         return self.out_proj(self.norm(y * F.silu(z)))
+
+    def step(self, u: torch.Tensor, state: MambaCache) -> torch.Tensor:
+        """One token per row, u [B, 1, d] -> [B, 1, d], updating `state` IN PLACE (copy_).
+
+        The maths is `forward(u, cache=...)` with L = 1 (one `ssm_step` and a conv over the window), so
+        the bits are the same; the new conv window, SSM state and input are then copied into the
+        tensors `state` already holds, which keep their addresses (what a CUDA graph replays on).
+        """
+        new = MambaCache(state.conv, state.ssm, state.prev_u)
+        out = self.forward(u, cache=new)
+        state.conv.copy_(new.conv)                                   # [B, D_i, d_conv-1]
+        state.ssm.copy_(new.ssm)                                     # [B, D_i, N]
+        state.prev_u.copy_(new.prev_u)                               # [B, d]
+        return out
+

@@ -11,6 +11,8 @@ Math (specs/elleci_original_model.md §2.8-2.9), x [B, L, d], H heads of width h
 
 There is no query compression, no latent norm and no decoupled RoPE; because RoPE follows the
 up-projection, K cannot be absorbed into the latent, so decoding re-expands the cached latent.
+`step` decodes one token against preallocated buffers (`MLAStaticCache`, see `elleci.model.decode`),
+either re-expanding the latent ("latent" mode) or reading K, V expanded once per token ("kv" mode).
 
 Differences from the original:
 1. RoPE positions are per sequence (`positions`), so left-padded prompts get the positions they
@@ -37,6 +39,19 @@ class MLACache:
     latent: torch.Tensor    # [B, T_past, r]
 
 
+@dataclass
+class MLAStaticCache:
+    """Preallocated decoding state of one MLA layer for `MLAMixer.step` (T_max columns, written in place).
+
+    "latent" mode sets `latent` and `key_pos` (K, V re-expanded from the latent at every step);
+    "kv" mode sets `k` and `v` (expanded and RoPE'd once, when their token is written).
+    """
+    latent: torch.Tensor | None = None   # [B, T_max, r]
+    key_pos: torch.Tensor | None = None  # [B, T_max] long: RoPE position of every cached key
+    k: torch.Tensor | None = None        # [B, H, T_max, hd], RoPE applied
+    v: torch.Tensor | None = None        # [B, H, T_max, hd]
+
+
 class MLAMixer(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -57,6 +72,50 @@ class MLAMixer(nn.Module):
 
     def empty_cache(self, batch: int, device, dtype) -> MLACache:
         return MLACache(latent=torch.zeros(batch, 0, self.w_kv_down.out_features, device=device, dtype=dtype))
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """c = W_down x (⊙ sigmoid(W_g x) with the V2 gate): [B, L, d] -> [B, L, r]. Same ops as `forward`."""
+        c = self.w_kv_down(x)
+        if self.latent_gate:
+            c = c * self.embed_gate(x)
+        return c
+
+    def expand_kv(self, c: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[k; v] = W_up c, k <- RoPE(k): c [B, T, r], positions [B, T] -> k, v [B, H, T, hd]. Same ops as `forward`."""
+        Bsz, T, _ = c.shape
+        k, v = self.w_kv_up(c).view(Bsz, T, 2, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        cos, sin = rope_cos_sin(positions, self.head_dim, self.rope_base)
+        return apply_rope(k, cos, sin), v
+
+    def step(self, x: torch.Tensor, cache: MLAStaticCache, position: torch.Tensor, column: torch.Tensor,
+             key_mask: torch.Tensor) -> torch.Tensor:
+        """One new token per row against preallocated buffers; writes its latent (or K, V) at `column`.
+
+        x: [B, 1, d]; position: [B] long, the token's RoPE position in its row; column: [1] long, the
+        buffer column it is written to (a device tensor, so a CUDA graph can replay the step);
+        key_mask: [B, T_max] bool, True = a real key (must already include `column`).
+        Attention runs over all T_max columns, the invalid ones masked out (their buffers hold finite
+        values, so masked weights are exact zeros). Per-step cost: see `elleci.model.decode`.
+        """
+        Bsz, _, d = x.shape
+        H, hd = self.n_heads, self.head_dim
+        c = self.latent(x)                                                  # [B, 1, r]
+        q = self.w_q(x).view(Bsz, 1, H, hd).transpose(1, 2)                 # [B, H, 1, hd]
+        cos, sin = rope_cos_sin(position[:, None], hd, self.rope_base)     # [B, 1, hd]
+        q = apply_rope(q, cos, sin)
+        if cache.k is not None:                                             # "kv": expand this token only
+            k_new, v_new = self.w_kv_up(c).view(Bsz, 1, 2, H, hd).permute(2, 0, 3, 1, 4)
+            cache.k.index_copy_(2, column, apply_rope(k_new, cos, sin).to(cache.k.dtype))
+            cache.v.index_copy_(2, column, v_new.to(cache.v.dtype))
+            k, v = cache.k, cache.v                                         # [B, H, T_max, hd]
+        else:                                                               # "latent": re-expand every key
+            cache.latent.index_copy_(1, column, c.to(cache.latent.dtype))
+            cache.key_pos.index_copy_(1, column, position[:, None])
+            k, v = self.expand_kv(cache.latent.to(c.dtype), cache.key_pos)
+        scale = 1.0 / math.sqrt(hd)
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=key_mask[:, None, None, :],
+                                           scale=scale)                     # [B, H, 1, hd]
+        return self.w_out(o.transpose(1, 2).reshape(Bsz, 1, d))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None = None,
                 cache: MLACache | None = None) -> torch.Tensor:
