@@ -26,39 +26,13 @@ the table gives the decode rate as a fraction of that bound. `--baseline` adds t
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
+from elleci.bench import best_seconds, copy_bandwidth
 from elleci.model import ElleciConfig, ElleciLM, StaticDecoder
 
 DECODERS = ("generate", "static-kv", "static-latent", "static-kv-graph", "static-latent-graph")
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(fn, device: str, repeats: int = 1) -> float:
-    """Seconds per call (best of `repeats`) after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def copy_bandwidth(device: str, mib: int = 1024) -> float:
-    """Measured bytes/s of a device copy (bytes read + bytes written per second)."""
-    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    t = timed(lambda: dst.copy_(src), device, repeats=5)
-    return 2 * src.numel() * src.element_size() / t
 
 
 @torch.no_grad()
@@ -115,11 +89,11 @@ def main(argv=None):
             bound = b * bw / weight_bytes
             reference = None
             if args.baseline:                                           # once per batch, shown on each row
-                uncached = b * args.new / timed(lambda: uncached_greedy(model, ids, args.new), args.device)
+                uncached = b * args.new / best_seconds(lambda: uncached_greedy(model, ids, args.new), args.device)
             for dname in decoders:
                 call = decoder_call(model, dname, ids, args.new, gen, sampling)
-                t_prefill = timed(lambda: call(1), args.device)
-                t_full = timed(lambda: call(args.new), args.device)
+                t_prefill = best_seconds(lambda: call(1), args.device)
+                t_full = best_seconds(lambda: call(args.new), args.device)
                 decode = b * (args.new - 1) / max(t_full - t_prefill, 1e-9)
                 reference = decode if dname == "generate" else reference
                 row = dict(preset=name, batch=b, decoder=dname, prefill_ms=1e3 * t_prefill, decode_tok_s=decode,

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
+from elleci.bench import extra_mib, median_ms
 from elleci.kernels import use_backend
 from elleci.kernels.dispatch import triton_available
 from elleci.kernels.logprobs import token_logprobs, token_logprobs_ref
@@ -54,39 +54,6 @@ def liger_method():
         return None
     loss = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="none")
     return lambda h, w, y: -loss(w, h, y)
-
-
-def timer(device, reps, warmup):
-    """Median milliseconds of fn() over reps calls."""
-    def run(fn):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append(1e3 * (time.perf_counter() - t))
-        return statistics.median(times)
-    return run
-
-
-def extra_mib(device, fn):
-    if device != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def dpo_step_memory(device: str, tiny: bool, seq_len: int = 1024) -> None:
@@ -156,7 +123,7 @@ def main(argv=None):
     w = (torch.randn(V, D, device=device, dtype=dtype) / D**0.5).requires_grad_()
     y = torch.randint(0, V, (T,), device=device)
     g = torch.randn(T, device=device)
-    time_ms = timer(device, args.reps, warmup=1 if args.tiny else 3)
+    time_ms = partial(median_ms, device=device, reps=args.reps, warmup=1 if args.tiny else 3)
 
     methods = {"unfused PyTorch": unfused, "chunked reference": token_logprobs_ref}
     if triton_available() and (device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"):

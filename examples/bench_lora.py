@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 SHAPES = [(2048, 2048), (2048, 5632), (5632, 2048)]   # (d_in, d_out): attention/mixer, FFN up, FFN down
 
@@ -51,31 +49,15 @@ def make_variants(F, torch, lora_linear):
     return {"base": base, "peft": peft, "addmm": addmm, "elleci": elleci}
 
 
-def time_ms(torch, fn, args, dy, reps, warmup, cuda):
-    """Median wall time of fn(*args).backward(dy) in ms."""
+def lora_step(fn, args, dy):
+    """One timed unit: fn(*args).backward(dy), the gradients of x, A and B cleared first."""
     x, w, a, b, s = args
 
     def step():
         for t in (x, a, b):
             t.grad = None
         fn(x, w, a, b, s).backward(dy)
-
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return step
 
 
 def main(argv=None):
@@ -85,6 +67,7 @@ def main(argv=None):
     import torch
     import torch.nn.functional as F
 
+    from elleci.bench import median_ms                 # imported after TRITON_INTERPRET is set (--smoke)
     from elleci.kernels import lora_linear, use_backend
 
     cuda = torch.cuda.is_available() and not args.smoke
@@ -110,7 +93,7 @@ def main(argv=None):
             b = (torch.randn(d_out, r, device=device, dtype=dtype, generator=g) / r ** 0.5).requires_grad_()
             call = (x, w, a, b, args.scaling)
             with use_backend("triton"):
-                ms = {k: time_ms(torch, fn, call, dy, args.reps, args.warmup, cuda) for k, fn in variants.items()}
+                ms = {k: median_ms(lora_step(fn, call, dy), device, args.reps, args.warmup) for k, fn in variants.items()}
             ratio = {k: ms[k] / ms["base"] for k in ms}
             print(f"| {d_in}→{d_out} | {r} | {ms['base']:.3f} | {ms['peft']:.3f} | {ms['addmm']:.3f} | "
                   f"{ms['elleci']:.3f} | {ratio['peft']:.2f}× | {ratio['addmm']:.2f}× | {ratio['elleci']:.2f}× |")

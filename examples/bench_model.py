@@ -27,7 +27,6 @@ import argparse
 import gc
 import inspect
 import json
-import math
 import resource
 import statistics
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 import torch
 
 from elleci.algos.logprobs import sequence_logprobs
+from elleci.bench import best_seconds, copy_bandwidth, matmul_rate, sync
 from elleci.model import ElleciConfig, ElleciLM
 from elleci.train import make_optimizer, maybe_compile, optimizer_step
 
@@ -58,38 +58,6 @@ def decode_bound(bytes_per_s: float, weight_bytes: int, batch: int, flops_per_s:
 
 
 # ---- measurement helpers ------------------------------------------------------------------------
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def best_seconds(fn, device: torch.device, repeats: int) -> float:
-    """Best wall time of `repeats` calls after one warm-up call."""
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int) -> float:
-    """FLOP/s of an n × n × n matmul."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    out = torch.empty(n, n, device=device, dtype=dtype)
-    return 2 * n**3 / best_seconds(lambda: torch.mm(a, b, out=out), device, repeats=10)
-
-
-def copy_bandwidth(device: torch.device, mib: int) -> float:
-    """Bytes/s of a device copy (bytes read + bytes written)."""
-    src = torch.empty(mib * 2**20 // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * src.element_size() / best_seconds(lambda: dst.copy_(src), device, repeats=10)
-
 
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":

@@ -20,11 +20,11 @@ method's. Prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from functools import partial
 
 import torch
 
+from elleci.bench import extra_mib, median_ms
 from elleci.kernels import selective_scan, selective_scan_ref, use_backend
 from elleci.kernels.dispatch import triton_available
 from elleci.model.mamba2 import ssm_scan_chunked
@@ -46,38 +46,6 @@ def make_inputs(b, L, c, N, device, dtype):
     dy = torch.randn(b, L, c, generator=g).to(device)
     dh = torch.randn(b, c, N, generator=g).to(device)
     return out, dy, dh
-
-
-def timer(device, reps, warmup):
-    def run(fn):
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(reps):
-            if device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t = time.perf_counter()
-                fn()
-                times.append(1e3 * (time.perf_counter() - t))
-        return statistics.median(times)
-    return run
-
-
-def extra_mib(device, fn):
-    if device != "cuda":
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
 def main(argv=None):
@@ -123,7 +91,7 @@ def main(argv=None):
 
     inputs, dy, dh = make_inputs(b, L, c, N, device, dtype)
     leaves = list(inputs.values())
-    time_ms = timer(device, args.reps, warmup=2 if cuda else 1)
+    time_ms = partial(median_ms, device=device, reps=args.reps, warmup=2 if cuda else 1)
     name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"{name}, torch {torch.__version__}, b={b}, L={L}, c={c}, N={N}, median of {args.reps}\n")
     print("| method | fwd ms | fwd+bwd ms | extra MiB (fwd+bwd) | max abs y diff |")

@@ -1,0 +1,39 @@
+import math
+import time
+
+import torch
+
+from elleci.bench import best_seconds, copy_bandwidth, extra_mib, matmul_rate, median_ms, sync
+
+
+def test_median_ms_of_a_5ms_sleep_is_about_5ms():
+    ms = median_ms(lambda: time.sleep(0.005), "cpu", reps=5, warmup=1)
+    assert 4.0 <= ms <= 50.0
+
+
+def test_median_ms_runs_warmup_then_reps():
+    calls = []
+    median_ms(lambda: calls.append(1), torch.device("cpu"), reps=3, warmup=2)
+    assert len(calls) == 5
+
+
+def test_best_seconds_warms_up_once_then_takes_the_best_of_repeats():
+    calls = []
+    t = best_seconds(lambda: calls.append(time.sleep(0.001)), "cpu", repeats=4)
+    assert len(calls) == 5
+    assert 0.0009 <= t < 1.0
+
+
+def test_extra_mib_is_nan_off_cuda_and_does_not_call_fn():
+    calls = []
+    assert math.isnan(extra_mib("cpu", lambda: calls.append(1)))
+    assert math.isnan(extra_mib(torch.device("cpu"), lambda: calls.append(1)))
+    assert calls == []
+
+
+def test_rates_are_positive_and_finite_on_small_cpu_sizes():
+    sync("cpu")                                   # a no-op off CUDA
+    bw = copy_bandwidth("cpu", 4)
+    flops = matmul_rate(torch.device("cpu"), torch.float32, 64)
+    assert math.isfinite(bw) and bw > 0
+    assert math.isfinite(flops) and flops > 0
