@@ -29,7 +29,6 @@ import os
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from elleci.bench import extra_mib, median_ms
 from elleci.kernels import use_backend
