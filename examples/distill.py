@@ -34,7 +34,6 @@ embeddings of this base retrieve the question's passage 4% of the time (BM25: 75
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import shutil
 import statistics
@@ -47,6 +46,7 @@ from elleci.algos.distill_lm import LMAnswerer, LMJudge, LMQuestionGenerator
 from elleci.algos.distill_rules import OverlapJudge, keep_all, overlap_answerer
 from elleci.algos.retrieval import BM25Retriever, EmbeddingRetriever
 from elleci.tasks import documents, grounded_qa as gqa
+from elleci.tasks.grounded_base import QUICK_BASE, GroundedBaseConfig, cached_grounded_base
 from elleci.tasks.pipeline import seed_table
 
 ARMS = ("rule, no judge", "rule + rule judge", "LM, no judge", "LM + LM judge", "LM + rule judge",
@@ -84,13 +84,10 @@ def parse_args(argv=None):
 
 
 def grounded_qa_base(args, seed: int):
-    """The cached grounded-QA base of examples/rlaif_v.py for this seed (built there; --quick builds a tiny one)."""
-    spec = importlib.util.spec_from_file_location("example_rlaif_v", Path(__file__).with_name("rlaif_v.py"))
-    rv = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rv)
-    base_args = rv.parse_args(["--cache", args.cache, "--device", args.device] + (["--quick"] if args.quick else []))
-    train = gqa.make_items(base_args.n_train, seed=seed, people=base_args.people)
-    model, tok = rv.cached_base(base_args, seed, train)
+    """The grounded-QA base of examples/rlaif_v.py for this seed (cached; --quick builds a tiny one)."""
+    cfg = GroundedBaseConfig(**(QUICK_BASE if args.quick else {}))
+    train = gqa.make_items(cfg.n_train, seed=seed, people=cfg.people)
+    model, tok = cached_grounded_base(cfg, seed, train, args.cache or None, args.device)
     return model.eval(), tok
 
 

@@ -7,9 +7,9 @@ the pairs this gives is meant to lower hallucination (Yu et al., arXiv 2405.1722
     python examples/rlaif_v.py --quick                        # seconds-long smoke run (tests)
 
 Per seed:
-  base       a small Elleci pretrained on `grounded_qa.pretraining_texts` (passage, question, answer and a
-             yes/no check in plain text; one text per row, so a passage is never cut from its question),
-             cached under --cache by its settings. Defaults from a scratch study (seed 0): attention-only
+  base       a small Elleci pretrained on `grounded_qa.pretraining_texts` (`elleci.tasks.grounded_base`:
+             passage, question, answer and a yes/no check in plain text; one text per row, so a passage is
+             never cut from its question), cached under --cache by its settings. Defaults from a scratch study (seed 0): attention-only
              layers ("A") and one person per passage (the pipeline's hybrid MMMA d128 base, after SFT, answered
              1.5% of held-out questions right: it could not read the passage).
   SFT        LoRA on `sft_examples(p_hallucinate)` (the asked fact plus one extra claim, made up with
@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
-import json
 import random
 import re
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -49,18 +48,15 @@ from elleci.algos.loop import sample_batches, train_loop
 from elleci.algos.preference import collate_fn, encode_pairs, pairwise_step, precompute_reference
 from elleci.algos.sampling import sample_responses
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
-from elleci.model import ElleciConfig, ElleciLM, Tokenizer
 from elleci.model.lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from elleci.tasks import grounded_qa as gqa
-from elleci.tasks.pipeline import build_tokenizer, seed_table
+from elleci.tasks.grounded_base import QUICK_BASE, GroundedBaseConfig, cached_grounded_base
+from elleci.tasks.pipeline import seed_table
 
 ARMS = ("self-feedback", "oracle labeler", "SFT control")
-QUICK = dict(n_train=60, n_test=8, vocab_size=384, d_model=32, n_layers=2, pretrain_steps=3, batch_size=4,
-             sft_steps=2, prompts=4, k=2, dpo_steps=2, dpo_batch_size=2, max_new_tokens=8, best_of=2, log_every=1)
+QUICK = dict(**QUICK_BASE, n_test=8, sft_steps=2, prompts=4, k=2, dpo_steps=2, dpo_batch_size=2, max_new_tokens=8,
+             best_of=2, log_every=1)
 """Overrides of --quick: a seconds-long smoke run of every stage (the test)."""
-BASE_FIELDS = ("n_train", "people", "layout", "d_model", "n_layers", "vocab_size", "pretrain_steps", "pretrain_lr",
-               "batch_size")
-"""The settings that determine a base (with the seed): the key of its cache directory."""
 TABLES = (("unsupported", "unsupported claims per answer (held-out; greedy unless said; lower is better)"),
           ("accuracy", "answer accuracy (held-out: the asked fact is among the answer's claims)"),
           ("labels", "labels: SFT yes/no accuracy on held-out claims; pairs kept per iteration and their precision "
@@ -68,18 +64,19 @@ TABLES = (("unsupported", "unsupported claims per answer (held-out; greedy unles
 
 
 def parse_args(argv=None):
+    BASE = GroundedBaseConfig()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--n-train", type=int, default=3000, help="training passages (pretraining, SFT, prompts)")
+    ap.add_argument("--n-train", type=int, default=BASE.n_train, help="training passages (pretraining, SFT, prompts)")
     ap.add_argument("--n-test", type=int, default=200, help="held-out passages")
-    ap.add_argument("--people", type=int, default=1, help="people per passage")
-    ap.add_argument("--layout", default="A", help="layer pattern: A = attention only, MMMA = the pipeline's hybrid")
-    ap.add_argument("--d-model", type=int, default=128)
-    ap.add_argument("--n-layers", type=int, default=4)
-    ap.add_argument("--vocab-size", type=int, default=512)
-    ap.add_argument("--pretrain-steps", type=int, default=1000)
-    ap.add_argument("--pretrain-lr", type=float, default=3e-3)
-    ap.add_argument("--batch-size", type=int, default=32, help="pretraining and SFT batch")
+    ap.add_argument("--people", type=int, default=BASE.people, help="people per passage")
+    ap.add_argument("--layout", default=BASE.layout, help="layer pattern: A = attention only, MMMA = the pipeline's hybrid")
+    ap.add_argument("--d-model", type=int, default=BASE.d_model)
+    ap.add_argument("--n-layers", type=int, default=BASE.n_layers)
+    ap.add_argument("--vocab-size", type=int, default=BASE.vocab_size)
+    ap.add_argument("--pretrain-steps", type=int, default=BASE.pretrain_steps)
+    ap.add_argument("--pretrain-lr", type=float, default=BASE.pretrain_lr)
+    ap.add_argument("--batch-size", type=int, default=BASE.batch_size, help="pretraining and SFT batch")
     ap.add_argument("--sft-steps", type=int, default=150)
     ap.add_argument("--sft-lr", type=float, default=3e-3)
     ap.add_argument("--p-hallucinate", type=float, default=0.3, help="made-up extra claims in the SFT answers")
@@ -105,29 +102,9 @@ def parse_args(argv=None):
     return args
 
 
-def cached_base(args, seed: int, train, print_fn=print) -> tuple[ElleciLM, Tokenizer]:
-    """Tokenizer + base pretrained on the training items' `pretraining_texts` (one text + EOS per row, every
-    token scored), saved under args.cache/grounded_qa-seed<s>-<hash> and loaded from there when present."""
-    fields = {"task": "grounded_qa", "seed": seed, **{k: getattr(args, k) for k in BASE_FIELDS}}
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
-    directory = Path(args.cache) / f"grounded_qa-seed{seed}-{digest}" if args.cache else None
-    if directory is not None and (directory / "cache.json").is_file():        # written last: the base is complete
-        print_fn(f"base: loaded from {directory}")
-        return ElleciLM.from_pretrained(directory).to(args.device), Tokenizer.load(directory)
-    texts = gqa.pretraining_texts(train, seed=seed)
-    tok = build_tokenizer(texts, args.vocab_size)
-    torch.manual_seed(seed)
-    config = ElleciConfig.from_name("small", d_model=args.d_model, n_layers=args.n_layers, vocab_size=tok.vocab_size,
-                                    layer_pattern=args.layout, n_heads=4, kv_lora_rank=32, mamba_heads=4)
-    model = ElleciLM(config).to(args.device)
-    rows = [(ids, ids) for ids in (tok.encode(t) + [tok.eos_id] for t in texts)]
-    train_loop(model, sample_batches(rows, args.batch_size, seed, sft_collate(tok.pad_id)), sft_step,
-               steps=args.pretrain_steps, lr=args.pretrain_lr, log_every=args.log_every, print_fn=print_fn)
-    if directory is not None:
-        model.save_pretrained(directory, tokenizer=tok)
-        write_json_atomic(directory / "cache.json", fields)
-        print_fn(f"base: saved to {directory}")
-    return model, tok
+def base_config(args) -> GroundedBaseConfig:
+    """The grounded-QA base settings of the command line (`elleci.tasks.grounded_base`)."""
+    return GroundedBaseConfig(**{f.name: getattr(args, f.name) for f in fields(GroundedBaseConfig)})
 
 
 class OracleLabeler(torch.nn.Module):
@@ -234,7 +211,8 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
     test = gqa.make_items(args.n_test, seed=seed + 1000, split="test", people=args.people)
     if args.prompts > len(train):
         raise ValueError(f"--prompts {args.prompts} > --n-train {len(train)}")
-    model, tok = cached_base(args, seed, train, print_fn=print_fn)
+    model, tok = cached_grounded_base(base_config(args), seed, train, args.cache or None, args.device,
+                                      args.log_every, print_fn=print_fn)
     out = Path(args.out) / f"seed{seed}"
     apply_lora(model, LoraConfig(r=16, lora_alpha=32.0, target_modules="all-linear"))
     conversations = (gqa.sft_examples(train, seed=seed, p_hallucinate=args.p_hallucinate)
