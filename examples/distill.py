@@ -34,9 +34,7 @@ embeddings of this base retrieve the question's passage 4% of the time (BM25: 75
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
-import statistics
 import time
 from pathlib import Path
 
@@ -131,32 +129,13 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
     return result
 
 
-def table(rows: list[dict]) -> str:
-    """`seed_table`, with the rows holding NaN (a precision over no kept triple) written here: "n/a" for that
-    seed, mean ± std over the other seeds."""
-    names = [k for k in rows[0] if k not in ("seed", "seconds")]
-    bad = [n for n in names if any(math.isnan(r[n]) for r in rows)]
-    if len(bad) < len(names):
-        text = seed_table([{k: v for k, v in r.items() if k not in bad} for r in rows])
-    else:
-        text = ("|  | " + " | ".join(f"seed {r['seed']}" for r in rows) + " | mean ± std |\n"
-                + "|---|" + "---|" * (len(rows) + 1))
-    for n in bad:
-        vals = [r[n] for r in rows if not math.isnan(r[n])]
-        cells = ["n/a" if math.isnan(r[n]) else f"{r[n]:.3f}" for r in rows]
-        summary = (f"{statistics.mean(vals):.3f} ± {statistics.stdev(vals) if len(vals) > 1 else 0.0:.3f} "
-                   f"({len(vals)} of {len(rows)} seeds)") if vals else "n/a"
-        text += f"\n| {n} | " + " | ".join(cells) + f" | {summary} |"
-    return text
-
-
 def main(argv=None):
     args = parse_args(argv)
     results = [run_seed(args, s) for s in args.seeds]
     for prefix, title in TABLES:
         rows = [{"seed": r["seed"], **{k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(prefix + "/")}}
                 for r in results]
-        print(f"\n{title}\n{table(rows)}")
+        print(f"\n{title}\n{seed_table(rows)}")
     write_json_atomic(Path(args.out) / "results.json", {"results": results, "args": vars(args)})
     return results
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import statistics
 import tempfile
@@ -268,14 +269,24 @@ def resumable_seeds(args, run_seed, print_fn=print, skip: tuple = ("seeds", "out
 
 
 def seed_table(results: list[dict], label: str = "") -> str:
-    """Markdown table of per-seed results ({"seed": s, name: value, ...}): one row per name (except
-    "seed" and "seconds"), one column per seed, then mean ± std. Names containing "pairs" are counts."""
-    names = [k for k in results[0] if k not in ("seed", "seconds")]
+    """Markdown table of per-seed results ({"seed": s, name: value, ...}): one row per name (every name of any
+    seed, except "seed" and "seconds"), one column per seed, then mean ± std. Names containing "pairs" are
+    counts. A missing or NaN value (e.g. a precision over nothing kept) is written "n/a" and left out of the
+    mean, which then says over how many seeds it is."""
+    names = list(dict.fromkeys(k for r in results for k in r if k not in ("seed", "seconds")))
     lines = [f"| {label} | " + " | ".join(f"seed {r['seed']}" for r in results) + " | mean ± std |",
              "|---|" + "---|" * (len(results) + 1)]
     for name in names:
-        vals = [r[name] for r in results]
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        vals = [r.get(name, math.nan) for r in results]
         fmt = (lambda v: f"{v:.0f}") if "pairs" in name else (lambda v: f"{v:.3f}")
-        lines.append(f"| {name} | " + " | ".join(fmt(v) for v in vals) + f" | {fmt(statistics.mean(vals))} ± {sd:.3f} |")
+        known = [v for v in vals if not math.isnan(v)]
+        cells = " | ".join("n/a" if math.isnan(v) else fmt(v) for v in vals)
+        if not known:
+            summary = "n/a"
+        else:
+            sd = statistics.stdev(known) if len(known) > 1 else 0.0
+            summary = f"{fmt(statistics.mean(known))} ± {sd:.3f}"
+            if len(known) < len(vals):
+                summary += f" ({len(known)} of {len(vals)} seeds)"
+        lines.append(f"| {name} | {cells} | {summary} |")
     return "\n".join(lines)

@@ -48,6 +48,10 @@ def test_seed_table_rows_columns_and_counts():
     assert lines[0] == "| stage | seed 0 | seed 1 | mean ± std |" and len(lines) == 4   # no "seconds" row
     assert lines[2] == "| SFT | 0.100 | 0.300 | 0.200 ± 0.141 |"
     assert lines[3] == "| pairs | 10 | 20 | 15 ± 7.071 |"
+    gaps = seed_table([{"seed": 0, "p": float("nan"), "q": 1.0}, {"seed": 1, "p": 0.5}, {"seed": 2, "p": 0.7}])
+    assert gaps.splitlines()[2:] == ["| p | n/a | 0.500 | 0.700 | 0.600 ± 0.141 (2 of 3 seeds) |",
+                                     "| q | 1.000 | n/a | n/a | 1.000 ± 0.000 (1 of 3 seeds) |"]
+    assert seed_table([{"seed": 0, "p": float("nan")}]).splitlines()[2] == "| p | n/a | n/a |"
 
 
 def test_resumable_seeds_saves_loads_and_reruns_on_other_settings(tmp_path):
