@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Two threads at most; an explicit OMP_NUM_THREADS wins (1 keeps tests fast beside other CPU work).
 if "OMP_NUM_THREADS" not in os.environ:
@@ -40,3 +41,24 @@ def _load_example(name: str):
 def load_example():
     """Import examples/<name>.py as a module: `load_example("merge").main(["--quick", ...])`."""
     return _load_example
+
+
+class _TensorSizes(TorchDispatchMode):
+    """Records the number of elements of every floating-point tensor an aten op returns (the Triton
+    interpreter's byte-storage copies of kernel arguments are uint8 and not counted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.numels += [t.numel() for t in torch.utils._pytree.tree_leaves(out)
+                        if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return out
+
+
+@pytest.fixture
+def tensor_sizes():
+    """`with tensor_sizes() as sizes: ...` then `sizes.numels`: every floating-point tensor created inside."""
+    return _TensorSizes

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from elleci.kernels import logprobs as lp
 from elleci.kernels.dispatch import triton_available, use_backend
@@ -156,23 +155,8 @@ def test_reference_matches_float64(dtype, case):
     check(lp.token_logprobs_ref, dtype, *case, chunk_size=7)   # several chunks, the last one partial
 
 
-class _Sizes(TorchDispatchMode):
-    """Records the number of elements of every floating-point tensor an aten op returns (the interpreter's
-    byte-storage copies of kernel arguments are uint8 and not counted)."""
-
-    def __init__(self):
-        super().__init__()
-        self.numels = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.numels += [t.numel() for t in torch.utils._pytree.tree_leaves(out)
-                       if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        return out
-
-
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-def test_never_materialises_all_logits(monkeypatch, backend):
+def test_never_materialises_all_logits(monkeypatch, backend, tensor_sizes):
     """Forward and backward: no tensor as large as [T, V] is ever created (reference: chunks of 7 tokens)."""
     if backend == "triton" and not triton_available():
         pytest.skip("triton is not installed")
@@ -182,7 +166,7 @@ def test_never_materialises_all_logits(monkeypatch, backend):
     h.requires_grad_()
     w.requires_grad_()
     fn = kernel if backend == "triton" else lambda *a, **k: lp.token_logprobs_ref(*a, chunk_size=7, **k)
-    with _Sizes() as sizes:
+    with tensor_sizes() as sizes:
         fn(h, w, y, return_entropy=True)[0].backward(up)
     assert max(sizes.numels) < T * V / 2          # the largest are weight-sized ([V, D] = 16000 < 37000 / 2)
     assert h.grad is not None and w.grad is not None

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from elleci.kernels import scan
 from elleci.kernels.dispatch import triton_available, use_backend
@@ -145,22 +144,8 @@ def test_triton_chunk_and_block_edge_cases(monkeypatch, chunk, block_c):
     check(kernel, inputs, dy, dh, torch.float32)
 
 
-class _Sizes(TorchDispatchMode):
-    """Records the number of elements of every floating-point tensor an aten op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.numels = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.numels += [t.numel() for t in torch.utils._pytree.tree_leaves(out)
-                        if isinstance(t, torch.Tensor) and t.is_floating_point()]
-        return out
-
-
 @needs_triton
-def test_triton_memory_is_linear():
+def test_triton_memory_is_linear(tensor_sizes):
     """Forward + backward: no tensor near [b, L, c, N] (every state) is created; saved for backward are
     the inputs and one checkpoint state per chunk of K steps."""
     b, L, c, N = 1, 24, 8, 16
@@ -172,7 +157,7 @@ def test_triton_memory_is_linear():
         saved.append(t.numel())
         return t
 
-    with _Sizes() as sizes:
+    with tensor_sizes() as sizes:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y, h = kernel(*leaves)
         ((y * dy).sum() + (h * dh).sum()).backward()
