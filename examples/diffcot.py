@@ -47,7 +47,8 @@ from elleci.algos.preference import collate_fn, pairwise_step, precompute_refere
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
 from elleci.model.lora import load_adapter, save_adapter
 from elleci.tasks import arithmetic
-from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, problems, resumable_seeds, run_sft, seed_table
+from elleci.tasks.pipeline import (QUICK, PipelineConfig, cached_base, prefixed_tables, problems, resumable_seeds,
+                                   run_sft)
 
 ARMS = ("CoT SFT", "step-DPO", "DiffCoT")
 QUICK_ARGS = dict(sft_steps=2, sft_batch=4, pair_problems=6, m=2, rollouts=2, steps=2, batch=2, n_eval=4,
@@ -200,10 +201,7 @@ TABLES = (("accuracy", "held-out accuracy (greedy)"),
 def main(argv=None):
     args = parse_args(argv)
     results = resumable_seeds(args, run_seed)
-    for prefix, title in TABLES:
-        rows = [{"seed": r["seed"], **{k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(prefix + "/")}}
-                for r in results]
-        print(f"\n{title}\n{seed_table(rows)}")
+    print("\n" + prefixed_tables(results, TABLES))
     write_json_atomic(Path(args.out) / "results.json", {"results": results, "args": vars(args)})
     return results
 

@@ -45,7 +45,7 @@ from elleci.algos.distill_rules import OverlapJudge, keep_all, overlap_answerer
 from elleci.algos.retrieval import BM25Retriever, EmbeddingRetriever
 from elleci.tasks import documents, grounded_qa as gqa
 from elleci.tasks.grounded_base import QUICK_BASE, GroundedBaseConfig, cached_grounded_base
-from elleci.tasks.pipeline import seed_table
+from elleci.tasks.pipeline import prefixed_tables
 
 ARMS = ("rule, no judge", "rule + rule judge", "LM, no judge", "LM + LM judge", "LM + rule judge",
         "LM + LM judge, LM-embedding retriever")
@@ -132,10 +132,7 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     results = [run_seed(args, s) for s in args.seeds]
-    for prefix, title in TABLES:
-        rows = [{"seed": r["seed"], **{k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(prefix + "/")}}
-                for r in results]
-        print(f"\n{title}\n{seed_table(rows)}")
+    print("\n" + prefixed_tables(results, TABLES))
     write_json_atomic(Path(args.out) / "results.json", {"results": results, "args": vars(args)})
     return results
 

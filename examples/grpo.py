@@ -45,7 +45,7 @@ from elleci.algos.sampling import prompt_ids
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
 from elleci.model.lora import LoraConfig, apply_lora
 from elleci.tasks import arithmetic
-from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, problems, resumable_seeds, seed_table
+from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, prefixed_tables, problems, resumable_seeds
 
 QUICK_ARGS = dict(n_eval=4, sft_steps=2, grpo_steps=2, prompts=2, group=2, max_new_tokens=8, budgets=[2, 4],
                   waits=[1], wait_budget=4, log_every=1)
@@ -182,10 +182,7 @@ TABLES = (("accuracy", "held-out accuracy (greedy, exact final answer)"),
 def main(argv=None):
     args = parse_args(argv)
     results = resumable_seeds(args, run_seed)              # OUT/seed<k>/result.json: a cut run resumes
-    for prefix, title in TABLES:
-        rows = [{"seed": r["seed"], **{k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(prefix + "/")}}
-                for r in results]
-        print(f"\n{title}\n{seed_table(rows)}")
+    print("\n" + prefixed_tables(results, TABLES))
     write_json_atomic(Path(args.out) / "results.json", {"results": results, "args": vars(args)})
     return results
 

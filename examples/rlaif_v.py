@@ -51,7 +51,7 @@ from elleci.algos.sft import encode_sft, sft_collate, sft_step
 from elleci.model.lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from elleci.tasks import grounded_qa as gqa
 from elleci.tasks.grounded_base import QUICK_BASE, GroundedBaseConfig, cached_grounded_base
-from elleci.tasks.pipeline import seed_table
+from elleci.tasks.pipeline import prefixed_tables
 
 ARMS = ("self-feedback", "oracle labeler", "SFT control")
 QUICK = dict(**QUICK_BASE, n_test=8, sft_steps=2, prompts=4, k=2, dpo_steps=2, dpo_batch_size=2, max_new_tokens=8,
@@ -240,10 +240,7 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     results = [run_seed(args, s) for s in args.seeds]
-    for prefix, title in TABLES:
-        rows = [{"seed": r["seed"], **{k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(prefix + "/")}}
-                for r in results]
-        print(f"\n{title}\n{seed_table(rows)}")
+    print("\n" + prefixed_tables(results, TABLES))
     write_json_atomic(Path(args.out) / "results.json", {"results": results, "args": vars(args)})
     return results
 

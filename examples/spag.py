@@ -49,7 +49,8 @@ from elleci.algos.spag import (SPAGConfig, encode_sft_items, imitation_step, mix
 from elleci.algos.spag_play import ModelPlayer, play_games
 from elleci.model.lora import LoraConfig, apply_lora
 from elleci.tasks import arithmetic, corpus, taboo
-from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, evaluate, problems, resumable_seeds, seed_table
+from elleci.tasks.pipeline import (QUICK, PipelineConfig, cached_base, evaluate, prefixed_tables, problems,
+                                   resumable_seeds)
 
 QUICK_ARGS = dict(imitation_games=6, imitation_steps=2, game_batch_size=2, sft_batch_size=2, epochs=1, games=4,
                   eval_games=2, eval_problems=4, max_new_tokens=4, log_every=1)
@@ -217,11 +218,7 @@ def main(argv=None):
     args = parse_args(argv)
     per_seed = resumable_seeds(args, run_seed)             # OUT/seed<k>/result.json: a cut run resumes
     rows = [r["row"] for r in per_seed]
-    for prefix, title in TABLES:
-        sub = [{"seed": r["seed"], **{k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(prefix + "/")}}
-               for r in rows]
-        if len(sub[0]) > 1:
-            print(f"\n{title}\n{seed_table(sub)}")
+    print("\n" + prefixed_tables(rows, TABLES))
     print("\nseconds per seed (wall / CPU): " + ", ".join(f"{r['row']['seconds']:.0f} / {r['cpu_seconds']:.0f}"
                                                         for r in per_seed))
     write_json_atomic(Path(args.out) / "results.json", {"results": per_seed, "args": vars(args)})

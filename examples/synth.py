@@ -57,8 +57,8 @@ from elleci.algos.synth_metrics import (dataset_report, inverse_frequency_weight
                                         with_weights)
 from elleci.model.lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from elleci.tasks import arithmetic
-from elleci.tasks.pipeline import (QUICK, PipelineConfig, base_key, cached_base, evaluate, problems,
-                                   resumable_seeds, run_sft, seed_table)
+from elleci.tasks.pipeline import (QUICK, PipelineConfig, base_key, cached_base, evaluate, prefixed_tables,
+                                   problems, resumable_seeds, run_sft)
 
 SPEC = TaskSpec("arithmetic-worked-solutions", "Solve:", attribute_template="level {level}: {operations}")
 """Short words: the small base's 384-piece vocabulary spells most English letter by letter, and every prompt
@@ -67,6 +67,8 @@ PROMPT_STYLES = ("question", "attributes", "attributes+demos")
 """question: the bare question (its attributes chose it); attributes: + the system message stating them;
 attributes+demos: + --k-demos demos with the same attributes as chat turns."""
 STOP = r"Answer: \d+"
+TABLES = (("accuracy", "held-out accuracy (greedy): teacher and students (same steps, batch, lr)"),
+          ("data", "synthetic data before/after curation (counts, pass rate, diversity)"))
 ARMS = ("gold", "unfiltered", "filtered", "filtered (answer only)", "filtered + re-weighted", "self-consistency")
 QUICK_ARGS = dict(n_labeled=100, prompts=8, k=2, prompt="attributes+demos", teacher_format_steps=2, teacher_batch=4,
                   student_steps=2, student_batch=4, max_new_tokens=8)
@@ -302,11 +304,7 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
 def main(argv=None):
     args = parse_args(argv)
     results = resumable_seeds(args, run_seed)              # OUT/seed<k>/result.json: a cut run resumes
-    for prefix, title in (("accuracy", "held-out accuracy (greedy): teacher and students (same steps, batch, lr)"),
-                          ("data", "synthetic data before/after curation (counts, pass rate, diversity)")):
-        names = list(dict.fromkeys(k for r in results for k in r if k.startswith(prefix + "/")))
-        rows = [{"seed": r["seed"], **{k.split("/", 1)[1]: r.get(k, float("nan")) for k in names}} for r in results]
-        print(f"\n{title}\n{seed_table(rows)}")
+    print("\n" + prefixed_tables(results, TABLES))
     write_json_atomic(Path(args.out) / "results.json", {"results": results, "args": vars(args)})
     return results
 

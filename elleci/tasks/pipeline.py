@@ -268,6 +268,19 @@ def resumable_seeds(args, run_seed, print_fn=print, skip: tuple = ("seeds", "out
     return results
 
 
+def prefixed_tables(results: list[dict], tables) -> str:
+    """The examples' printed tables. Each per-seed result holds "<prefix>/<row name>": value entries; for each
+    (prefix, title) of `tables`: the title, then `seed_table` of that prefix's rows (a row missing on some
+    seed shows n/a there). Prefixes with no entry on any seed are left out."""
+    blocks = []
+    for prefix, title in tables:
+        rows = [{"seed": r["seed"], **{k.split("/", 1)[1]: v for k, v in r.items() if k.startswith(prefix + "/")}}
+                for r in results]
+        if any(len(row) > 1 for row in rows):
+            blocks.append(f"{title}\n{seed_table(rows)}")
+    return "\n\n".join(blocks)
+
+
 def seed_table(results: list[dict], label: str = "") -> str:
     """Markdown table of per-seed results ({"seed": s, name: value, ...}): one row per name (every name of any
     seed, except "seed" and "seconds"), one column per seed, then mean ± std. Names containing "pairs" are

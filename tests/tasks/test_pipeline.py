@@ -54,6 +54,16 @@ def test_seed_table_rows_columns_and_counts():
     assert seed_table([{"seed": 0, "p": float("nan")}]).splitlines()[2] == "| p | n/a | n/a |"
 
 
+def test_prefixed_tables_groups_rows_by_prefix_and_skips_empty_tables():
+    from elleci.tasks.pipeline import prefixed_tables, seed_table
+    results = [{"seed": 0, "acc/SFT": 0.1, "acc/DPO": 0.2, "len/SFT": 30.0, "seconds": 9.0},
+               {"seed": 1, "acc/SFT": 0.3, "len/SFT": 31.0}]
+    text = prefixed_tables(results, [("acc", "accuracy"), ("none", "absent"), ("len", "length")])
+    want_acc = seed_table([{"seed": 0, "SFT": 0.1, "DPO": 0.2}, {"seed": 1, "SFT": 0.3}])
+    assert text == f"accuracy\n{want_acc}\n\nlength\n" + seed_table([{"seed": 0, "SFT": 30.0}, {"seed": 1, "SFT": 31.0}])
+    assert "| DPO | 0.200 | n/a | 0.200 ± 0.000 (1 of 2 seeds) |" in text and "absent" not in text
+
+
 def test_resumable_seeds_saves_loads_and_reruns_on_other_settings(tmp_path):
     from argparse import Namespace
     from elleci.tasks.pipeline import resumable_seeds
