@@ -237,14 +237,16 @@ class Mamba2Mixer(nn.Module):
         D = self.D.to(f).repeat_interleave(Di // Hm)
         h0 = cache.ssm if cache is not None else None
         with torch.autocast(device_type=u.device.type, enabled=False):
-            args = (x_conv.to(f), dt.to(f), A, Bm.to(f), Cm.to(f), D, h0)
-            if L == 1 and cache is not None:
-                y, h = ssm_step(h0, *(t[:, 0] if t.dim() == 3 else t for t in args[:6]))
-                y = y[:, None]
-            elif resolve_backend(x_conv) == "triton":              # the kernel: bf16 operands, fp32 state
+            step = L == 1 and cache is not None
+            if not step and resolve_backend(x_conv) == "triton":    # the kernel: bf16 operands, fp32 state
                 y, h = selective_scan(x_conv, dt, A, Bm, Cm, D, None if h0 is None else h0.float())
-            else:
-                y, h = ssm_scan_chunked(*args, chunk_size=self.chunk_size)
+            else:                                                    # PyTorch: fp32 (or fp64) copies
+                args = (x_conv.to(f), dt.to(f), A, Bm.to(f), Cm.to(f), D)
+                if step:
+                    y, h = ssm_step(h0, *(t[:, 0] if t.dim() == 3 else t for t in args))
+                    y = y[:, None]
+                else:
+                    y, h = ssm_scan_chunked(*args, h0, chunk_size=self.chunk_size)
         y = y.to(x_conv.dtype)
 
         if cache is not None:                                        # advance the decoding state
