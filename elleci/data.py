@@ -235,3 +235,16 @@ class TokenBatches:
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()
 
     __call__ = batch
+
+
+DOCUMENT_SUFFIXES = (".txt", ".md")
+
+
+def read_documents(folder, suffixes=DOCUMENT_SUFFIXES) -> list[tuple[str, str]]:
+    """(doc_id, text) of every file under `folder` with one of `suffixes`, sorted by doc_id (the path
+    relative to `folder`, with "/")."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"document folder {folder} does not exist")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes)
+    return [(p.relative_to(folder).as_posix(), p.read_text(encoding="utf-8")) for p in paths]

@@ -103,7 +103,7 @@ def train_rows(args, config: ElleciConfig, device: torch.device, rate: float) ->
                 for i in range(args.warmup + args.steps):
                     sync(device)
                     t = time.perf_counter()
-                    loss = -sequence_logprobs(model, ids, ids, reduction="sum").sum() / (batch * (args.seq - 1))
+                    loss = -sequence_logprobs(model, ids, ids, token_reduction="sum").sum() / (batch * (args.seq - 1))
                     loss.backward()
                     optimizer_step(model, opt, max_grad_norm=1.0)
                     sync(device)

@@ -37,12 +37,13 @@ from pathlib import Path
 import torch
 
 from elleci._io import write_json_atomic
-from elleci.algos.curriculum import (CurriculumConfig, StageConfig, cap_tasks, mix, plan_stages, run_stages,
+from elleci.algos.curation.curriculum import (CurriculumConfig, StageConfig, cap_tasks, mix, plan_stages, run_stages,
                                      split_stages, task_probabilities)
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
 from elleci.model.lora import LoraConfig, apply_lora
 from elleci.tasks import instructions as ins
-from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, problems, seed_table
+from elleci.testbed.pipeline import QUICK, PipelineConfig, cached_base, problems, seed_table
+from elleci.testbed.completion import completer
 
 ARMS = ("stage 1 only", "one-stage", "two-stage")
 METRICS = ("accuracy", "adherence", "strict")
@@ -116,7 +117,7 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
     reports = {}
 
     def evaluate(name, model):
-        reports[name] = ins.evaluate(model, tok, test, max_new_tokens=args.max_new_tokens)
+        reports[name] = ins.evaluate(completer(model, tok, sort_by_length=True), test, max_new_tokens=args.max_new_tokens)
         m = macro(reports[name], args.tasks)
         print_fn(f"seed {seed} | {name} | " + " | ".join(f"{k} {v:.3f}" for k, v in m.items()))
 

@@ -1,4 +1,4 @@
-"""DiffCoT on arithmetic: windowed step-level denoising (our formulation, `elleci.algos.diffcot`) against
+"""DiffCoT on arithmetic: windowed step-level denoising (our formulation, `elleci.algos.reasoning.diffcot`) against
 plain CoT SFT and step-DPO, on held-out accuracy and on self-correction from corrupted prefixes.
 
     python examples/diffcot.py                                # one seed, CPU (the base is cached under --cache)
@@ -37,17 +37,17 @@ from pathlib import Path
 import torch
 
 from elleci._io import write_json_atomic
-from elleci.algos.diffcot import (build_pools, build_window_pairs, encode_window_pairs, model_step_fn,
+from elleci.algos.reasoning.diffcot import (build_pools, build_window_pairs, encode_window_pairs, model_step_fn,
                                   revise_decode)
-from elleci.algos.diffcot_data import (arithmetic_step_score, mc_step_scores, model_rollouts, propose_steps,
+from elleci.algos.reasoning.diffcot_data import (arithmetic_step_score, mc_step_scores, model_rollouts, propose_steps,
                                        split_steps)
-from elleci.algos.dpo import dpo_loss
+from elleci.algos.alignment.dpo import dpo_loss
 from elleci.algos.loop import sample_batches, train_loop
 from elleci.algos.preference import collate_fn, pairwise_step, precompute_reference
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
 from elleci.model.lora import load_adapter, save_adapter
 from elleci.tasks import arithmetic
-from elleci.tasks.pipeline import (QUICK, PipelineConfig, cached_base, prefixed_tables, problems, resumable_seeds,
+from elleci.testbed.pipeline import (QUICK, PipelineConfig, cached_base, prefixed_tables, problems, resumable_seeds,
                                    run_sft)
 
 ARMS = ("CoT SFT", "step-DPO", "DiffCoT")

@@ -1,4 +1,4 @@
-"""Multi-agent corpus distillation (m-KAILIN, arXiv 2504.19565; `elleci.algos.distill`) on a generated corpus
+"""Multi-agent corpus distillation (m-KAILIN, arXiv 2504.19565; `elleci.algos.curation.distill`) on a generated corpus
 with known facts: how many of the kept question–context–answer triples are right, and how many of the
 corpus's facts they cover, with and without the judge, for rule-based and LM agents.
 
@@ -39,13 +39,14 @@ import time
 from pathlib import Path
 
 from elleci._io import write_json_atomic
-from elleci.algos.distill import Agents, distill, load_chunks, read_records
-from elleci.algos.distill_lm import LMAnswerer, LMJudge, LMQuestionGenerator
-from elleci.algos.distill_rules import OverlapJudge, keep_all, overlap_answerer
-from elleci.algos.retrieval import BM25Retriever, EmbeddingRetriever
+from elleci.algos.curation.distill import Agents, distill, load_chunks, read_records
+from elleci.algos.curation.distill_lm import LMAnswerer, LMJudge, LMQuestionGenerator
+from elleci.algos.curation.distill_rules import OverlapJudge, keep_all, overlap_answerer
+from elleci.algos.curation.retrieval import BM25Retriever, EmbeddingRetriever
 from elleci.tasks import documents, grounded_qa as gqa
-from elleci.tasks.grounded_base import QUICK_BASE, GroundedBaseConfig, cached_grounded_base
-from elleci.tasks.pipeline import prefixed_tables
+from elleci.testbed.distill_eval import score_records
+from elleci.testbed.grounded_base import QUICK_BASE, GroundedBaseConfig, cached_grounded_base
+from elleci.testbed.pipeline import prefixed_tables
 
 ARMS = ("rule, no judge", "rule + rule judge", "LM, no judge", "LM + LM judge", "LM + rule judge",
         "LM + LM judge, LM-embedding retriever")
@@ -118,7 +119,7 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
         stats = distill(chunks, out, arm_agents(args, arm, chunks, model, tok), k=args.k,
                         questions_per_chunk=args.questions_per_chunk, batch_size=args.batch_size, seed=seed,
                         print_fn=lambda s: None)
-        score = documents.score_records(facts, read_records(out))
+        score = score_records(facts, read_records(out))
         for key, _ in TABLES:
             result[f"{key}/{arm}"] = score[key]
         print_fn(f"seed {seed} | {arm} | records {stats['records']} | kept {stats['kept']} | precision "

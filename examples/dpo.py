@@ -23,7 +23,7 @@ from elleci.algos.loop import sample_batches, train_loop
 from elleci.algos.preference import collate_fn, encode_pairs, pairwise_step, precompute_reference
 from elleci.model.lora import save_adapter
 from elleci.tasks import arithmetic
-from elleci.tasks.pipeline import QUICK, PipelineConfig, build_base, evaluate, load_stage, problems, run_sft
+from elleci.testbed.pipeline import QUICK, PipelineConfig, build_base, evaluate, load_stage, problems, run_sft
 
 LOSSES = {"dpo": dpo_loss, "cdpo": functools.partial(dpo_loss, label_smoothing=0.1), "ipo": ipo_loss,
           "hinge": hinge_loss, "robust": functools.partial(robust_dpo_loss, label_smoothing=0.1)}

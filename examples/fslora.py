@@ -30,13 +30,13 @@ from pathlib import Path
 import torch
 
 from elleci._io import write_json_atomic
-from elleci.algos.fslora import (FSLoRAConfig, derive_seed, dirichlet_split, draw_client_ranks, lora_parameters,
+from elleci.algos.merging.fslora import (FSLoRAConfig, derive_seed, dirichlet_split, draw_client_ranks, lora_parameters,
                                  run_fslora)
 from elleci.algos.loop import sample_batches
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
 from elleci.model.lora import LoraConfig, apply_lora
 from elleci.tasks import arithmetic
-from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, evaluate, problems
+from elleci.testbed.pipeline import QUICK, PipelineConfig, cached_base, evaluate, problems
 from elleci.train import optimizer_step
 
 ARMS = ("sketched FSLoRA", "full-rank FedLoRA", "centralised LoRA")

@@ -1,12 +1,12 @@
 """Long chain-of-thought on arithmetic: s1-style SFT, then GRPO with verifiable rewards, then budget forcing
-(`elleci.algos.long_cot`, `elleci.algos.grpo`; DeepSeekMath arXiv 2402.03300, s1 arXiv 2501.19393).
+(`elleci.algos.reasoning.long_cot`, `elleci.algos.reasoning.grpo`; DeepSeekMath arXiv 2402.03300, s1 arXiv 2501.19393).
 
     python examples/grpo.py                         # one seed, CPU (the pipeline's base, cached under --cache)
     python examples/grpo.py --seeds 0 1 2           # the README's table
     python examples/grpo.py --quick                 # seconds-long smoke run (tests)
 
 Per seed:
-  base     the pipeline's pretrained base (`elleci.tasks.pipeline.cached_base`, default fields: levels 1 and 3).
+  base     the pipeline's pretrained base (`elleci.testbed.pipeline.cached_base`, default fields: levels 1 and 3).
   SFT      LoRA (r 16) on the training problems in the think/answer format: the worked lines are the trace,
            "<|im_start|>think\\n{lines}\\n<|im_start|>answer\\nAnswer: {n}" (prompt masked). The lm_head is
            trained too (PEFT's `modules_to_save` for new special tokens): the base never saw <|im_start|> /
@@ -38,14 +38,15 @@ import torch
 from safetensors.torch import save_file
 
 from elleci._io import atomic_path, write_json_atomic
-from elleci.algos.grpo import GRPOConfig, arithmetic_reward, run_grpo, sample_groups
-from elleci.algos.long_cot import BudgetTokens, budget_forcing, long_cot_examples, model_generator
+from elleci.algos.reasoning.grpo import GRPOConfig, run_grpo, sample_groups
+from elleci.testbed.arithmetic_rewards import arithmetic_reward, arithmetic_steps
+from elleci.algos.reasoning.long_cot import BudgetTokens, budget_forcing, long_cot_examples, model_generator
 from elleci.algos.loop import sample_batches, train_loop
 from elleci.algos.sampling import prompt_ids
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
 from elleci.model.lora import LoraConfig, apply_lora
 from elleci.tasks import arithmetic
-from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, prefixed_tables, problems, resumable_seeds
+from elleci.testbed.pipeline import QUICK, PipelineConfig, cached_base, prefixed_tables, problems, resumable_seeds
 
 QUICK_ARGS = dict(n_eval=4, sft_steps=2, grpo_steps=2, prompts=2, group=2, max_new_tokens=8, budgets=[2, 4],
                   waits=[1], wait_budget=4, log_every=1)
@@ -149,9 +150,10 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
                               temperature=args.temperature, max_new_tokens=args.max_new_tokens, lr=args.lr,
                               mu=args.mu, epsilon=args.epsilon, beta=args.beta, std=args.std,
                               aggregation=args.aggregation, format_weight=args.format_weight,
-                              length_weight=args.length_weight, reference="copy", seed=seed)
+                              length_weight=args.length_weight, reference="frozen", seed=seed)
             t1 = time.time()
-            result["grpo_history"] = run_grpo(model, tok, train, gcfg, print_fn=print_fn)
+            result["grpo_history"] = run_grpo(model, tok, train, gcfg, reward_fn=arithmetic_reward, step_fn=arithmetic_steps,
+                                                render=arithmetic.prompt_messages, print_fn=print_fn)
             result["grpo_config"], result["grpo_seconds"] = asdict(gcfg), time.time() - t1
             save_trained(model, out / "grpo.safetensors")
         ev = evaluate(model, tok, test, args.max_new_tokens)

@@ -21,10 +21,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from elleci._io import write_json_atomic
-from elleci.algos.iterative_dpo import IterativeDPOConfig, per_response, run_iterative_dpo
+from elleci.algos.alignment.iterative_dpo import IterativeDPOConfig, per_response, run_iterative_dpo
 from elleci.model.lora import load_adapter, save_adapter
 from elleci.tasks import arithmetic
-from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, evaluate, problems, run_sft, seed_table
+from elleci.testbed.pipeline import QUICK, PipelineConfig, cached_base, evaluate, problems, run_sft, seed_table
 
 
 def parse_args(argv=None):
@@ -53,7 +53,7 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
     n, rounds = (4, 2) if args.quick else (args.prompts_per_round, args.rounds)
     icfg = IterativeDPOConfig(rounds=rounds, k=args.k, temperature=args.temperature,
                               steps_per_round=2 if args.quick else args.steps_per_round,
-                              lr=args.lr, beta=args.beta, nll_weight=args.nll_weight, reference=args.reference,
+                              lr=args.lr, beta=args.beta, nll_weight=args.nll_weight, reference_policy=args.reference,
                               data=args.data, batch_size=cfg.pref_batch_size, seed=seed,
                               max_new_tokens=cfg.max_new_tokens, log_every=cfg.log_every)
     train, test = problems(cfg)

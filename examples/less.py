@@ -1,4 +1,4 @@
-"""LESS data selection (Xia et al., arXiv 2402.04333; `elleci.algos.less`): from a mixed pool of tasks, pick the 5%
+"""LESS data selection (Xia et al., arXiv 2402.04333; `elleci.algos.curation.less`): from a mixed pool of tasks, pick the 5%
 whose gradients match a few examples of a target task, and fine-tune on that instead of a random 5% or everything.
 
     python examples/less.py                               # one seed, CPU (bases cached under --cache)
@@ -38,16 +38,17 @@ from pathlib import Path
 import torch
 
 from elleci._io import write_json_atomic
-from elleci.algos.less import less_scores, random_subset, select_top
-from elleci.algos.less_grads import warmup_lora
-from elleci.algos.less_store import collect_features, save_warmup_checkpoint
+from elleci.algos.curation.less import less_scores, random_subset, select_top
+from elleci.algos.curation.less_grads import warmup_lora
+from elleci.algos.curation.less_store import collect_features, save_warmup_checkpoint
 from elleci.algos.loop import sample_batches, train_loop
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
 from elleci.model.lora import LoraConfig, apply_lora
 from elleci.tasks import arithmetic, translation
 from elleci.tasks import grounded_qa as gqa
 from elleci.tasks.lexicon import TRAIN_PAIRS
-from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, problems, seed_table
+from elleci.testbed.pipeline import QUICK, PipelineConfig, cached_base, problems, seed_table
+from elleci.testbed.completion import completer
 
 ARMS = ("LESS", "random", "all data")
 QUICK_ARGS = dict(n_level1=12, n_level2=8, n_level3=12, n_words=8, n_qa=4, n_val_per_subtask=1, n_test=4, fraction=0.1,
@@ -196,7 +197,7 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
         print_fn(f"seed {seed} | arm {arm}: {len(idx)} examples | " + ", ".join(
             f"{s} {v:.2f}" for s, v in composition(sources, idx).items()))
         model = sft_arm(args, base, tok, [pool[i] for i in idx], seed, print_fn)
-        acc = arithmetic.evaluate(model, tok, test, max_new_tokens=args.max_new_tokens)["accuracy"]
+        acc = arithmetic.evaluate(completer(model, tok), test, max_new_tokens=args.max_new_tokens)["accuracy"]
         result[f"accuracy/{arm}"] = acc
         result[f"NLL/{arm}"] = answer_nll(model, tok, test)
         result[f"target share/{arm}"] = composition(sources, idx).get(f"level {args.target_level}", 0.0)

@@ -30,11 +30,12 @@ import torch
 
 from elleci._io import write_json_atomic
 from elleci.algos.loop import sample_batches, train_loop
-from elleci.algos.merge import collect_grams, merge, text_batches
+from elleci.algos.merging.merge import collect_grams, merge, text_batches
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
 from elleci.tasks import arithmetic, translation
 from elleci.tasks.lexicon import TRAIN_PAIRS
-from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, evaluate, problems
+from elleci.testbed.pipeline import QUICK, PipelineConfig, cached_base, evaluate, problems
+from elleci.testbed.completion import completer
 
 REGMEAN_ALPHAS = (1.0, 0.9, 0.5, 0.1)
 
@@ -109,7 +110,7 @@ def scores(cfg, model, tok, test, quick: bool) -> dict:
     words = TRAIN_PAIRS[:4] if quick else TRAIN_PAIRS
     model.eval()
     return {"arithmetic": evaluate(cfg, model, tok, test)["accuracy"],
-            "words": translation.evaluate(model, tok, words)["accuracy"],
+            "words": translation.evaluate(completer(model, tok), words)["accuracy"],
             "arithmetic NLL": answer_nll(model, tok, arithmetic.sft_examples(test)),
             "words NLL": answer_nll(model, tok, translation.sft_examples(words))}
 

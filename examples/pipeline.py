@@ -22,7 +22,7 @@ from pathlib import Path
 
 from elleci._io import write_json_atomic
 from elleci.model.lora import load_adapter, save_adapter
-from elleci.tasks.pipeline import (QUICK, PipelineConfig, build_base, evaluate, problems, run_dpo, run_sft,
+from elleci.testbed.pipeline import (QUICK, PipelineConfig, build_base, evaluate, problems, run_dpo, run_sft,
                                    run_sft_control, run_una, seed_table)
 
 

@@ -22,10 +22,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from elleci._io import write_json_atomic
-from elleci.algos.iterative_dpo import IterativeDPOConfig, round_robin_rewards, run_iterative_dpo
-from elleci.algos.rlaif import PairwiseLabeler
+from elleci.algos.alignment.iterative_dpo import IterativeDPOConfig, round_robin_rewards, run_iterative_dpo
+from elleci.algos.alignment.rlaif import PairwiseLabeler
 from elleci.tasks import arithmetic
-from elleci.tasks.pipeline import (JUDGE_TEMPLATE, QUICK, PipelineConfig, cached_base, evaluate, problems, run_sft,
+from elleci.testbed.pipeline import (JUDGE_TEMPLATE, QUICK, PipelineConfig, cached_base, evaluate, problems, run_sft,
                                    seed_table)
 
 

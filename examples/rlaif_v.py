@@ -1,5 +1,5 @@
 """RLAIF-V on grounded QA: the policy checks its own answers claim by claim against the passage, and DPO on
-the pairs this gives is meant to lower hallucination (Yu et al., arXiv 2405.17220; `elleci.algos.rlaif_v`).
+the pairs this gives is meant to lower hallucination (Yu et al., arXiv 2405.17220; `elleci.algos.alignment.rlaif_v`).
 
     python examples/rlaif_v.py                                # one seed, CPU (the base is cached under --cache)
     python examples/rlaif_v.py --seeds 0 1 2                  # the README's table
@@ -7,7 +7,7 @@ the pairs this gives is meant to lower hallucination (Yu et al., arXiv 2405.1722
     python examples/rlaif_v.py --quick                        # seconds-long smoke run (tests)
 
 Per seed:
-  base       a small Elleci pretrained on `grounded_qa.pretraining_texts` (`elleci.tasks.grounded_base`:
+  base       a small Elleci pretrained on `grounded_qa.pretraining_texts` (`elleci.testbed.grounded_base`:
              passage, question, answer and a yes/no check in plain text; one text per row, so a passage is
              never cut from its question), cached under --cache by its settings. Defaults from a scratch study (seed 0): attention-only
              layers ("A") and one person per passage (the pipeline's hybrid MMMA d128 base, after SFT, answered
@@ -42,16 +42,17 @@ from pathlib import Path
 import torch
 
 from elleci._io import write_json_atomic
-from elleci.algos import rlaif_v
-from elleci.algos.dpo import dpo_loss
+from elleci.algos.alignment import rlaif_v
+from elleci.algos.alignment.dpo import dpo_loss
 from elleci.algos.loop import sample_batches, train_loop
 from elleci.algos.preference import collate_fn, encode_pairs, pairwise_step, precompute_reference
 from elleci.algos.sampling import sample_responses
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
 from elleci.model.lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from elleci.tasks import grounded_qa as gqa
-from elleci.tasks.grounded_base import QUICK_BASE, GroundedBaseConfig, cached_grounded_base
-from elleci.tasks.pipeline import prefixed_tables
+from elleci.testbed.grounded_base import QUICK_BASE, GroundedBaseConfig, cached_grounded_base
+from elleci.testbed.pipeline import prefixed_tables
+from elleci.testbed.completion import completer
 
 ARMS = ("self-feedback", "oracle labeler", "SFT control")
 QUICK = dict(**QUICK_BASE, n_test=8, sft_steps=2, prompts=4, k=2, dpo_steps=2, dpo_batch_size=2, max_new_tokens=8,
@@ -103,7 +104,7 @@ def parse_args(argv=None):
 
 
 def base_config(args) -> GroundedBaseConfig:
-    """The grounded-QA base settings of the command line (`elleci.tasks.grounded_base`)."""
+    """The grounded-QA base settings of the command line (`elleci.testbed.grounded_base`)."""
     return GroundedBaseConfig(**{f.name: getattr(args, f.name) for f in fields(GroundedBaseConfig)})
 
 
@@ -140,7 +141,7 @@ class OracleLabeler(torch.nn.Module):
 
 def evaluate(args, model, tok, test) -> tuple[float, float]:
     """(unsupported claims per answer, answer accuracy), greedy, on the held-out items."""
-    r = gqa.hallucination_rate(model, tok, test, max_new_tokens=args.max_new_tokens)
+    r = gqa.hallucination_rate(completer(model, tok), test, max_new_tokens=args.max_new_tokens)
     return r["unsupported_per_answer"], r["answer_accuracy"]
 
 

@@ -20,7 +20,7 @@ from elleci.data import read_sft
 from elleci.model import ElleciLM, Tokenizer
 from elleci.model.lora import LoraConfig, apply_lora, save_adapter
 from elleci.tasks import arithmetic
-from elleci.tasks.pipeline import QUICK, PipelineConfig, build_base, evaluate, problems
+from elleci.testbed.pipeline import QUICK, PipelineConfig, build_base, evaluate, problems
 
 
 def parse_args(argv=None):

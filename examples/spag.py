@@ -43,13 +43,14 @@ from pathlib import Path
 import torch
 
 from elleci._io import atomic_path, write_json_atomic
-from elleci.algos.iterative_dpo import trainable_state
+from elleci.algos.alignment.iterative_dpo import trainable_state
 from elleci.algos.loop import train_loop
-from elleci.algos.spag import (SPAGConfig, encode_sft_items, imitation_step, mixed_batches, run_spag, spag_step)
-from elleci.algos.spag_play import ModelPlayer, play_games
+from elleci.algos.reasoning.spag import (SPAGConfig, encode_sft_items, imitation_step, mixed_batches, run_spag, spag_step)
+from elleci.algos.reasoning.spag_play import ModelPlayer, play_games
 from elleci.model.lora import LoraConfig, apply_lora
-from elleci.tasks import arithmetic, corpus, taboo
-from elleci.tasks.pipeline import (QUICK, PipelineConfig, cached_base, evaluate, prefixed_tables, problems,
+from elleci.algos.reasoning import taboo
+from elleci.tasks import arithmetic, corpus
+from elleci.testbed.pipeline import (QUICK, PipelineConfig, cached_base, evaluate, prefixed_tables, problems,
                                    resumable_seeds)
 
 QUICK_ARGS = dict(imitation_games=6, imitation_steps=2, game_batch_size=2, sft_batch_size=2, epochs=1, games=4,
@@ -164,7 +165,7 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
     # SPAG-1..k
     spag_cfg = SPAGConfig(games=args.games, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
                           rules=args.rules, kl_coeff=args.kl_coeff, sft_coeff=args.sft_coeff, clip=args.clip,
-                          reference=args.reference, lr=args.spag_lr, passes=args.passes, game_batch_size=gbs,
+                          reference_policy=args.reference, lr=args.spag_lr, passes=args.passes, game_batch_size=gbs,
                           sft_batch_size=sbs, log_every=args.log_every)
 
     def eval_fn(m, epoch):

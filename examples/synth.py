@@ -1,6 +1,6 @@
 """Synthetic data generation and curation on arithmetic: an SFT'd teacher writes worked solutions, a verifier
 and dedup curate them, and fresh students trained on the data show what curation buys (Long et al.,
-arXiv 2406.15126; `elleci.algos.synth`).
+arXiv 2406.15126; `elleci.algos.curation.synth`).
 
     python examples/synth.py                                  # one seed, CPU (base and teacher cached under --cache)
     python examples/synth.py --seeds 0 1 2                    # the README's table
@@ -49,15 +49,15 @@ from pathlib import Path
 from elleci._io import write_json_atomic
 from elleci.algos.loop import sample_batches, train_loop
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
-from elleci.algos.synth import (AttributeGrid, LMTeacher, TaskSpec, build_prompts, generate, render_prompt,
+from elleci.algos.curation.synth import (AttributeGrid, LMTeacher, TaskSpec, build_prompts, generate, render_prompt,
                                 select_demos, write_records)
-from elleci.algos.synth_filters import (apply_filters, exact_dedup_filter, near_dedup_filter, self_consistency_filter,
+from elleci.algos.curation.synth_filters import (apply_filters, exact_dedup_filter, near_dedup_filter, self_consistency_filter,
                                         verifier_filter)
-from elleci.algos.synth_metrics import (dataset_report, inverse_frequency_weights, self_bleu, weighted_batches,
+from elleci.algos.curation.synth_metrics import (dataset_report, inverse_frequency_weights, self_bleu, weighted_batches,
                                         with_weights)
 from elleci.model.lora import LoraConfig, apply_lora, load_adapter, save_adapter
 from elleci.tasks import arithmetic
-from elleci.tasks.pipeline import (QUICK, PipelineConfig, base_key, cached_base, evaluate, prefixed_tables,
+from elleci.testbed.pipeline import (QUICK, PipelineConfig, base_key, cached_base, evaluate, prefixed_tables,
                                    problems, resumable_seeds, run_sft)
 
 SPEC = TaskSpec("arithmetic-worked-solutions", "Solve:", attribute_template="level {level}: {operations}")

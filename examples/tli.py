@@ -13,7 +13,7 @@ dropout 0.05) on the blocks below the target layer; train the contrastive loss o
 vectors of TRAIN_PAIRS; then print before/after for the training pairs and the held-out CONTROL_PAIRS at
 the target layer and at the final layer (the paper's "output-level" metric, where it reports +28%).
 
-Metrics (elleci.algos.tli): translation cos = mean cosine of translation pairs; random cos = the same
+Metrics (elleci.algos.merging.tli): translation cos = mean cosine of translation pairs; random cos = the same
 over mismatched pairs (a derangement); gap = their difference; P@1 = how often an Italian word's nearest
 English word (among the set's) is its translation. Writes OUT/results.json and OUT/seed<k>/metrics.jsonl.
 
@@ -29,10 +29,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from elleci._io import write_json_atomic
-from elleci.algos import tli
+from elleci.algos.merging import tli
 from elleci.model import ElleciLM, Tokenizer
 from elleci.tasks.lexicon import CONTROL_PAIRS, TRAIN_PAIRS
-from elleci.tasks.pipeline import QUICK, PipelineConfig, cached_base, problems, seed_table
+from elleci.testbed.pipeline import QUICK, PipelineConfig, cached_base, problems, seed_table
 
 METRICS = [("pair_cos", "translation cos"), ("random_cos", "random-pair cos"), ("gap", "gap"), ("p_at_1", "P@1")]
 

@@ -19,7 +19,7 @@ from elleci.algos.loop import sample_batches, train_loop
 from elleci.algos.preference import collate_fn, encode_feedback, feedback_step, precompute_reference
 from elleci.model.lora import save_adapter
 from elleci.tasks import arithmetic
-from elleci.tasks.pipeline import QUICK, PipelineConfig, build_base, evaluate, load_stage, problems, run_sft
+from elleci.testbed.pipeline import QUICK, PipelineConfig, build_base, evaluate, load_stage, problems, run_sft
 
 
 def parse_args(argv=None):

@@ -1,7 +1,7 @@
 """The one seam from model to losses: log-probabilities of given tokens, never the full logits.
 
     logps = sequence_logprobs(model, input_ids, labels)                  # [B] Σ_t log π(y_t | y_<t)
-    tok = sequence_logprobs(model, input_ids, labels, reduction="none")  # [B, L-1] per token (0 where ignored)
+    tok = sequence_logprobs(model, input_ids, labels, token_reduction="none")  # [B, L-1] per token (0 where ignored)
     chosen, rejected = concatenated_logprobs(model, chosen_ids, chosen_labels, rejected_ids, rejected_labels)
 
 `labels` is aligned with `input_ids` (same shape, HF convention): labels[b, t] is the token scored at
@@ -9,7 +9,8 @@ position t, predicted from positions < t, or -100 where nothing is scored (promp
 position t's hidden state scores labels[b, t+1]. The per-token log-probs come from
 `elleci.kernels.token_logprobs(h, lm_head.weight, labels)`, fused with the lm_head matmul.
 
-Sum vs mean is explicit (DESIGN §5): DPO/UNA use sums of response tokens, IPO and SimPO-style
+Sum vs mean over tokens is explicit (DESIGN §5), as `token_reduction` (never `reduction`, which means
+the reduction over the batch in every loss): DPO/UNA use sums of response tokens, IPO and SimPO-style
 methods length-averaged ones ("mean" = sum / number of scored tokens, 0 for a row with none).
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from ..kernels.logprobs import token_logprobs
 
 IGNORE_INDEX = -100
-REDUCTIONS = ("sum", "mean", "none")
+TOKEN_REDUCTIONS = ("sum", "mean", "none")
 
 
 def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -32,19 +33,19 @@ def token_logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: 
     return token_logprobs(hidden[:, :-1], weight, labels[:, 1:], ignore_index)
 
 
-def reduce_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduce_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, token_reduction: str) -> torch.Tensor:
     """[B, T] per-token log-probs (0 where ~mask) → [B] sum or mean over mask, or unchanged ("none")."""
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction={reduction!r}; choose one of {REDUCTIONS}")
-    if reduction == "none":
+    if token_reduction not in TOKEN_REDUCTIONS:
+        raise ValueError(f"token_reduction={token_reduction!r}; choose one of {TOKEN_REDUCTIONS}")
+    if token_reduction == "none":
         return token_logps
     total = (token_logps * mask).sum(-1)
-    return total if reduction == "sum" else total / mask.sum(-1).clamp(min=1)
+    return total if token_reduction == "sum" else total / mask.sum(-1).clamp(min=1)
 
 
-def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, *, reduction: str = "sum",
+def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, *, token_reduction: str = "sum",
                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """log π(labels | prefix) per sequence ([B]) or per token ([B, L-1] with reduction="none").
+    """log π(labels | prefix) per sequence ([B]) or per token ([B, L-1] with token_reduction="none").
 
     `model` is an ElleciLM (anything with `hidden_states(ids, attention_mask)` and `lm_head`). Right
     padding needs no attention mask (the model is causal; padded labels are -100).
@@ -53,7 +54,7 @@ def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, *, r
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} must have one shape")
     h = model.hidden_states(input_ids, attention_mask)                   # [B, L, d]
     tok = token_logps_from_hidden(h, model.lm_head.weight, labels)        # [B, L-1]
-    return reduce_token_logps(tok, labels[:, 1:] != IGNORE_INDEX, reduction)
+    return reduce_token_logps(tok, labels[:, 1:] != IGNORE_INDEX, token_reduction)
 
 
 def pad_to(ids: torch.Tensor, length: int, value: int) -> torch.Tensor:
@@ -62,7 +63,7 @@ def pad_to(ids: torch.Tensor, length: int, value: int) -> torch.Tensor:
 
 
 def concatenated_logprobs(model, chosen_ids: torch.Tensor, chosen_labels: torch.Tensor, rejected_ids: torch.Tensor,
-                          rejected_labels: torch.Tensor, *, reduction: str = "sum", pad_token_id: int = 0
+                          rejected_labels: torch.Tensor, *, token_reduction: str = "sum", pad_token_id: int = 0
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected in one forward pass ([2B, L] after right-padding both to one length) → ([B], [B])."""
     if chosen_ids.shape[0] != rejected_ids.shape[0]:
@@ -70,5 +71,5 @@ def concatenated_logprobs(model, chosen_ids: torch.Tensor, chosen_labels: torch.
     L = max(chosen_ids.shape[1], rejected_ids.shape[1])
     ids = torch.cat([pad_to(chosen_ids, L, pad_token_id), pad_to(rejected_ids, L, pad_token_id)])
     labels = torch.cat([pad_to(chosen_labels, L, IGNORE_INDEX), pad_to(rejected_labels, L, IGNORE_INDEX)])
-    logps = sequence_logprobs(model, ids, labels, reduction=reduction)
+    logps = sequence_logprobs(model, ids, labels, token_reduction=token_reduction)
     return logps[: chosen_ids.shape[0]], logps[chosen_ids.shape[0]:]

@@ -10,9 +10,11 @@ The reference model is explicit (DESIGN §5), one of:
                     memory during training — the path for small GPUs;
     "adapters"      the same model with its LoRA adapters disabled (`disable_adapters`): the reference is
                     whatever the adapters were applied to;
-    an nn.Module    a frozen copy (e.g. `copy.deepcopy(model).eval()` before training).
+    "frozen"        a frozen deep copy of the model taken at the first step;
+    "snapshot"      the trainable parameters at the first step, swapped in for each reference pass;
+    an nn.Module    a frozen model given by the caller (`elleci.algos.reference` holds the vocabulary).
 Single-response feedback (UNA binary / score) uses the same machinery with `encode_feedback` and
-`feedback_step`. Log-probs are summed over response tokens unless `reduction="mean"` is given.
+`feedback_step`. Log-probs are summed over response tokens unless `token_reduction="mean"` is given.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..model.lora import disable_adapters, lora_modules
+from .reference import check_reference, resolve_reference
 from .chat import collate, encode_prompt_response
 from .logprobs import IGNORE_INDEX, concatenated_logprobs, sequence_logprobs
 
@@ -84,22 +86,20 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _pair_logps(model, b: dict, reduction: str):
+def _pair_logps(model, b: dict, token_reduction: str):
     return concatenated_logprobs(model, b["chosen_ids"], b["chosen_labels"], b["rejected_ids"], b["rejected_labels"],
-                                 reduction=reduction, pad_token_id=b["pad_token_id"])
+                                 token_reduction=token_reduction, pad_token_id=b["pad_token_id"])
 
 
-def _reference_call(reference, model, fn):
-    """Evaluate fn(ref_model) without gradients under the chosen reference."""
-    with torch.no_grad():
-        if reference == "adapters":
-            if not lora_modules(model):
-                raise ValueError("reference='adapters' needs a model with LoRA adapters (apply_lora first)")
-            with disable_adapters(model):
-                return fn(model)
-        if isinstance(reference, torch.nn.Module):
-            return fn(reference)
-    raise ValueError(f"unknown reference {reference!r}: 'precomputed', 'adapters' or a frozen nn.Module")
+STEP_REFERENCES = ("adapters", "frozen", "snapshot")       # + "precomputed", read from the batch
+
+
+def _reference_call(resolved: dict, reference, model, fn):
+    """fn(π_ref) without gradients; the reference is resolved at the first call ("frozen" and "snapshot"
+    copy the model as it is then, i.e. before the first update) and kept in `resolved`."""
+    if "ref" not in resolved:
+        resolved["ref"] = resolve_reference(model, reference, allowed=STEP_REFERENCES)
+    return resolved["ref"].run(fn)
 
 
 def _nll(logps_sum: torch.Tensor, labels: torch.Tensor, select: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,27 +111,30 @@ def _nll(logps_sum: torch.Tensor, labels: torch.Tensor, select: torch.Tensor | N
     return nll.mean()
 
 
-def pairwise_step(loss_fn: Callable, *, reference="precomputed", reduction: str = "sum", nll_weight: float = 0.0,
+def pairwise_step(loss_fn: Callable, *, reference="precomputed", token_reduction: str = "sum", nll_weight: float = 0.0,
                   **loss_kw) -> Callable:
     """step(model, batch) for `train_loop`: policy log-probs in one concatenated forward, the reference's,
     then `loss_fn(pc, pr, rc, rr, **loss_kw)` (dpo_loss, ipo_loss, hinge_loss, robust_dpo_loss, ...).
 
     `nll_weight` α > 0 adds α·NLL(chosen) (per-token mean), as RPO / Iterative RPO (Pang et al. 2024,
     arXiv 2404.19733) do to stop the chosen likelihood from falling; α = 0 is the plain loss."""
+    check_reference(reference, ("precomputed",) + STEP_REFERENCES)
+    resolved = {}
+
     def step(model, batch):
         b = _to(batch, next(model.parameters()).device)
-        pc, pr = _pair_logps(model, b, reduction)
+        pc, pr = _pair_logps(model, b, token_reduction)
         if reference == "precomputed":
             if b["ref_chosen_logps"] is None or b["ref_rejected_logps"] is None:
                 raise ValueError("reference='precomputed' but the items carry no ref_chosen_logps / "
                                  "ref_rejected_logps: call precompute_reference(ref_model, items) first")
             rc, rr = b["ref_chosen_logps"], b["ref_rejected_logps"]
         else:
-            rc, rr = _reference_call(reference, model, lambda m: _pair_logps(m, b, reduction))
+            rc, rr = _reference_call(resolved, reference, model, lambda m: _pair_logps(m, b, token_reduction))
         loss, metrics = loss_fn(pc, pr, rc, rr, **loss_kw)
         if nll_weight:
-            if reduction != "sum":
-                raise ValueError("nll_weight needs reduction='sum' (the NLL is normalised per token here)")
+            if token_reduction != "sum":
+                raise ValueError("nll_weight needs token_reduction='sum' (the NLL is normalised per token here)")
             nll = _nll(pc, b["chosen_labels"])
             loss = loss + nll_weight * nll
             metrics = {**metrics, "nll/chosen": nll.detach()}
@@ -139,26 +142,29 @@ def pairwise_step(loss_fn: Callable, *, reference="precomputed", reduction: str 
     return step
 
 
-def feedback_step(loss_fn: Callable, *, reference="precomputed", reduction: str = "sum", nll_weight: float = 0.0,
+def feedback_step(loss_fn: Callable, *, reference="precomputed", token_reduction: str = "sum", nll_weight: float = 0.0,
                   **loss_kw) -> Callable:
     """step(model, batch) for single-response feedback: `loss_fn(policy_logps, ref_logps, targets, **loss_kw)`
     (una_binary_loss with labels, una_score_loss with scores). `nll_weight` α > 0 adds α·NLL of the
     responses whose target is 1 (desired / fully correct), as `pairwise_step` does for chosen ones."""
+    check_reference(reference, ("precomputed",) + STEP_REFERENCES)
+    resolved = {}
+
     def step(model, batch):
         b = _to(batch, next(model.parameters()).device)
-        logps = sequence_logprobs(model, b["ids"], b["labels"], reduction=reduction)
+        logps = sequence_logprobs(model, b["ids"], b["labels"], token_reduction=token_reduction)
         if reference == "precomputed":
             if b["ref_logps"] is None:
                 raise ValueError("reference='precomputed' but the items carry no ref_logps: "
                                  "call precompute_reference(ref_model, items) first")
             ref = b["ref_logps"]
         else:
-            ref = _reference_call(reference, model, lambda m: sequence_logprobs(m, b["ids"], b["labels"],
-                                                                                  reduction=reduction))
+            ref = _reference_call(resolved, reference, model, lambda m: sequence_logprobs(m, b["ids"], b["labels"],
+                                                                                  token_reduction=token_reduction))
         loss, metrics = loss_fn(logps, ref, b["target"], **loss_kw)
         if nll_weight:
-            if reduction != "sum":
-                raise ValueError("nll_weight needs reduction='sum' (the NLL is normalised per token here)")
+            if token_reduction != "sum":
+                raise ValueError("nll_weight needs token_reduction='sum' (the NLL is normalised per token here)")
             nll = _nll(logps, b["labels"], select=(b["target"] == 1).float())
             loss = loss + nll_weight * nll
             metrics = {**metrics, "nll/desired": nll.detach()}
@@ -168,7 +174,7 @@ def feedback_step(loss_fn: Callable, *, reference="precomputed", reduction: str 
 
 @torch.no_grad()
 def precompute_reference(ref_model, items: list[dict], *, pad_token_id: int = 1, batch_size: int = 32,
-                         reduction: str = "sum") -> list[dict]:
+                         token_reduction: str = "sum") -> list[dict]:
     """Store the reference log-probs in each item (in place; also returned): ref_chosen_logps /
     ref_rejected_logps for pairs, ref_logps for single responses. Run once, before training."""
     was_training = ref_model.training
@@ -179,12 +185,12 @@ def precompute_reference(ref_model, items: list[dict], *, pad_token_id: int = 1,
             chunk = items[i: i + batch_size]
             if "chosen" in chunk[0]:
                 b = _to(pair_collate(chunk, pad_token_id), device)
-                rc, rr = _pair_logps(ref_model, b, reduction)
+                rc, rr = _pair_logps(ref_model, b, token_reduction)
                 for it, c, r in zip(chunk, rc.tolist(), rr.tolist()):
                     it["ref_chosen_logps"], it["ref_rejected_logps"] = c, r
             else:
                 b = _to(feedback_collate(chunk, pad_token_id), device)
-                for it, v in zip(chunk, sequence_logprobs(ref_model, b["ids"], b["labels"], reduction=reduction).tolist()):
+                for it, v in zip(chunk, sequence_logprobs(ref_model, b["ids"], b["labels"], token_reduction=token_reduction).tolist()):
                     it["ref_logps"] = v
     finally:
         ref_model.train(was_training)

@@ -37,7 +37,7 @@ def sft_step(model, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Ten
     ids, labels = batch
     device = next(model.parameters()).device
     ids, labels = ids.to(device), labels.to(device)
-    tok = sequence_logprobs(model, ids, labels, reduction="none")      # [B, L-1]
+    tok = sequence_logprobs(model, ids, labels, token_reduction="none")      # [B, L-1]
     return sft_loss(tok, labels[:, 1:] != IGNORE_INDEX)
 
 

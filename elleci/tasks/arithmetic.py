@@ -20,7 +20,7 @@ of them held out). Everything is deterministic given the seed; no global RNG is 
     train = make_problems(2000, seed=0, levels=(1,), split="train")
     sft = sft_examples(train)                      # [[user msg, assistant msg], ...]
     pairs = preference_pairs(train, seed=0)        # {"prompt", "chosen", "rejected"}
-    report = evaluate(model, tokenizer, make_problems(200, seed=1, levels=(1,), split="test"))
+    report = evaluate(completer(model, tokenizer), make_problems(200, seed=1, levels=(1,), split="test"))
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..algos.sampling import complete, prompt_ids
 
 LEVELS = (1, 2, 3)
 SPLITS = ("train", "test")
@@ -248,21 +247,21 @@ def scored_feedback(problems: Sequence[Problem], seed: int = 0, p_good: float = 
 
 # ----------------------------------------------------------------------------- evaluation
 
-def generate_completions(model, tokenizer, problems: Sequence[Problem], *, max_new_tokens: int = 32,
+def generate_completions(complete, problems: Sequence[Problem], *, max_new_tokens: int = 32,
                          batch_size: int = 32) -> list[str]:
-    """Greedy completions (new tokens only, cut at the first <|im_end|> / <|endoftext|>, special
-    tokens dropped) for each problem's chat prompt. The model's train/eval mode is restored."""
-    ids = prompt_ids(tokenizer, [prompt_messages(p) for p in problems])
-    return complete(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+    """Greedy completions of each problem's chat prompt by `complete`, a completion function
+    (`elleci.testbed.completion.completer(model, tok)`: new tokens only, cut at the first stop token)."""
+    return complete([prompt_messages(p) for p in problems], max_new_tokens=max_new_tokens, temperature=0.0,
+                    batch_size=batch_size)
 
 
-def evaluate(model, tokenizer, problems: Sequence[Problem], *, max_new_tokens: int = 32,
-             batch_size: int = 32) -> dict:
-    """Greedy-decoding accuracy: {"accuracy", "n", "correct", "accuracy_by_level": {level: acc}}."""
+def evaluate(complete, problems: Sequence[Problem], *, max_new_tokens: int = 32, batch_size: int = 32) -> dict:
+    """Greedy-decoding accuracy: {"accuracy", "n", "correct", "accuracy_by_level": {level: acc}}, the
+    responses written by `complete` (a completion function, see `generate_completions`)."""
     problems = list(problems)
     if not problems:
         raise ValueError("evaluate needs at least one problem")
-    texts = generate_completions(model, tokenizer, problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    texts = generate_completions(complete, problems, max_new_tokens=max_new_tokens, batch_size=batch_size)
     ok = [verify(p, t) for p, t in zip(problems, texts)]
     by_level: dict[int, list[bool]] = {}
     for p, good in zip(problems, ok):

@@ -1,5 +1,5 @@
 """A generated corpus of documents with known facts: the test bed of corpus distillation
-(`elleci.algos.distill`).
+(`elleci.algos.curation.distill`).
 
 Each of `people` invented persons (the names of `elleci.tasks.grounded_qa`) has one value per relation
 (a consistent world); a document is a few paragraphs, each about one person and stating some of that
@@ -10,7 +10,7 @@ documents and a fact may be repeated. The corpus's facts are those stated somewh
     write_corpus(corpus, "docs/")                      # doc00.txt, doc01.md (with a heading), ...
     facts = read_facts("docs/")                        # == corpus.facts: the checker needs only the folder
     check_triple(facts, "Where does Anna live?", "Anna lives in Milan.")   # {"true", "answers_question", ...}
-    score_records(facts, records)                      # precision of kept triples, coverage of the facts
+    # scoring distilled records against the facts: elleci.testbed.distill_eval.score_records
 
 A triple is *correct* when its answer is true (it has at least one claim and every claim, read back by
 `grounded_qa.parse_claim`, is a fact of the corpus) and answers the question (some claim is about the
@@ -19,7 +19,6 @@ triple states it as the answer to its question. Deterministic given the seed; no
 """
 from __future__ import annotations
 
-import math
 import random
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._io import atomic_path
-from ..algos.distill import DUPLICATE, EMPTY, read_documents
+from ..data import read_documents
 from .grounded_qa import NAMES, RELATIONS, Fact, parse_claim, render_fact, split_sentences
 
 _QUESTION_RES = {rel: re.compile("^" + re.escape(r.question).replace(re.escape("{s}"), r"([A-Za-z]+)") + "$")
@@ -119,28 +118,6 @@ def covered_facts(facts: Iterable[Fact], triples: Iterable[tuple[str, str]]) -> 
     """The facts stated as the correct answer of some (question, answer) pair."""
     facts = frozenset(facts)
     return {c["fact"] for q, a in triples if (c := check_triple(facts, q, a))["correct"]}
-
-
-def score_records(facts: Iterable[Fact], records: Sequence[Mapping], *, kept_only: bool = True) -> dict:
-    """Precision and coverage of distilled records ({"question", "answer", "keep", "source_retrieved"}).
-
-    Returns {"triples" (kept, or all when not kept_only), "precision" (correct / triples),
-    "answer_true" (true / triples), "coverage" (covered facts / all facts), "covered", "facts",
-    "source_retrieved" (the question's own chunk was among the retrieved ones), "judge_accuracy" (the
-    judge's keep agrees with correctness; duplicates count as kept by the judge, empty answers are left
-    out)}, the last two over all records; NaN where a denominator is 0."""
-    facts = frozenset(facts)
-    rows = [r for r in records if r["keep"] or not kept_only]
-    checks = [check_triple(facts, r["question"], r["answer"]) for r in rows]
-    covered = {c["fact"] for c in checks if c["correct"]}
-    ratio = lambda a, b: a / b if b else math.nan
-    judged = [(r["keep"] or r["reason"] == DUPLICATE, check_triple(facts, r["question"], r["answer"])["correct"])
-              for r in records if r["reason"] != EMPTY]
-    return {"triples": len(rows), "precision": ratio(sum(c["correct"] for c in checks), len(rows)),
-            "answer_true": ratio(sum(c["true"] for c in checks), len(rows)),
-            "coverage": ratio(len(covered), len(facts)), "covered": len(covered), "facts": len(facts),
-            "source_retrieved": ratio(sum(bool(r.get("source_retrieved")) for r in records), len(records)),
-            "judge_accuracy": ratio(sum(k == c for k, c in judged), len(judged))}
 
 
 # ----------------------------------------------------------------------------- a task-aware agent

@@ -26,7 +26,7 @@ examples have distinct prompts; deterministic in the seed, no global RNG.
     tasks = make_tasks(TASKS, 1500, seed=0)                      # {task: [Example]} (small spaces give fewer)
     conv = conversation(tasks["reverse"][0], style=True)        # [user, assistant] messages
     follows_style("Sure!\\nFinal answer: 1 8 3")                  # True
-    report = evaluate(model, tok, make_tasks(TASKS, 40, seed=1000, split="test"))
+    report = evaluate(completer(model, tok, sort_by_length=True), make_tasks(TASKS, 40, seed=1000, split="test"))
 """
 from __future__ import annotations
 
@@ -36,7 +36,6 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..algos.sampling import complete, prompt_ids
 from . import arithmetic, grounded_qa, lexicon, translation
 from .corpus import WORDS
 
@@ -225,21 +224,16 @@ def make_tasks(names: Sequence[str] = TASKS, n: int = 1000, seed: int = 0, split
 
 # ----------------------------------------------------------------------------------------- evaluation
 
-def evaluate(model, tokenizer, tasks: Mapping[str, Sequence[Example]], *, max_new_tokens: int = 48,
+def evaluate(complete, tasks: Mapping[str, Sequence[Example]], *, max_new_tokens: int = 48,
              batch_size: int = 64) -> dict[str, dict]:
     """Greedy responses to every prompt → {task: {"accuracy", "adherence", "strict", "n"}}: accuracy by
-    `is_correct` (either format), adherence by `follows_style`, strict = both. Prompts are generated in
-    order of length (less padding); the results do not depend on that order."""
+    `is_correct` (either format), adherence by `follows_style`, strict = both. `complete` is a completion
+    function (`elleci.testbed.completion.completer(model, tok, sort_by_length=True)`: less padding)."""
     examples = [ex for items in tasks.values() for ex in items]
     if not examples:
         raise ValueError("evaluate needs at least one example")
-    ids = prompt_ids(tokenizer, [ex.prompt for ex in examples])
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    outs = complete(model, tokenizer, [ids[i] for i in order], max_new_tokens=max_new_tokens,
-                    temperature=0.0, batch_size=batch_size)
-    texts = [""] * len(ids)
-    for i, text in zip(order, outs):
-        texts[i] = text
+    texts = complete([ex.prompt for ex in examples], max_new_tokens=max_new_tokens, temperature=0.0,
+                     batch_size=batch_size)
     report, k = {}, 0
     for name, items in tasks.items():
         acc = [is_correct(ex, t) for ex, t in zip(items, texts[k:k + len(items)])]

@@ -14,7 +14,7 @@ dice" correctly for only ~3% of the lexicon, so on them only the fine-tuned word
 
     texts = pretraining_texts(PAIRS, seed=0)
     sft = sft_examples(TRAIN_PAIRS)
-    report = evaluate(model, tok, CONTROL_PAIRS)       # {"accuracy", "n", "correct"}
+    report = evaluate(completer(model, tok), CONTROL_PAIRS)       # {"accuracy", "n", "correct"}
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import random
 import re
 from collections.abc import Sequence
 
-from ..algos.sampling import complete, prompt_ids
 
 Pair = tuple[str, str]            # (italian, english)
 Messages = list[dict]
@@ -72,10 +71,11 @@ def verify(pair: Pair, text: str) -> bool:
     return normalise(text) == pair[1].lower()
 
 
-def evaluate(model, tokenizer, pairs: Sequence[Pair], *, max_new_tokens: int = 8, batch_size: int = 64) -> dict:
-    """Greedy exact-match accuracy: {"accuracy", "n", "correct"}."""
+def evaluate(complete, pairs: Sequence[Pair], *, max_new_tokens: int = 8, batch_size: int = 64) -> dict:
+    """Greedy exact-match accuracy: {"accuracy", "n", "correct"}; `complete` is a completion function
+    (`elleci.testbed.completion.completer(model, tok)`)."""
     pairs = _check(pairs)
-    ids = prompt_ids(tokenizer, [prompt_messages(it) for it, _ in pairs])
-    texts = complete(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+    texts = complete([prompt_messages(it) for it, _ in pairs], max_new_tokens=max_new_tokens, temperature=0.0,
+                     batch_size=batch_size)
     ok = [verify(p, t) for p, t in zip(pairs, texts)]
     return {"accuracy": sum(ok) / len(ok), "n": len(ok), "correct": sum(ok)}

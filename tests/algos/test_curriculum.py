@@ -1,4 +1,4 @@
-"""Tests for elleci.algos.curriculum (Vision-Flan two-stage tuning, spec §5: its oracles), the instruction
+"""Tests for elleci.algos.curation.curriculum (Vision-Flan two-stage tuning, spec §5: its oracles), the instruction
 tasks and response style of elleci.tasks.instructions, and examples/curriculum.py --quick."""
 import collections
 import copy
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from elleci.algos.curriculum import (STAGE2_TASK, CurriculumConfig, StageConfig, allocate, cap_tasks,
+from elleci.algos.curation.curriculum import (STAGE2_TASK, CurriculumConfig, StageConfig, allocate, cap_tasks,
                                      example_probabilities, mix, plan_stages, run_stages, split_stages,
                                      task_batches, task_probabilities)
 from elleci.algos.sft import sft_collate, sft_step

@@ -1,16 +1,16 @@
-"""DiffCoT (our formulation, elleci.algos.diffcot): the spec's oracles (§6.3), segmentation, verifiers, window
+"""DiffCoT (our formulation, elleci.algos.reasoning.diffcot): the spec's oracles (§6.3), segmentation, verifiers, window
 pairs on hand cases, the windowed decoder's bookkeeping, and the example's --quick run."""
 import json
 
 import pytest
 import torch
 
-from elleci.algos.diffcot import (StepPool, build_pools, build_window_pairs, causal_schedule, encode_window_pairs,
+from elleci.algos.reasoning.diffcot import (StepPool, build_pools, build_window_pairs, causal_schedule, encode_window_pairs,
                                   model_step_fn, rank_noise, revise_decode, window_pair)
-from elleci.algos.diffcot_data import (arithmetic_step_score, encode_with_context, is_answer_step, mc_step_scores,
+from elleci.algos.reasoning.diffcot_data import (arithmetic_step_score, encode_with_context, is_answer_step, mc_step_scores,
                                        model_rollouts, parse_output, parse_question, propose_steps, render_context,
                                        render_target, split_steps)
-from elleci.algos.dpo import dpo_loss
+from elleci.algos.alignment.dpo import dpo_loss
 from elleci.algos.logprobs import sequence_logprobs
 from elleci.algos.preference import collate_fn, pairwise_step, precompute_reference
 from elleci.algos.chat import collate

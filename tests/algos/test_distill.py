@@ -1,4 +1,4 @@
-"""Tests for elleci.algos.distill (+ distill_rules, distill_lm, retrieval): stub agents give exactly the expected
+"""Tests for elleci.algos.curation.distill (+ distill_rules, distill_lm, retrieval): stub agents give exactly the expected
 JSONL, BM25 against hand-derived scores, resume = uninterrupted run, judges' reasons, the spec's oracles (§7.2)
 and the example's --quick run."""
 import contextlib
@@ -11,14 +11,14 @@ import re
 import pytest
 import torch
 
-from elleci.algos.distill import (DUPLICATE, EMPTY, Agents, Chunk, agent_name, batch_seed, chunk_text, distill,
+from elleci.algos.curation.distill import (DUPLICATE, EMPTY, Agents, Chunk, agent_name, batch_seed, chunk_text, distill,
                                   load_chunks, read_records, round_robin)
-from elleci.algos.distill_lm import LMAnswerer, LMJudge, LMQuestionGenerator, first_question, open_question
-from elleci.algos.distill_rules import (OverlapJudge, cloze_questions, keep_all, normalise_question,
+from elleci.algos.curation.distill_lm import LMAnswerer, LMJudge, LMQuestionGenerator, first_question, open_question
+from elleci.algos.curation.distill_rules import (OverlapJudge, cloze_questions, keep_all, normalise_question,
                                         overlap_answerer, term_preference, term_similarity, terms)
-from elleci.algos.distill import Triple
-from elleci.algos.retrieval import BM25, BM25Retriever, EmbeddingRetriever, s_stem, tokenize
-from elleci.algos.rlaif_v import NO, YES, answer_token_ids
+from elleci.algos.curation.distill import Triple
+from elleci.algos.curation.retrieval import BM25, BM25Retriever, EmbeddingRetriever, s_stem, tokenize
+from elleci.algos.alignment.rlaif_v import NO, YES, answer_token_ids
 from elleci.model import ElleciConfig, ElleciLM, Tokenizer
 from elleci.tasks.documents import make_corpus, template_questions, write_corpus
 from elleci.tasks.grounded_qa import make_items, pretraining_texts

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from elleci.algos.dpo import dpo_loss, hinge_loss, ipo_loss, robust_dpo_loss
+from elleci.algos.alignment.dpo import dpo_loss, hinge_loss, ipo_loss, robust_dpo_loss
 
 LOSSES = [dpo_loss, ipo_loss, hinge_loss, robust_dpo_loss]
 LOG2 = math.log(2.0)

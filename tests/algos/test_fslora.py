@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from elleci.algos.fslora import (FSLoRAConfig, client_batches, client_update, derive_seed, dirichlet_split,
+from elleci.algos.merging.fslora import (FSLoRAConfig, client_batches, client_update, derive_seed, dirichlet_split,
                                  draw_sketch, fslora_round, lora_parameters, make_server_optimizer, plan_round,
                                  resolve_ranks, run_fslora, server_step, sketch_masks, sketch_matrix)
 from elleci.algos.sft import sft_collate, sft_step

@@ -7,15 +7,15 @@ import json
 import pytest
 import torch
 
-from elleci.algos.grpo import (GRPOConfig, aggregator, arithmetic_reward, arithmetic_steps, dr_grpo_sum,
-                               group_advantages, grpo_loss, k3_kl, kimi_length_reward, process_advantages,
+from elleci.algos.reasoning.grpo import (GRPOConfig, aggregator, dr_grpo_sum, group_advantages, grpo_loss, k3_kl, kimi_length_reward, process_advantages,
                                process_grid, reference_logps_fn, run_grpo, sample_groups, seq_mean_token_mean,
                                token_ends, token_mean)
 from elleci.algos.logprobs import sequence_logprobs
-from elleci.algos.long_cot import arithmetic_trace, long_cot_response
+from elleci.algos.reasoning.long_cot import arithmetic_trace, long_cot_response
 from elleci.model import ElleciConfig, ElleciLM, Tokenizer
 from elleci.model.lora import LoraConfig, apply_lora, lora_modules
 from elleci.tasks import arithmetic
+from elleci.testbed.arithmetic_rewards import arithmetic_reward, arithmetic_steps
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def test_oracle_mu1_clipped_gradient_equals_vanilla_policy_gradient(tok, name):
 
     def grads(loss_fn):
         model.zero_grad()
-        logps = sequence_logprobs(model, ids, labels, reduction="none")
+        logps = sequence_logprobs(model, ids, labels, token_reduction="none")
         loss_fn(logps).backward()
         return [p.grad.clone() for p in model.parameters() if p.grad is not None]
 
@@ -125,7 +125,7 @@ def test_one_step_raises_the_rewarded_completion_and_lowers_the_others(tok):
     adv = group_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]])).flatten()
     before = sequence_logprobs(model, ids, labels).detach()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    logps = sequence_logprobs(model, ids, labels, reduction="none")
+    logps = sequence_logprobs(model, ids, labels, token_reduction="none")
     grpo_loss(logps, logps.detach(), adv, mask, beta=0.0)[0].backward()
     opt.step()
     delta = sequence_logprobs(model, ids, labels).detach() - before
@@ -239,8 +239,8 @@ def test_references(tok):
         torch.nn.init.normal_(m.lora_B, std=0.5)
     with pytest.raises(ValueError, match="not the initial policy"):
         reference_logps_fn(model, "adapters")
-    copy_fn, snap_fn = reference_logps_fn(model, "copy"), reference_logps_fn(model, "snapshot")
-    before = sequence_logprobs(model, ids, ids, reduction="none").detach()
+    copy_fn, snap_fn = reference_logps_fn(model, "frozen"), reference_logps_fn(model, "snapshot")
+    before = sequence_logprobs(model, ids, ids, token_reduction="none").detach()
     assert not torch.allclose(before, fresh)
     for m in lora_modules(model).values():                                    # the policy moves on
         torch.nn.init.normal_(m.lora_B, std=0.5)
@@ -263,22 +263,24 @@ def test_run_grpo_end_to_end(tok, tmp_path):
     parity = lambda p, text, stopped: (sum(map(ord, text)) % 2 == 0, stopped)   # noqa: E731 - varied rewards
     cfg = GRPOConfig(steps=2, prompts_per_step=2, group_size=3, max_new_tokens=6, reference="snapshot", lr=1e-2)
     lines = []
-    hist = run_grpo(model, tok, train, cfg, reward_fn=parity, jsonl_path=tmp_path / "m.jsonl", print_fn=lines.append)
+    hist = run_grpo(model, tok, train, cfg, reward_fn=parity, render=arithmetic.prompt_messages, jsonl_path=tmp_path / "m.jsonl", print_fn=lines.append)
     assert [h["step"] for h in hist] == [0, 1] and len(lines) == 2 and "| kl " in lines[0]
     assert hist[0]["kl"] == pytest.approx(0.0, abs=1e-6)                      # π_θ = π_ref at the first step
     assert all(0 <= h["accuracy"] <= 1 and 1 <= h["length"] <= 6 for h in hist)
     assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters() if p.requires_grad)
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 2
     still = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    run_grpo(model, tok, train, GRPOConfig(steps=1, group_size=3, max_new_tokens=6), print_fn=None)   # all wrong
+    run_grpo(model, tok, train, GRPOConfig(steps=1, group_size=3, max_new_tokens=6), reward_fn=arithmetic_reward,
+             render=arithmetic.prompt_messages, print_fn=None)   # all wrong
     assert all(torch.equal(p, still[n]) for n, p in model.named_parameters() if p.requires_grad)   # Â = 0, KL = 0
     hist = run_grpo(model, tok, train, GRPOConfig(steps=1, group_size=3, max_new_tokens=6, advantage="process",
                                                   length_weight=0.5, aggregation="dr_grpo", mu=2),
-                    reward_fn=parity, print_fn=None)
+                    reward_fn=parity, step_fn=arithmetic_steps, render=arithmetic.prompt_messages, print_fn=None)
     assert torch.isfinite(torch.tensor(hist[0]["loss"]))
     for bad in (dict(reference="none"), dict(aggregation="dapo"), dict(group_size=1), dict(std="sample")):
         with pytest.raises(ValueError):
-            run_grpo(model, tok, train, GRPOConfig(**{"steps": 1, **bad}))
+            run_grpo(model, tok, train, GRPOConfig(**{"steps": 1, **bad}), reward_fn=parity,
+                     render=arithmetic.prompt_messages)
 
 
 def test_example_quick_run(load_example, tmp_path):

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from elleci.algos.iterative_dpo import (IterativeDPOConfig, build_pairs, per_response, round_robin_rewards,
+from elleci.algos.alignment.iterative_dpo import (IterativeDPOConfig, build_pairs, per_response, round_robin_rewards,
                                         run_iterative_dpo, select_pair, swapped_parameters, trainable_state)
 from elleci.model import ElleciConfig, ElleciLM, Tokenizer
 from elleci.model.lora import LoraConfig, apply_lora
@@ -62,8 +62,8 @@ def test_swapped_parameters_restores():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="reference="):
-        IterativeDPOConfig(reference="sft")
+    with pytest.raises(ValueError, match="reference_policy="):
+        IterativeDPOConfig(reference_policy="sft")
     with pytest.raises(ValueError, match="k >= 2"):
         IterativeDPOConfig(k=1)
 
@@ -96,7 +96,7 @@ def _cfg(**kw):
 
 @pytest.mark.parametrize("data", ["current", "aggregate"])
 def test_previous_iterate_reference_gives_log2_at_every_round_start(tok, data):
-    hist = run_iterative_dpo(_policy(tok), tok, PROMPTS, DIGITS, _cfg(reference="previous", data=data),
+    hist = run_iterative_dpo(_policy(tok), tok, PROMPTS, DIGITS, _cfg(reference_policy="previous", data=data),
                              print_fn=lambda *a: None)
     assert len(hist) == 2
     for m in hist:
@@ -106,7 +106,7 @@ def test_previous_iterate_reference_gives_log2_at_every_round_start(tok, data):
 
 
 def test_initial_reference_is_not_reset(tok):
-    hist = run_iterative_dpo(_policy(tok), tok, PROMPTS, DIGITS, _cfg(reference="initial"), print_fn=lambda *a: None)
+    hist = run_iterative_dpo(_policy(tok), tok, PROMPTS, DIGITS, _cfg(reference_policy="initial"), print_fn=lambda *a: None)
     assert hist[0]["first_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert abs(hist[1]["first_loss"] - math.log(2)) > 1e-4               # the policy moved away from π_0
 

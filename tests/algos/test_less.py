@@ -1,4 +1,4 @@
-"""LESS (elleci.algos.less, less_grads, less_store): the spec's oracles (specs/algos_merge_data.md §6.3), the
+"""LESS (elleci.algos.curation.less, less_grads, less_store): the spec's oracles (specs/algos_merge_data.md §6.3), the
 projection, per-example gradients (torch.func vs an autograd loop), warm-up checkpoints, the resumable datastore."""
 import copy
 import json
@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from elleci.algos import less_store
-from elleci.algos.less import (adam_preconditioned, aggregate_subtasks, checkpoint_weights, influence_matrix,
+from elleci.algos.curation import less_store
+from elleci.algos.curation.less import (adam_preconditioned, aggregate_subtasks, checkpoint_weights, influence_matrix,
                                less_scores, normalize_rows, project, projection_matrix, random_subset, select_top)
-from elleci.algos.less_grads import (WarmupCheckpoint, load_lora_state, lora_parameters, per_example_grads,
+from elleci.algos.curation.less_grads import (WarmupCheckpoint, load_lora_state, lora_parameters, per_example_grads,
                                      warmup_lora)
-from elleci.algos.less_store import collect_features, load_warmup_checkpoint, save_warmup_checkpoint
+from elleci.algos.curation.less_store import collect_features, load_warmup_checkpoint, save_warmup_checkpoint
 from elleci.algos.sft import sft_step
 from elleci.algos.chat import collate
 from elleci.model import ElleciConfig, ElleciLM

@@ -3,7 +3,7 @@ generators, and the model generator against `ElleciLM.generate`."""
 import pytest
 import torch
 
-from elleci.algos.long_cot import (ANSWER, THINK, BudgetTokens, answer_section, arithmetic_trace, budget_forcing,
+from elleci.algos.reasoning.long_cot import (ANSWER, THINK, BudgetTokens, answer_section, arithmetic_trace, budget_forcing,
                                    long_cot_examples, long_cot_response, model_generator, parse_long_cot, stepwise)
 from elleci.algos.sampling import prompt_ids
 from elleci.algos.sft import encode_sft

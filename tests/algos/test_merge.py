@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from elleci.algos.merge import (dare, dare_merge, linear_merge, merge, slerp, task_arithmetic, ties_combine,
+from elleci.algos.merging.merge import (dare, dare_merge, linear_merge, merge, slerp, task_arithmetic, ties_combine,
                                 ties_merge, trim_magnitude)
-from elleci.algos.merge_config import MergeConfig, load_merge_config, main, run_merge
+from elleci.algos.merging.merge_config import MergeConfig, load_merge_config, main, run_merge
 from elleci.model import ElleciConfig, ElleciLM, Tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -205,7 +205,7 @@ def test_cli_linear_end_to_end(saved_models, tmp_path):
     cfg = {"method": "linear", "models": [it, en], "weights": [3.0, 1.0], "output": str(tmp_path / "out")}
     (tmp_path / "merge.json").write_text(json.dumps(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    res = subprocess.run([sys.executable, "-m", "elleci.algos.merge", str(tmp_path / "merge.json")],
+    res = subprocess.run([sys.executable, "-m", "elleci.algos.merging", str(tmp_path / "merge.json")],
                          capture_output=True, text=True, env=env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     merged = ElleciLM.from_pretrained(tmp_path / "out").state_dict()
@@ -217,7 +217,7 @@ def test_cli_linear_end_to_end(saved_models, tmp_path):
 
 
 def test_run_merge_regmean_from_text_and_chat_data(saved_models, tmp_path):
-    from elleci.algos.regmean import load_grams
+    from elleci.algos.merging.regmean import load_grams
     root, (base, it, en) = saved_models
     gram_files = [str(tmp_path / "g_it.safetensors"), str(tmp_path / "g_en.safetensors")]
     cfg = {"method": "regmean", "models": [it, en], "params": {"alpha": 0.9}, "output": str(tmp_path / "rm"),

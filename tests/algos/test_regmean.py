@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from elleci.algos.regmean import collect_grams, regmean_merge, regmean_solve
+from elleci.algos.merging.regmean import collect_grams, regmean_merge, regmean_solve
 from elleci.model import BitLinear, ElleciConfig, ElleciLM
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from elleci.algos.reward_model import encode_preferences, preference_collate
-from elleci.algos.rlaif import (PAIRWISE_TEMPLATES, SCORE_TEMPLATES, DirectScorer, PairwiseLabeler,
+from elleci.algos.alignment.reward_model import encode_preferences, preference_collate
+from elleci.algos.alignment.rlaif import (PAIRWISE_TEMPLATES, SCORE_TEMPLATES, DirectScorer, PairwiseLabeler,
                                 PairwiseTemplate, RewardModel, Scorer, debias, expected_rating,
                                 normalise_rating, pairwise_prompt, preference_from_logprobs,
                                 reward_model_from_lm, score_prompt, soft_bt_loss, train_reward_model)

@@ -1,4 +1,4 @@
-"""Tests for elleci.algos.rlaif_v: the spec's oracles (§3.5), each pipeline step, and the loop end to end."""
+"""Tests for elleci.algos.alignment.rlaif_v: the spec's oracles (§3.5), each pipeline step, and the loop end to end."""
 import copy
 import random
 import re
@@ -9,8 +9,8 @@ import torch
 from elleci.algos.logprobs import sequence_logprobs
 from elleci.algos.chat import collate, encode_prompt_response
 from elleci.algos.preference import encode_pairs, pairwise_step, pair_collate, precompute_reference
-from elleci.algos.dpo import dpo_loss
-from elleci.algos.rlaif_v import (NO, UNKNOWN, YES, accepted_claims, answer_token_ids, best_of_n, build_pairs,
+from elleci.algos.alignment.dpo import dpo_loss
+from elleci.algos.alignment.rlaif_v import (NO, UNKNOWN, YES, accepted_claims, answer_token_ids, best_of_n, pair_keys,
                                   claim_to_question, collect_pairs, extract_claims, labeler_prompt,
                                   length_balance, length_normalised_reward, parse_bullets, question_by_lm,
                                   response_score, split_claims, verify_claims)
@@ -74,24 +74,24 @@ def test_scoring_oracle():
 
 def test_pairing_oracle():
     scores = {"a": 0, "b": -1, "c": 0, "d": -3}
-    pairs = build_pairs(scores, min_diff=1, max_pairs=None)
+    pairs = pair_keys(scores, min_diff=1, max_pairs=None)
     assert sorted(pairs) == sorted([("a", "b"), ("c", "b"), ("a", "d"), ("c", "d"), ("b", "d")])
     assert ("a", "c") not in pairs and ("c", "a") not in pairs
-    assert build_pairs(scores, min_diff=2, max_pairs=None) == [("a", "d"), ("b", "d"), ("c", "d")]
-    assert build_pairs([0, None, -1, -1]) == [(0, 2), (0, 3)]          # None: no claims, no pair
-    assert build_pairs([-2, -2, -2]) == [] and build_pairs([]) == []
+    assert pair_keys(scores, min_diff=2, max_pairs=None) == [("a", "d"), ("b", "d"), ("c", "d")]
+    assert pair_keys([0, None, -1, -1]) == [(0, 2), (0, 3)]          # None: no claims, no pair
+    assert pair_keys([-2, -2, -2]) == [] and pair_keys([]) == []
     with pytest.raises(ValueError):
-        build_pairs(scores, min_diff=0)
+        pair_keys(scores, min_diff=0)
 
 
 def test_max_pairs_sampling_is_seeded():
     scores = {"a": 0, "b": -1, "c": 0, "d": -3}
-    every = set(build_pairs(scores, max_pairs=None))
-    draws = [build_pairs(scores, max_pairs=2, rng=random.Random(s)) for s in range(20)]
+    every = set(pair_keys(scores, max_pairs=None))
+    draws = [pair_keys(scores, max_pairs=2, rng=random.Random(s)) for s in range(20)]
     assert all(len(d) == 2 and len(set(d)) == 2 and set(d) <= every for d in draws)
-    assert draws[3] == build_pairs(scores, max_pairs=2, rng=random.Random(3))     # same seed, same pairs
+    assert draws[3] == pair_keys(scores, max_pairs=2, rng=random.Random(3))     # same seed, same pairs
     assert len({frozenset(d) for d in draws}) > 1                                   # seeds differ
-    assert set(build_pairs({"a": 0, "b": -1}, max_pairs=2)) == {("a", "b")}        # fewer than max: all
+    assert set(pair_keys({"a": 0, "b": -1}, max_pairs=2)) == {("a", "b")}        # fewer than max: all
 
 
 def test_length_normalised_reward_invariant_to_duplicating_length():
@@ -230,7 +230,7 @@ def test_collect_pairs_self_feedback_runs(policy, tok):
 def _mean_logps(model, tok, prompt, candidates):
     ids, labels = collate([encode_prompt_response(tok, prompt, c) for c in candidates], tok.pad_id)
     with torch.no_grad():
-        return sequence_logprobs(model, ids, labels, reduction="mean")
+        return sequence_logprobs(model, ids, labels, token_reduction="mean")
 
 
 def test_best_of_n(policy, tok):

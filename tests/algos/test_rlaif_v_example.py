@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from elleci.algos import rlaif_v
+from elleci.algos.alignment import rlaif_v
 from elleci.model import Tokenizer
 from elleci.tasks.grounded_qa import make_items, verification_examples
 

@@ -1,4 +1,4 @@
-"""Tests for elleci.algos.spag / spag_play: the spec's oracles (§5.6: reward split, role weights, the
+"""Tests for elleci.algos.reasoning.spag / spag_play: the spec's oracles (§5.6: reward split, role weights, the
 gradient weight (λ_KL − r) at θ = ref by finite differences), the losses' golden values, batched episode
 collection on a tiny model, the reference handling and the example's quick run."""
 import copy
@@ -9,17 +9,18 @@ import random
 import pytest
 import torch
 
-from elleci.algos.iterative_dpo import trainable_state
+from elleci.algos.alignment.iterative_dpo import trainable_state
 from elleci.algos.logprobs import sequence_logprobs
 from elleci.algos.loop import train_loop
-from elleci.algos.spag import (SPAGConfig, collate_items, encode_samples, encode_sft_items, imitation_loss,
-                               imitation_step, mean_logps, mixed_batches, precompute_reference, spag_epoch, spag_loss,
+from elleci.algos.reasoning.spag import (SPAGConfig, collate_items, encode_samples, encode_sft_items, imitation_loss,
+                               imitation_step, mean_logps, mixed_batches, precompute_mean_reference, spag_epoch, spag_loss,
                                spag_step)
-from elleci.algos.spag_play import ModelPlayer, decayed_rewards, episode_samples, play_games, role_weights
+from elleci.algos.reasoning.spag_play import ModelPlayer, decayed_rewards, episode_samples, play_games, role_weights
 from elleci.model import ElleciConfig, ElleciLM, Tokenizer
 from elleci.model.lora import LoraConfig, apply_lora, lora_modules
-from elleci.tasks import arithmetic, taboo
-from elleci.tasks.taboo import Game, ScriptedPlayer
+from elleci.algos.reasoning import taboo
+from elleci.tasks import arithmetic
+from elleci.algos.reasoning.taboo import Game, ScriptedPlayer
 
 
 @pytest.fixture(scope="module")
@@ -234,13 +235,13 @@ def test_reference_snapshot_steps_and_training(model, tok):
     items = encode_samples(tok, samples)
     sft = encode_sft_items(tok, arithmetic.sft_examples(arithmetic.make_problems(8, seed=0)))
     # adapters (B = 0 at init) and precomputed give the same reference, and at θ = ref the loss is −Σwr/n + λ·SFT
-    precompute_reference(policy, items, pad_token_id=tok.pad_id)
+    precompute_mean_reference(policy, items, pad_token_id=tok.pad_id)
     batch = mixed_batches(items, sft, game_batch_size=4, sft_batch_size=3, seed=0, pad_token_id=tok.pad_id)(0)
     assert batch["game_input_ids"].shape[0] == 4 and batch["sft_input_ids"].shape[0] == 3
     with torch.no_grad():
         l_pre, m_pre = spag_step(reference="precomputed")(policy, batch)
         l_ad, _ = spag_step(reference="adapters")(policy, batch)
-        sft_nll = -sequence_logprobs(policy, batch["sft_input_ids"], batch["sft_labels"], reduction="mean").mean()
+        sft_nll = -sequence_logprobs(policy, batch["sft_input_ids"], batch["sft_labels"], token_reduction="mean").mean()
     expected = -(batch["game_weights"] * batch["game_rewards"]).sum() / 4 + 0.5 * sft_nll
     assert torch.isclose(l_pre, l_ad, atol=1e-5) and torch.isclose(l_pre, expected, atol=1e-5)
     assert m_pre["spag/ratio"].item() == pytest.approx(1.0, abs=1e-5)
@@ -251,8 +252,8 @@ def test_reference_snapshot_steps_and_training(model, tok):
                spag_step(reference="precomputed", kl_coeff=0.2), steps=2, lr=1e-2, print_fn=lambda *_: None)
     assert any(m.lora_B.abs().sum() > 0 for m in lora_modules(policy).values())
     old = [it["ref_logp"] for it in items]
-    fresh = precompute_reference(policy, [dict(it) for it in items], pad_token_id=tok.pad_id)
-    again = precompute_reference(policy, [dict(it) for it in items], pad_token_id=tok.pad_id, snapshot=snap)
+    fresh = precompute_mean_reference(policy, [dict(it) for it in items], pad_token_id=tok.pad_id)
+    again = precompute_mean_reference(policy, [dict(it) for it in items], pad_token_id=tok.pad_id, snapshot=snap)
     assert [it["ref_logp"] for it in again] == pytest.approx(old, abs=1e-5)
     assert [it["ref_logp"] for it in fresh] != pytest.approx(old, abs=1e-5)
     # the imitation step: at θ = ref with LoRA reference (adapters off), the loss is the weighted mean NLL
@@ -261,11 +262,11 @@ def test_reference_snapshot_steps_and_training(model, tok):
     b = collate_items(items[:3], tok.pad_id, "game_")
     with torch.no_grad():
         loss, _ = imitation_step(reference="adapters", kl_coeff=0.1)(fresh_lora, b)
-        nll = -sequence_logprobs(fresh_lora, b["game_input_ids"], b["game_labels"], reduction="mean")
+        nll = -sequence_logprobs(fresh_lora, b["game_input_ids"], b["game_labels"], token_reduction="mean")
     assert torch.isclose(loss, (nll * b["game_weights"]).mean(), atol=1e-5)
     no_ref = collate_items([{k: v for k, v in it.items() if k != "ref_logp"} for it in items[:2]], tok.pad_id,
                            "game_")
-    with pytest.raises(ValueError, match="precompute_reference"):
+    with pytest.raises(ValueError, match="precompute_mean_reference"):
         spag_step(reference="precomputed")(policy, no_ref)
 
 
@@ -282,7 +283,7 @@ def test_spag_epoch_runs(model, tok):
     steps = math.ceil(out["stats"]["samples"] / 2)
     assert (out["history"][-1]["step"] == steps - 1) if steps else out["history"] == []
     with pytest.raises(ValueError):
-        SPAGConfig(reference="base")
+        SPAGConfig(reference_policy="base")
 
 
 def test_example_quick(load_example, tmp_path):
@@ -300,6 +301,6 @@ def test_micro_batched_logps_equal_one_forward(model, tok):
     items = encode_sft_items(tok, taboo.imitation_conversations(games, rules=""))[:7]
     b = collate_items(items, tok.pad_id)
     with torch.no_grad():
-        full = sequence_logprobs(model, b["input_ids"], b["labels"], reduction="mean")
+        full = sequence_logprobs(model, b["input_ids"], b["labels"], token_reduction="mean")
         for micro in (1, 3, 7):
             assert torch.allclose(mean_logps(model, b["input_ids"], b["labels"], micro), full, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Synthetic data generation and curation (elleci.algos.synth*): the spec's oracles (§4), hand-derived golden
+"""Synthetic data generation and curation (elleci.algos.curation.synth*): the spec's oracles (§4), hand-derived golden
 values for dedup / distinct-n / self-similarity / self-BLEU, near-duplicates on constructed pairs, a full
 pipeline run with a stub teacher, an ElleciLM teacher, and the quick example."""
 import json
@@ -9,15 +9,15 @@ from collections import Counter
 import pytest
 import torch
 
-from elleci.algos.rlaif import DirectScorer
-from elleci.algos.synth import (AttributeGrid, CallableTeacher, LMTeacher, TaskSpec, build_prompts, generate,
+from elleci.algos.alignment.rlaif import DirectScorer
+from elleci.algos.curation.synth import (AttributeGrid, CallableTeacher, LMTeacher, TaskSpec, build_prompts, generate,
                                 grow_pool, read_records, render_prompt, select_demos, synthesize, write_records)
-from elleci.algos.synth_filters import (Filter, apply_filters, decontamination_filter, exact_dedup_filter,
+from elleci.algos.curation.synth_filters import (Filter, apply_filters, decontamination_filter, exact_dedup_filter,
                                         exact_duplicates, jaccard, judge_filter, length_filter, lsh_bands,
                                         minhash_jaccard, minhash_signatures, near_dedup_filter, near_duplicates,
                                         regex_filter, rule_filter, self_consistency_filter, shingles,
                                         verifier_filter)
-from elleci.algos.synth_metrics import (dataset_report, distinct_n, inverse_frequency_weights, normalise_weights,
+from elleci.algos.curation.synth_metrics import (dataset_report, distinct_n, inverse_frequency_weights, normalise_weights,
                                         pass_rate, score_weights, self_bleu, self_similarity, weighted_batches,
                                         with_weights)
 from elleci.model import ElleciConfig, ElleciLM, Tokenizer

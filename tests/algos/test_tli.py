@@ -1,11 +1,11 @@
-"""Tests for elleci.algos.tli (spec algos_merge_data.md §3.3 oracles) and the examples/tli.py smoke run."""
+"""Tests for elleci.algos.merging.tli (spec algos_merge_data.md §3.3 oracles) and the examples/tli.py smoke run."""
 import json
 import math
 
 import pytest
 import torch
 
-from elleci.algos import tli
+from elleci.algos.merging import tli
 from elleci.model import ElleciConfig, ElleciLM, Tokenizer
 from elleci.model.lora import LoraConfig, apply_lora, lora_modules
 from elleci.tasks.lexicon import PAIRS, TRAIN_PAIRS, random_pairs

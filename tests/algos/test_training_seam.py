@@ -44,12 +44,12 @@ def test_sequence_logprobs_equals_log_softmax_gather():
     labels[0, :4] = -100
     labels[2, 7:] = -100
     tok, mask = _log_softmax_reference(m, ids, labels)
-    assert torch.allclose(sequence_logprobs(m, ids, labels, reduction="none").double(), tok, atol=1e-6)
+    assert torch.allclose(sequence_logprobs(m, ids, labels, token_reduction="none").double(), tok, atol=1e-6)
     assert torch.allclose(sequence_logprobs(m, ids, labels).double(), tok.sum(-1), atol=1e-5)
-    assert torch.allclose(sequence_logprobs(m, ids, labels, reduction="mean").double(), tok.sum(-1) / mask.sum(-1),
+    assert torch.allclose(sequence_logprobs(m, ids, labels, token_reduction="mean").double(), tok.sum(-1) / mask.sum(-1),
                           atol=1e-6)
     with pytest.raises(ValueError, match="reduction"):
-        sequence_logprobs(m, ids, labels, reduction="avg")
+        sequence_logprobs(m, ids, labels, token_reduction="avg")
 
 
 def test_concatenated_equals_separate_calls():
@@ -159,7 +159,7 @@ def test_nll_weight_adds_the_chosen_per_token_nll(tok):
     items = precompute_reference(m, _pair_items(tok), pad_token_id=tok.pad_id)
     batch = collate_fn("pairs", tok.pad_id)(items)
     loss, metrics = pairwise_step(dpo_loss, beta=0.1, nll_weight=0.5)(m, batch)
-    tok_c = sequence_logprobs(m, batch["chosen_ids"], batch["chosen_labels"], reduction="mean")
+    tok_c = sequence_logprobs(m, batch["chosen_ids"], batch["chosen_labels"], token_reduction="mean")
     nll = -tok_c.mean()
     assert torch.allclose(metrics["nll/chosen"], nll, atol=1e-5)
     assert math.isclose(loss.item(), math.log(2) + 0.5 * nll.item(), rel_tol=1e-5)
@@ -168,6 +168,6 @@ def test_nll_weight_adds_the_chosen_per_token_nll(tok):
     fb = precompute_reference(m, encode_feedback(tok, recs, "label"), pad_token_id=tok.pad_id)
     b = collate_fn("feedback", tok.pad_id)(fb)
     loss, metrics = feedback_step(una_binary_loss, beta=0.5, nll_weight=2.0)(m, b)
-    desired = -sequence_logprobs(m, b["ids"][:1], b["labels"][:1], reduction="mean")[0]
+    desired = -sequence_logprobs(m, b["ids"][:1], b["labels"][:1], token_reduction="mean")[0]
     assert torch.allclose(metrics["nll/desired"], desired, atol=1e-5)          # only the label-1 response
     assert math.isclose(loss.item(), 0.25 + 2.0 * desired.item(), rel_tol=1e-5)

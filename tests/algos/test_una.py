@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from elleci.algos.dpo import dpo_loss
-from elleci.algos.una import una_binary_loss, una_pairwise_loss, una_score_loss
+from elleci.algos.alignment.dpo import dpo_loss
+from elleci.algos.alignment.una import una_binary_loss, una_pairwise_loss, una_score_loss
 
 LOG2 = math.log(2.0)
 

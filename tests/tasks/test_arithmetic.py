@@ -8,6 +8,7 @@ import torch
 from elleci.model import ElleciConfig, ElleciLM, Tokenizer
 from elleci.model.generation import left_pad
 from elleci.model.tokenizer import render_chat
+from elleci.testbed.completion import completer
 from elleci.tasks.arithmetic import (LEVELS, Problem, binary_feedback, evaluate, extract_answer, generate_completions,
                                      is_test_question, make_problem, make_problems, preference_pairs, score,
                                      scored_feedback, sft_examples, verify, wrong_solution)
@@ -212,7 +213,7 @@ def test_evaluate_oracle(tokenizer):
     problems = make_problems(40, seed=5, split="test")
     oracle = ScriptedModel(tokenizer, {p.question: p.solution for p in problems})
     oracle.train()
-    report = evaluate(oracle, tokenizer, problems, batch_size=16)
+    report = evaluate(completer(oracle, tokenizer), problems, batch_size=16)
     assert report["accuracy"] == 1.0 and report["n"] == 40 and report["correct"] == 40
     assert report["accuracy_by_level"] == {lv: 1.0 for lv in LEVELS}
     assert oracle.training and oracle.calls == [16, 16, 8]  # mode restored; batched
@@ -222,22 +223,22 @@ def test_evaluate_wrong_and_per_level(tokenizer):
     problems = make_problems(30, seed=6)
     rng = random.Random(0)
     answers = {p.question: (p.solution if p.level == 1 else wrong_solution(p, rng)) for p in problems}
-    report = evaluate(ScriptedModel(tokenizer, answers), tokenizer, problems)
+    report = evaluate(completer(ScriptedModel(tokenizer, answers), tokenizer), problems)
     assert report["accuracy_by_level"] == {1: 1.0, 2: 0.0, 3: 0.0}
     assert report["accuracy"] == pytest.approx(sum(p.level == 1 for p in problems) / 30)
-    truncated = evaluate(ScriptedModel(tokenizer, answers), tokenizer, problems, max_new_tokens=2)
+    truncated = evaluate(completer(ScriptedModel(tokenizer, answers), tokenizer), problems, max_new_tokens=2)
     assert truncated["accuracy"] == 0.0  # the answer line is never reached
     with pytest.raises(ValueError):
-        evaluate(ScriptedModel(tokenizer, answers), tokenizer, [])
+        evaluate(completer(ScriptedModel(tokenizer, answers), tokenizer), [])
 
 
 def test_evaluate_tiny_random_model(tokenizer):
     torch.manual_seed(0)
     model = ElleciLM(ElleciConfig.from_name("tiny"))
     problems = make_problems(6, seed=0, split="test")
-    report = evaluate(model, tokenizer, problems, max_new_tokens=8, batch_size=4)
+    report = evaluate(completer(model, tokenizer), problems, max_new_tokens=8, batch_size=4)
     assert 0.0 <= report["accuracy"] <= 1.0 and report["n"] == 6
     assert model.training  # a fresh module is in train mode, and stays so
-    texts = generate_completions(model, tokenizer, problems, max_new_tokens=8, batch_size=4)
-    assert texts == generate_completions(model, tokenizer, problems, max_new_tokens=8, batch_size=4)
+    texts = generate_completions(completer(model, tokenizer), problems, max_new_tokens=8, batch_size=4)
+    assert texts == generate_completions(completer(model, tokenizer), problems, max_new_tokens=8, batch_size=4)
     assert all(isinstance(t, str) for t in texts)

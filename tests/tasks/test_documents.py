@@ -4,9 +4,10 @@ import math
 
 import pytest
 
-from elleci.algos.distill import DUPLICATE, EMPTY, Chunk, load_chunks
+from elleci.algos.curation.distill import DUPLICATE, EMPTY, Chunk, load_chunks
 from elleci.tasks.documents import (check_triple, covered_facts, make_corpus, parse_question, read_facts,
-                                    score_records, template_questions, write_corpus)
+                                    template_questions, write_corpus)
+from elleci.testbed.distill_eval import score_records
 from elleci.tasks.grounded_qa import NAMES, RELATIONS, parse_claim, split_sentences
 
 FACTS = {("Anna", "lives_in", "Milan"), ("Anna", "has_pet", "dog"), ("Marco", "works_as", "baker")}

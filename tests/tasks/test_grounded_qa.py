@@ -5,7 +5,8 @@ from collections import Counter
 import pytest
 import torch
 
-from elleci.algos.rlaif_v import claim_to_question, labeler_prompt
+from elleci.algos.judging import claim_to_question, labeler_prompt
+from elleci.testbed.completion import completer
 from elleci.model import Tokenizer
 from elleci.tasks.grounded_qa import (NAMES, RELATIONS, Item, check_answer, hallucination_rate, is_test_passage,
                                       make_items, parse_claim, pretraining_texts, render_fact, sft_examples,
@@ -174,6 +175,6 @@ def test_hallucination_rate_counts_greedy_answers(tmp_path):
              f"{items[3].answer} {items[3].answer}"]                  # right twice
     answers = {tuple(tok.apply_chat_template([{"role": "user", "content": it.prompt}], add_generation_prompt=True)): t
                for it, t in zip(items, texts)}
-    report = hallucination_rate(ScriptedModel(tok, answers), tok, items, max_new_tokens=64)
+    report = hallucination_rate(completer(ScriptedModel(tok, answers), tok), items, max_new_tokens=64)
     assert report == {"unsupported_per_answer": 0.5, "hallucinated_answers": 0.5, "answer_accuracy": 0.75,
                       "claims_per_answer": 1.5, "n": 4}

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from elleci.tasks import lexicon, translation
-from elleci.tasks.pipeline import QUICK, PipelineConfig, base_key, problems, pretraining_texts
+from elleci.testbed.pipeline import QUICK, PipelineConfig, base_key, problems, pretraining_texts
 
 
 def test_pretraining_texts_state_every_pair_repeats_times():
@@ -34,18 +34,16 @@ def test_sft_examples_and_verify():
     with pytest.raises(ValueError, match="pair 1"):
         translation.sft_examples([("cane", "dog"), ("gatto",)])
     with pytest.raises(ValueError, match="no word pairs"):
-        translation.evaluate(None, None, [])
+        translation.evaluate(None, [])
 
 
-def test_evaluate_counts_exact_matches(monkeypatch):
+def test_evaluate_counts_exact_matches():
     answers = {"cane": "dog", "gatto": "mouse", "casa": "House."}
     pairs = [("cane", "dog"), ("gatto", "cat"), ("casa", "house")]
 
-    def fake_complete(model, tok, ids, **kw):
-        return [answers[p] for p in ids]
-    monkeypatch.setattr(translation, "complete", fake_complete)
-    monkeypatch.setattr(translation, "prompt_ids", lambda tok, msgs: [m[0]["content"].split(": ")[1] for m in msgs])
-    assert translation.evaluate(None, None, pairs) == {"accuracy": 2 / 3, "n": 3, "correct": 2}
+    def fake_complete(prompts, **kw):             # a completion function: chat prompts -> response texts
+        return [answers[m[0]["content"].split(": ")[1]] for m in prompts]
+    assert translation.evaluate(fake_complete, pairs) == {"accuracy": 2 / 3, "n": 3, "correct": 2}
 
 
 def test_lexicon_option_adds_the_pairs_and_keeps_old_base_keys():

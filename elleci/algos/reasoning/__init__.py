@@ -1,0 +1,10 @@
+"""Reasoning (plan §2): GRPO and long chain-of-thought, DiffCoT, SPAG (self-play on the Taboo game)."""
+from .diffcot import build_window_pairs, revise_decode
+from .grpo import GRPOConfig, group_advantages, grpo_loss, k3_kl, run_grpo
+from .long_cot import budget_forcing, long_cot_examples
+from .spag import SPAGConfig, imitation_loss, run_spag, spag_loss
+from .spag_play import play_games
+
+__all__ = ["GRPOConfig", "run_grpo", "grpo_loss", "group_advantages", "k3_kl", "long_cot_examples",
+           "budget_forcing", "build_window_pairs", "revise_decode", "SPAGConfig", "run_spag", "spag_loss",
+           "imitation_loss", "play_games"]
