@@ -31,6 +31,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from .model.layers import watch_optimizer
 from elleci._io import atomic_path
 
 MODEL_FILE = "model.safetensors"
@@ -60,11 +61,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
                    betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over `param_groups(model, weight_decay)`; fused when all parameters are on CUDA."""
+    """AdamW over `param_groups(model, weight_decay)`; fused when all parameters are on CUDA; watched by
+    BitLinear's weight cache (`elleci.model.layers.watch_optimizer`)."""
     groups = param_groups(model, weight_decay)
     params = [p for g in groups for p in g["params"]]
     fused = bool(params) and all(p.is_cuda for p in params)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    return watch_optimizer(optimizer)                 # BitLinear's weight cache sees the fused writes
 
 
 # ----------------------------------------------------------------------------------------------

@@ -60,17 +60,19 @@ Design.
   upcast with .to(float32) before any arithmetic (the compiled kernel does the same for its fp32 maths).
 - fp64 inputs are accepted by the kernel but computed in fp32 (y returned in fp64, h_final in fp32).
 - `selective_scan_ref` reimplements nothing: it upcasts to fp32 (fp64 stays fp64), calls
-  `elleci.model.mamba2.ssm_scan_ref` (the sequential definition, imported lazily to avoid a circular
-  import; its autograd stores every h_t) and returns y in x's dtype and the final state in fp32 (fp64 for
-  fp64 inputs).
+  `elleci.kernels.scan_ref.ssm_scan_ref` (the sequential definition; its autograd stores every h_t) and
+  returns y in x's dtype and the final state in fp32 (fp64 for fp64 inputs).
+- `ssm_scan` is the one dispatcher the Mamba mixer calls: the kernel for CUDA tensors under "auto" (or
+  "triton"), else the chunked PyTorch form (`scan_ref.ssm_scan_chunked`) on fp32 (fp64) copies.
 """
 from __future__ import annotations
 
 import torch
 
 from .dispatch import resolve_backend, triton_available
+from .scan_ref import ssm_scan_chunked, ssm_scan_ref
 
-__all__ = ["selective_scan", "selective_scan_ref"]
+__all__ = ["selective_scan", "selective_scan_ref", "ssm_scan"]
 
 _INTERP_BLOCK_C = 4          # channels per program under the interpreter (tests monkeypatch these)
 _INTERP_CHUNK = 4            # checkpoint interval K under the interpreter
@@ -307,13 +309,11 @@ def _empty_length(x, B, h0, state_dtype):
 
 
 def selective_scan_ref(x, dt, A, B, C, D, h0=None):
-    """Pure-PyTorch `selective_scan` (same contract): `elleci.model.mamba2.ssm_scan_ref` on upcast inputs.
+    """Pure-PyTorch `selective_scan` (same contract): `scan_ref.ssm_scan_ref` on upcast inputs.
 
     Runs the sequential definition in fp32 (fp64 for fp64 inputs), with PyTorch autograd (which stores every
     state: memory b·L·c·N, it is the reference). Returns y in x's dtype and the final state in fp32 (fp64).
     """
-    from elleci.model.mamba2 import ssm_scan_ref      # lazy: elleci.model imports elleci.kernels
-
     _check(x, dt, A, B, C, D, h0)
     f = torch.promote_types(x.dtype, torch.float32)
     if x.shape[1] == 0:
@@ -347,3 +347,17 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     args = [t.contiguous() for t in (x, dt, A, B, C, D)] + [None if h0 is None else h0.contiguous()]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)   # checkpoints
     return _TritonScan.apply(*args, save)
+
+
+def ssm_scan(x, dt, A, B, C, D, h0=None, *, chunk_size: int = 16):
+    """The Mamba mixer's scan, one dispatcher: x, dt [b, L, c]; A, D [c] (fp32 or fp64); B, C [b, L, N];
+    h0 [b, c, N] or None -> (y [b, L, c], h_L [b, c, N]).
+
+    Under `resolve_backend(x) == "triton"` (the default for CUDA tensors) the Triton kernel reads the
+    operands in their dtype (bf16 included) with an fp32 state; otherwise the chunked PyTorch form runs on
+    fp32 copies (fp64 stays fp64), chunks of `chunk_size`. y comes back in fp32 (fp64); the caller casts.
+    """
+    if resolve_backend(x) == "triton":
+        return selective_scan(x, dt, A, B, C, D, None if h0 is None else h0.float())
+    f = torch.promote_types(x.dtype, torch.float32)
+    return ssm_scan_chunked(x.to(f), dt.to(f), A, B.to(f), C.to(f), D, h0, chunk_size=chunk_size)

@@ -18,7 +18,6 @@ import weakref
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 class RMSNorm(nn.Module):
@@ -119,9 +118,10 @@ class BitLinear(nn.Linear):
     runs on every call, so the gradient reaches W exactly as without the cache (tests check bit equality
     of outputs and gradients). Δ is recomputed when W's version counter (bumped by every in-place write:
     optimizer updates, `load_state_dict`, `copy_` under no_grad), its storage or the Parameter object
-    change. Fused optimizers write without bumping the counter, so a global optimizer step hook bumps it
-    for every parameter an optimizer holds (`_bump_optimizer_params`). Writes through `.data` or a
-    custom kernel are invisible: call `invalidate_weight_caches(model)` after them.
+    change. Fused optimizers write without bumping the counter: `watch_optimizer(optimizer)` registers a
+    step hook on THAT optimizer which bumps it for every parameter it holds (`elleci.train.make_optimizer`
+    does it for you; importing elleci installs no global hook). Writes through `.data`, a custom kernel or
+    an unwatched fused optimizer are invisible: call `invalidate_weight_caches(model)` after them.
     Memory: one weight-sized tensor per layer in the weight's dtype (3.3 GB for elleci-v1 in fp32,
     1.7 GB in bf16). `BitLinear.cache_weights = False` (class-wide, or on one layer) turns it off.
     Not used under torch.compile (which fuses the quantisation), under torch.func transforms or for
@@ -193,7 +193,7 @@ def invalidate_weight_caches(module: nn.Module) -> None:
 
 
 def _bump_optimizer_params(optimizer, args, kwargs) -> None:
-    """Global optimizer step post-hook: mark every parameter the optimizer holds as modified in place.
+    """Step post-hook: mark every parameter the optimizer holds as modified in place.
 
     Non-fused optimizers already bump the version counters; fused ones (`AdamW(fused=True)`, the default
     of `elleci.train.make_optimizer` on CUDA) do not, and BitLinear's cache keys on that counter.
@@ -204,7 +204,13 @@ def _bump_optimizer_params(optimizer, args, kwargs) -> None:
                 torch.autograd.graph.increment_version(p)     # one tensor a call: torch 2.4's signature
 
 
-register_optimizer_step_post_hook(_bump_optimizer_params)
+def watch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Make `optimizer`'s steps visible to BitLinear's weight cache (needed for fused optimizers; harmless
+    for the others): registers a step post-hook on this optimizer only, once. Returns the optimizer."""
+    if not getattr(optimizer, "_elleci_watched", False):
+        optimizer.register_step_post_hook(_bump_optimizer_params)
+        optimizer._elleci_watched = True
+    return optimizer
 
 
 class SwiGLU(nn.Module):

@@ -6,7 +6,7 @@ import torch
 
 import elleci.model.layers as layers
 from elleci.model import BitLinear, ElleciConfig, ElleciLM
-from elleci.model.layers import invalidate_weight_caches
+from elleci.model.layers import invalidate_weight_caches, watch_optimizer
 from elleci.model.lora import LoraConfig, apply_lora, mark_only_lora_trainable
 
 
@@ -80,7 +80,7 @@ def test_model_with_checkpointing_and_accumulation_computes_each_weight_once(cou
 def test_optimizer_step_invalidates_the_cache(opt_kwargs, count_quantisations, no_cache):
     torch.manual_seed(0)
     layer, x = BitLinear(32, 16), torch.randn(4, 32)
-    opt = torch.optim.AdamW(layer.parameters(), lr=0.05, **opt_kwargs)
+    opt = watch_optimizer(torch.optim.AdamW(layer.parameters(), lr=0.05, **opt_kwargs))
     for step in range(3):
         count_quantisations.clear()
         y, *_ = _layer_step(layer, x)
@@ -163,3 +163,29 @@ def test_cache_is_not_state_and_follows_dtype_and_copies():
     layer.to(torch.bfloat16)
     assert layer._weight_cache is None
     assert layer(x.bfloat16()).dtype == torch.bfloat16 and layer._weight_cache[2].dtype == torch.bfloat16
+
+
+def test_importing_elleci_installs_no_global_optimizer_hook():
+    """The cache's invalidation is explicit and local (`watch_optimizer`): no global hook at import."""
+    import subprocess
+    import sys
+    code = ("import torch.optim.optimizer as o; import elleci, elleci.model, elleci.algos, elleci.train; "
+            "assert not o._global_optimizer_post_hooks and not o._global_optimizer_pre_hooks, 'global hook'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_unwatched_fused_optimizer_needs_an_explicit_invalidation(count_quantisations, no_cache):
+    """A fused step does not bump version counters: unwatched, the cache is stale until invalidated."""
+    torch.manual_seed(0)
+    layer, x = BitLinear(32, 16), torch.randn(4, 32)
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.05, fused=True)
+    _layer_step(layer, x)
+    opt.step()
+    count_quantisations.clear()
+    _layer_step(layer, x)
+    assert len(count_quantisations) == 0                      # stale: the write was invisible
+    invalidate_weight_caches(layer)
+    y, *_ = _layer_step(layer, x)
+    assert len(count_quantisations) == 1
+    with no_cache():
+        assert torch.equal(y, _layer_step(layer, x)[0])

@@ -143,9 +143,9 @@ needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not 
 @pytest.mark.parametrize("gate", [False, True])
 def test_mixer_triton_scan_equals_torch_path_with_gradients(gate, monkeypatch):
     """The mixer on the Triton kernel (interpreter on CPU) = the chunked PyTorch path, output and gradients."""
-    import elleci.model.mamba2 as m2
+    import elleci.kernels.scan as scan_mod
     calls = []
-    monkeypatch.setattr(m2, "selective_scan", lambda *a: calls.append(1) or selective_scan(*a))
+    monkeypatch.setattr(scan_mod, "selective_scan", lambda *a: calls.append(1) or selective_scan(*a))
     cfg = ElleciConfig.from_name("tiny", mamba_input_gate=gate, d_model=16, mamba_heads=2)
     torch.manual_seed(1)
     mixer = Mamba2Mixer(cfg)

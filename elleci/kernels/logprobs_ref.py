@@ -1,0 +1,109 @@
+"""The pure-PyTorch reference of `elleci.kernels.logprobs.token_logprobs` (same contract), and the input
+checks both paths share: chunked over tokens, so at most one [chunk_size, V] fp32 block of logits exists at a
+time, forward and backward (a custom autograd Function recomputes it from the saved log-normaliser).
+
+    log p(y_t | h_t) = h_t · w_{y_t} − lse_t,   lse_t = log Σ_v exp(h_t · w_v)
+    ∂/∂h_t = w_{y_t} − Σ_v p_{t,v} w_v,         ∂/∂w_v = Σ_t (1[y_t = v] − p_{t,v}) h_t
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["token_logprobs_ref"]
+
+_OUT_DTYPE_MM = True                  # torch.mm(..., out_dtype=float32) works (CUDA, torch >= 2.8)
+
+
+def _prepare(hidden, weight, labels, ignore_index):
+    if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"weight must be [V, D] with D = hidden.shape[-1]; got {tuple(weight.shape)} "
+                         f"for hidden {tuple(hidden.shape)}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels {tuple(labels.shape)} must match hidden's leading dims {tuple(hidden.shape[:-1])}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be integers, got {labels.dtype}")
+    V = weight.shape[0]
+    labels = labels.reshape(-1).to(torch.int64).contiguous()
+    if bool(((labels != ignore_index) & ((labels < 0) | (labels >= V))).any()):
+        raise ValueError(f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
+    if weight.dtype != hidden.dtype:  # compute in hidden's dtype (as under autocast); the cast is differentiable
+        weight = weight.to(hidden.dtype)
+    return hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(), labels
+
+
+def _finish(logp, ent, shape, return_entropy):
+    logp = logp.reshape(shape)
+    return (logp, ent.reshape(shape)) if return_entropy else logp
+
+
+def _mm_f32(a, b):
+    """a @ b as fp32 with fp32 accumulation (no rounding of the product to a half dtype)."""
+    global _OUT_DTYPE_MM
+    if a.dtype != torch.float32 and a.is_cuda and _OUT_DTYPE_MM:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            _OUT_DTYPE_MM = False
+    return a.float() @ b.float()
+
+
+class _RefLogprobs(torch.autograd.Function):
+    @staticmethod
+    @torch.autocast("cuda", enabled=False)    # the chunk products stay fp32 even inside an autocast region
+    @torch.autocast("cpu", enabled=False)
+    def forward(ctx, h, w, labels, ignore_index, entropy, chunk_size):
+        T = h.shape[0]
+        lse = torch.empty(T, dtype=torch.float32, device=h.device)
+        logp = torch.zeros(T, dtype=torch.float32, device=h.device)
+        ent = torch.zeros(T, dtype=torch.float32, device=h.device) if entropy else None
+        valid = labels != ignore_index
+        for c0 in range(0, T, chunk_size):
+            sl = slice(c0, c0 + chunk_size)
+            logits = _mm_f32(h[sl], w.t())                           # [chunk, V] fp32, the only big tensor
+            lse[sl] = torch.logsumexp(logits, dim=-1)
+            z = logits.gather(1, labels[sl].clamp(min=0)[:, None])[:, 0]
+            logp[sl] = torch.where(valid[sl], z - lse[sl], 0.0)
+            if entropy:
+                p = torch.softmax(logits, dim=-1)
+                ent[sl] = torch.where(valid[sl], lse[sl] - (p * logits).sum(-1), 0.0)
+        ctx.save_for_backward(h, w, labels, lse)
+        ctx.ignore_index, ctx.chunk_size = ignore_index, chunk_size
+        if entropy:
+            ctx.mark_non_differentiable(ent)
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g, _g_ent):
+        h, w, labels, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[:2]
+        if g is None or not (need_h or need_w):
+            return None, None, None, None, None, None
+        valid = labels != ctx.ignore_index
+        g = torch.where(valid, g.float(), 0.0)
+        dh = torch.empty_like(h) if need_h else None
+        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        for c0 in range(0, h.shape[0], ctx.chunk_size):
+            sl = slice(c0, c0 + ctx.chunk_size)
+            p = torch.exp(_mm_f32(h[sl], w.t()) - lse[sl, None])     # recomputed softmax, [chunk, V] fp32
+            onehot = torch.zeros_like(p).scatter_(1, labels[sl].clamp(min=0)[:, None], 1.0)
+            grad = ((onehot - p) * g[sl, None]).to(h.dtype)        # g is 0 on ignored rows
+            if need_h:
+                dh[sl] = _mm_f32(grad, w).to(h.dtype)
+            if need_w:
+                dw += _mm_f32(grad.t(), h[sl])
+        return dh, (dw.to(w.dtype) if need_w else None), None, None, None, None
+
+
+def token_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                       *, return_entropy: bool = False, chunk_size: int = 1024):
+    """Pure-PyTorch `token_logprobs` (same contract), chunked over tokens.
+
+    At most one [chunk_size, V] fp32 block of logits exists at a time, in forward and backward (a custom
+    autograd Function recomputes it from the saved lse); the weight gradient is summed in fp32.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    shape = labels.shape
+    h, w, lab = _prepare(hidden, weight, labels, ignore_index)
+    logp, ent = _RefLogprobs.apply(h, w, lab, ignore_index, return_entropy, chunk_size)
+    return _finish(logp, ent, shape, return_entropy)
