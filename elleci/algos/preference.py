@@ -1,9 +1,9 @@
 """Preference and feedback training around the pure losses: encoding, the reference, the step function.
 
     items = encode_pairs(tok, pairs)                               # {"prompt", "chosen", "rejected"} records
-    precompute_reference(model, items)                             # ref log-probs stored with the data
+    precompute_reference(model, items, pad_token_id=tok.pad_id)    # ref log-probs stored with the data
     step = pairwise_step(dpo_loss, beta=0.1, reference="precomputed")
-    train_loop(model, sample_batches(items, 8, 0, pair_collate(tok.pad_id)), step, steps=100, lr=5e-4)
+    train_loop(model, sample_batches(items, 8, 0, collate_fn("pairs", tok.pad_id)), step, steps=100, lr=5e-4)
 
 The reference model is explicit (DESIGN §5), one of:
     "precomputed"   log-probs stored in the items (`precompute_reference`): one pass, no second model in

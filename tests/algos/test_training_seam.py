@@ -171,3 +171,20 @@ def test_nll_weight_adds_the_chosen_per_token_nll(tok):
     desired = -sequence_logprobs(m, b["ids"][:1], b["labels"][:1], token_reduction="mean")[0]
     assert torch.allclose(metrics["nll/desired"], desired, atol=1e-5)          # only the label-1 response
     assert math.isclose(loss.item(), 0.25 + 2.0 * desired.item(), rel_tol=1e-5)
+
+
+def test_preference_module_docstring_example_runs(tok):
+    """The usage lines at the top of elleci.algos.preference run as written (signatures match)."""
+    import textwrap
+
+    import elleci.algos.preference as pref
+    from elleci.algos import dpo_loss
+    from elleci.algos.loop import sample_batches, train_loop
+    doc = pref.__doc__.split("\n\n")[1]
+    code = textwrap.dedent(doc).replace("steps=100", "steps=1")
+    pairs = [{"prompt": "1 + 2 = ?", "chosen": "Answer: 3", "rejected": "Answer: 4"}] * 2
+    env = {"tok": tok, "pairs": pairs, "model": _model(), "dpo_loss": dpo_loss, "sample_batches": sample_batches,
+           "train_loop": lambda *a, **k: train_loop(*a, **{**k, "print_fn": None}),
+           **{n: getattr(pref, n) for n in ("encode_pairs", "precompute_reference", "pairwise_step", "collate_fn")}}
+    exec(code, env)
+    assert {"ref_chosen_logps", "ref_rejected_logps"} <= set(env["items"][0])
