@@ -25,49 +25,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from elleci.algos.losses import REDUCTIONS, as_logps, check_beta, check_reduction, reduce  # noqa: F401
+
 Tensor = torch.Tensor
-REDUCTIONS = ("mean", "sum", "none")
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared helpers (also used by una.py)
-
-def check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
-
-
-def check_beta(beta: float) -> None:
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-
-
-def as_logps(**tensors: Tensor) -> list[Tensor]:
-    """Validate per-sequence log-probs (1-D, same shape, floating) and cast them to the compute dtype:
-    float32, or float64 if any input is float64. Errors name each argument with its shape."""
-    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    for name, t in tensors.items():
-        if not isinstance(t, Tensor) or not t.is_floating_point():
-            what = t.dtype if isinstance(t, Tensor) else type(t).__name__
-            raise TypeError(f"{name} must be a floating-point tensor, got {what}")
-        if t.ndim != 1:
-            raise ValueError(f"{name} must be 1-D per-sequence log-probs [B], got shape {tuple(t.shape)} "
-                             "(reduce token log-probs per sequence first)")
-    if len(set(shapes.values())) > 1:
-        raise ValueError(f"shape mismatch: {', '.join(f'{k} {v}' for k, v in shapes.items())}")
-    dtype = torch.float32
-    for t in tensors.values():
-        dtype = torch.promote_types(dtype, t.dtype)
-    return [t.to(dtype) for t in tensors.values()]
-
-
-def reduce(losses: Tensor, reduction: str) -> Tensor:
-    """[B] -> scalar ("mean", "sum") or [B] ("none")."""
-    if reduction == "mean":
-        return losses.mean()
-    if reduction == "sum":
-        return losses.sum()
-    return losses
 
 
 def pair_metrics(beta: float, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) -> dict[str, Tensor]:

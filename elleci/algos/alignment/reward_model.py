@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from elleci.algos.chat import encode_prompt_response
-from elleci.algos.alignment.dpo import check_reduction, reduce
+from elleci.algos.losses import check_reduction, reduce
 from elleci.algos.loop import sample_batches, train_loop
 
 Tensor = torch.Tensor

@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from elleci.algos.alignment.dpo import as_logps, check_beta, check_reduction, dpo_loss, reduce
+from elleci.algos.alignment.dpo import dpo_loss
+from elleci.algos.losses import as_logps, check_beta, check_reduction, reduce
 
 Tensor = torch.Tensor
 BINARY_KINDS = ("mse", "bce")
