@@ -6,7 +6,7 @@
     python examples/curriculum.py --temperature inf        # stage-1 tasks sampled uniformly (T → ∞)
     python examples/curriculum.py --quick                  # seconds-long smoke run (tests)
 
-Per seed, from the pipeline's cached base with the IT-EN lexicon in its pretraining (`PipelineConfig(seed,
+Per seed, from the pipeline's cached base with the IT-EN lexicon in its pretraining (`BaseConfig(seed,
 lexicon=True)`), LoRA (r 16, all linear layers) on ten tasks of `elleci.tasks.instructions` (arithmetic at
 three levels, IT→EN words, word language, grounded QA, copy, reverse, count, compare):
   data       each task's training prompts are split by a hash of the prompt: 80% stage 1 (terse answers,
@@ -31,7 +31,6 @@ import json
 import math
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -40,9 +39,9 @@ from elleci._io import write_json_atomic
 from elleci.algos.curation.curriculum import (CurriculumConfig, StageConfig, cap_tasks, mix, plan_stages, run_stages,
                                      split_stages, task_probabilities)
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
-from elleci.model.lora import LoraConfig, apply_lora
+from elleci.model.lora import apply_lora
 from elleci.tasks import instructions as ins
-from elleci.testbed.pipeline import QUICK, PipelineConfig, cached_base, problems, seed_table
+from elleci.testbed.pipeline import QUICK, BaseConfig, SFTConfig, cached_base, problems, seed_table
 from elleci.testbed.completion import completer
 
 ARMS = ("stage 1 only", "one-stage", "two-stage")
@@ -102,8 +101,7 @@ def macro(report: dict, tasks) -> dict:
 
 def run_seed(args, seed: int, print_fn=print) -> dict:
     t0 = time.time()
-    cfg = PipelineConfig(seed=seed, device=args.device, lexicon=True)
-    cfg = replace(cfg, **QUICK) if args.quick else cfg
+    cfg = BaseConfig(seed=seed, device=args.device, lexicon=True, **(QUICK["base"] if args.quick else {}))
     torch.manual_seed(seed)
     base, tok = cached_base(cfg, problems(cfg)[0], args.cache or None, print_fn=print_fn)
     encoded1, encoded2, sizes, stage2 = stage_data(args, seed, tok)
@@ -124,7 +122,7 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
     for mode in ("one-stage", "two-stage"):
         model = copy.deepcopy(base)
         torch.manual_seed(seed)                                    # the same LoRA init in both arms
-        apply_lora(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules))
+        apply_lora(model, SFTConfig().lora_config())               # the pipeline's adapter layout
         plan = plan_stages(encoded1, encoded2, ccfg, sft_collate(tok.pad_id), mode=mode)
         after = {"stage1": "stage 1 only", "stage2": "two-stage", "one-stage": "one-stage"}
         run_stages(model, plan, sft_step, after_stage=lambda name, m: evaluate(after[name], m),

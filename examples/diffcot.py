@@ -31,7 +31,6 @@ import argparse
 import random
 import re
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -47,8 +46,8 @@ from elleci.algos.preference import collate_fn, pairwise_step, precompute_refere
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
 from elleci.model.lora import load_adapter, save_adapter
 from elleci.tasks import arithmetic
-from elleci.testbed.pipeline import (QUICK, PipelineConfig, cached_base, prefixed_tables, problems, resumable_seeds,
-                                   run_sft)
+from elleci.testbed.pipeline import (QUICK, BaseConfig, SFTConfig, cached_base, prefixed_tables, problems,
+                                     resumable_seeds, run_sft)
 
 ARMS = ("CoT SFT", "step-DPO", "DiffCoT")
 QUICK_ARGS = dict(sft_steps=2, sft_batch=4, pair_problems=6, m=2, rollouts=2, steps=2, batch=2, n_eval=4,
@@ -145,13 +144,12 @@ def train_arm(args, arm: str, model, tok, train, records: dict, seed: int, print
 
 def run_seed(args, seed: int, print_fn=print) -> dict:
     t0 = time.time()
-    cfg = PipelineConfig(seed=seed, device=args.device)
-    cfg = replace(cfg, **QUICK) if args.quick else cfg
+    cfg = BaseConfig(seed=seed, device=args.device, **(QUICK["base"] if args.quick else {}))
     train, test = problems(cfg)
     test = test[: args.n_eval]
     model, tok = cached_base(cfg, train, args.cache or None, print_fn=print_fn)
     torch.manual_seed(seed)                           # the LoRA initialisation (a cached base leaves it unseeded)
-    run_sft(replace(cfg, sft_steps=args.sft_steps, batch_size=args.sft_batch), model, tok, train, print_fn=print_fn)
+    run_sft(cfg, SFTConfig(steps=args.sft_steps, batch_size=args.sft_batch), model, tok, train, print_fn=print_fn)
     out = Path(args.out) / f"seed{seed}"
     save_adapter(model, out / "sft_adapter")
 

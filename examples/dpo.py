@@ -23,7 +23,8 @@ from elleci.algos.loop import sample_batches, train_loop
 from elleci.algos.preference import collate_fn, encode_pairs, pairwise_step, precompute_reference
 from elleci.model.lora import save_adapter
 from elleci.tasks import arithmetic
-from elleci.testbed.pipeline import QUICK, PipelineConfig, build_base, evaluate, load_stage, problems, run_sft
+from elleci.testbed.pipeline import (QUICK, BaseConfig, PreferenceConfig, SFTConfig, build_base, evaluate, load_stage,
+                                     problems, run_sft)
 
 LOSSES = {"dpo": dpo_loss, "cdpo": functools.partial(dpo_loss, label_smoothing=0.1), "ipo": ipo_loss,
           "hinge": hinge_loss, "robust": functools.partial(robust_dpo_loss, label_smoothing=0.1)}
@@ -34,10 +35,10 @@ def parse_args(argv=None):
     ap.add_argument("--sft", default=None, help="output directory of examples/sft.py (default: build base + SFT)")
     ap.add_argument("--data", default=None, help="pairwise JSONL (default: the arithmetic task's pairs)")
     ap.add_argument("--loss", default="dpo", choices=sorted(LOSSES))
-    ap.add_argument("--beta", type=float, default=PipelineConfig.beta)
+    ap.add_argument("--beta", type=float, default=PreferenceConfig.beta)
     ap.add_argument("--reference", default="precomputed", choices=["precomputed", "copy"])
-    ap.add_argument("--steps", type=int, default=PipelineConfig.pref_steps)
-    ap.add_argument("--lr", type=float, default=PipelineConfig.pref_lr)
+    ap.add_argument("--steps", type=int, default=PreferenceConfig.steps)
+    ap.add_argument("--lr", type=float, default=PreferenceConfig.lr)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="seconds-long smoke run (tests)")
@@ -49,14 +50,15 @@ def sft_model(cfg, args, train):
     if args.sft:
         return load_stage(args.sft, cfg.device)
     model, tok = build_base(cfg, train)
-    run_sft(cfg, model, tok, train)
+    run_sft(cfg, SFTConfig(**(QUICK["sft"] if args.quick else {})), model, tok, train)
     return model, tok
 
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = PipelineConfig(seed=args.seed, beta=args.beta, pref_steps=args.steps, pref_lr=args.lr, device=args.device)
-    cfg = replace(cfg, **QUICK) if args.quick else cfg
+    cfg = BaseConfig(seed=args.seed, device=args.device, **(QUICK["base"] if args.quick else {}))
+    pref = PreferenceConfig(beta=args.beta, steps=args.steps, lr=args.lr)
+    pref = replace(pref, **QUICK["preference"]) if args.quick else pref
     out = Path(args.out)
     train, test = problems(cfg)
     model, tok = sft_model(cfg, args, train)
@@ -68,9 +70,9 @@ def main(argv=None):
         reference = "precomputed"
     else:
         reference = copy.deepcopy(model).eval().requires_grad_(False)
-    step = pairwise_step(LOSSES[args.loss], reference=reference, beta=cfg.beta)
-    train_loop(model, sample_batches(items, cfg.pref_batch_size, cfg.seed + 2, collate_fn("pairs", tok.pad_id)), step,
-               steps=cfg.pref_steps, lr=cfg.pref_lr, log_every=cfg.log_every, jsonl_path=out / "metrics.jsonl")
+    step = pairwise_step(LOSSES[args.loss], reference=reference, beta=pref.beta)
+    train_loop(model, sample_batches(items, pref.batch_size, cfg.seed + 2, collate_fn("pairs", tok.pad_id)), step,
+               steps=pref.steps, lr=pref.lr, log_every=cfg.log_every, jsonl_path=out / "metrics.jsonl")
     save_adapter(model, out / "adapter")
     after = evaluate(cfg, model, tok, test)["accuracy"]
     print(f"held-out accuracy ({len(test)} problems): SFT {before:.3f} -> {args.loss.upper()} {after:.3f}")

@@ -34,9 +34,9 @@ from elleci.algos.merging.fslora import (FSLoRAConfig, derive_seed, dirichlet_sp
                                  run_fslora)
 from elleci.algos.loop import sample_batches
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
-from elleci.model.lora import LoraConfig, apply_lora
+from elleci.model.lora import apply_lora
 from elleci.tasks import arithmetic
-from elleci.testbed.pipeline import QUICK, PipelineConfig, cached_base, evaluate, problems
+from elleci.testbed.pipeline import QUICK, BaseConfig, SFTConfig, cached_base, evaluate, problems
 from elleci.train import optimizer_step
 
 ARMS = ("sketched FSLoRA", "full-rank FedLoRA", "centralised LoRA")
@@ -163,8 +163,7 @@ def main(argv=None):
     args = parse_args(argv)
     rank, world = setup_distributed(args)
     say = print if rank == 0 else (lambda *a, **k: None)
-    cfg = PipelineConfig(seed=args.seed, device=args.device)
-    cfg = replace(cfg, **QUICK) if args.quick else cfg
+    cfg = BaseConfig(seed=args.seed, device=args.device, **(QUICK["base"] if args.quick else {}))
     train, test = problems(cfg)
     model, tok = load_base(cfg, train, args, rank, say)
     collate = sft_collate(tok.pad_id)
@@ -191,8 +190,7 @@ def main(argv=None):
                 "test_nll": heldout_nll(m, test_items, collate)}
 
     torch.manual_seed(args.seed)
-    apply_lora(model, LoraConfig(r=args.rank, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules),
-               sketched=True)
+    apply_lora(model, SFTConfig(lora_r=args.rank).lora_config(), sketched=True)    # the pipeline's alpha and targets
     params = lora_parameters(model)
     init = {n: p.detach().clone() for n, p in params.items()}
     initial = eval_fn(model) if rank == 0 else {}

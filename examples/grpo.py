@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -44,9 +44,10 @@ from elleci.algos.reasoning.long_cot import BudgetTokens, budget_forcing, long_c
 from elleci.algos.loop import sample_batches, train_loop
 from elleci.algos.sampling import prompt_ids
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
-from elleci.model.lora import LoraConfig, apply_lora
+from elleci.model.lora import apply_lora
 from elleci.tasks import arithmetic
-from elleci.testbed.pipeline import QUICK, PipelineConfig, cached_base, prefixed_tables, problems, resumable_seeds
+from elleci.testbed.pipeline import (QUICK, BaseConfig, SFTConfig, cached_base, prefixed_tables, problems,
+                                     resumable_seeds)
 
 QUICK_ARGS = dict(n_eval=4, sft_steps=2, grpo_steps=2, prompts=2, group=2, max_new_tokens=8, budgets=[2, 4],
                   waits=[1], wait_budget=4, log_every=1)
@@ -130,17 +131,19 @@ def scaling_curve(args, model, tok, test, stage: str, result: dict, print_fn=pri
 
 def run_seed(args, seed: int, print_fn=print) -> dict:
     t0 = time.time()
-    cfg = PipelineConfig(seed=seed, device=args.device, **(QUICK if args.quick else {}))
+    cfg = BaseConfig(seed=seed, device=args.device, **(QUICK["base"] if args.quick else {}))
+    sft = SFTConfig(steps=args.sft_steps, lr=args.sft_lr)                # the long-CoT SFT: adapter, steps, lr, batch
+    sft = replace(sft, **QUICK["sft"]) if args.quick else sft
     train, test = problems(cfg)
     test = test[: args.n_eval]
     model, tok = cached_base(cfg, train, cache_dir=args.cache or None, print_fn=print_fn)
     out = Path(args.out) / f"seed{seed}"
     torch.manual_seed(seed)                                        # LoRA's A init draws from the global RNG
-    apply_lora(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules))
+    apply_lora(model, sft.lora_config())
     model.lm_head.weight.requires_grad_(args.train_head)
-    batches = sample_batches(encode_sft(tok, long_cot_examples(train)), cfg.batch_size, seed + 1,
+    batches = sample_batches(encode_sft(tok, long_cot_examples(train)), sft.batch_size, seed + 1,
                              sft_collate(tok.pad_id))
-    train_loop(model, batches, sft_step, steps=args.sft_steps, lr=args.sft_lr, log_every=args.log_every,
+    train_loop(model, batches, sft_step, steps=sft.steps, lr=sft.lr, log_every=args.log_every,
                print_fn=print_fn)
     save_trained(model, out / "sft.safetensors")
     result = {"seed": seed}

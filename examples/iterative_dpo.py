@@ -24,7 +24,8 @@ from elleci._io import write_json_atomic
 from elleci.algos.alignment.iterative_dpo import IterativeDPOConfig, per_response, run_iterative_dpo
 from elleci.model.lora import load_adapter, save_adapter
 from elleci.tasks import arithmetic
-from elleci.testbed.pipeline import QUICK, PipelineConfig, cached_base, evaluate, problems, run_sft, seed_table
+from elleci.testbed.pipeline import (QUICK, BaseConfig, PreferenceConfig, SFTConfig, cached_base, evaluate, problems,
+                                     run_sft, seed_table)
 
 
 def parse_args(argv=None):
@@ -48,19 +49,20 @@ def parse_args(argv=None):
 
 
 def run_seed(args, seed: int, print_fn=print) -> dict:
-    cfg = PipelineConfig(seed=seed, device=args.device)
-    cfg = replace(cfg, **QUICK) if args.quick else cfg
+    cfg = BaseConfig(seed=seed, device=args.device, **(QUICK["base"] if args.quick else {}))
+    sft = SFTConfig(**(QUICK["sft"] if args.quick else {}))
+    pref = PreferenceConfig(**(QUICK["preference"] if args.quick else {}))        # its batch size
     n, rounds = (4, 2) if args.quick else (args.prompts_per_round, args.rounds)
     icfg = IterativeDPOConfig(rounds=rounds, k=args.k, temperature=args.temperature,
                               steps_per_round=2 if args.quick else args.steps_per_round,
                               lr=args.lr, beta=args.beta, nll_weight=args.nll_weight, reference_policy=args.reference,
-                              data=args.data, batch_size=cfg.pref_batch_size, seed=seed,
+                              data=args.data, batch_size=pref.batch_size, seed=seed,
                               max_new_tokens=cfg.max_new_tokens, log_every=cfg.log_every)
     train, test = problems(cfg)
     if len(train) < n * rounds:
         raise ValueError(f"{n * rounds} prompts needed, the task config has {len(train)} training problems")
     model, tok = cached_base(cfg, train, args.cache or None, print_fn=print_fn)
-    run_sft(cfg, model, tok, train, print_fn=print_fn)
+    run_sft(cfg, sft, model, tok, train, print_fn=print_fn)
     out = Path(args.out) / f"seed{seed}"
     save_adapter(model, out / "sft_adapter")
     acc = lambda m: evaluate(cfg, m, tok, test)["accuracy"]

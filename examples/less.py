@@ -7,7 +7,7 @@ whose gradients match a few examples of a target task, and fine-tune on that ins
     python examples/less.py --quick                       # seconds-long smoke run (tests)
 
 Per seed:
-  base      the pipeline's base pretrained with the IT-EN lexicon (`PipelineConfig(seed, lexicon=True)`, cached):
+  base      the pipeline's base pretrained with the IT-EN lexicon (`BaseConfig(seed, lexicon=True)`, cached):
             it has seen one-digit arithmetic (levels 1 and 3) and the lexicon's sentences, never two-digit sums.
   pool      2000 SFT conversations from `elleci.tasks`: arithmetic level 1 (700: a + b), level 2 (600: two-digit
             a ± b), level 3 (200: a ± b ± c, one digit, worked in two steps: the target skill, 10% of the pool),
@@ -32,7 +32,6 @@ import argparse
 import copy
 import random
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -47,7 +46,7 @@ from elleci.model.lora import LoraConfig, apply_lora
 from elleci.tasks import arithmetic, translation
 from elleci.tasks import grounded_qa as gqa
 from elleci.tasks.lexicon import TRAIN_PAIRS
-from elleci.testbed.pipeline import QUICK, PipelineConfig, cached_base, problems, seed_table
+from elleci.testbed.pipeline import QUICK, BaseConfig, cached_base, problems, seed_table
 from elleci.testbed.completion import completer
 
 ARMS = ("LESS", "random", "all data")
@@ -177,8 +176,7 @@ def sft_arm(args, base, tok, examples, seed: int, print_fn=print):
 
 def run_seed(args, seed: int, print_fn=print) -> dict:
     t0 = time.time()
-    cfg = PipelineConfig(seed=seed, lexicon=True, device=args.device)
-    cfg = replace(cfg, **QUICK) if args.quick else cfg
+    cfg = BaseConfig(seed=seed, lexicon=True, device=args.device, **(QUICK["base"] if args.quick else {}))
     base, tok = cached_base(cfg, problems(cfg)[0], args.cache or None, print_fn=print_fn)
     base.eval()
     val, subtasks, test = target_sets(args, seed)

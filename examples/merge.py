@@ -23,7 +23,6 @@ import argparse
 import copy
 import json
 import statistics
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ from elleci.algos.merging.merge import collect_grams, merge, text_batches
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
 from elleci.tasks import arithmetic, translation
 from elleci.tasks.lexicon import TRAIN_PAIRS
-from elleci.testbed.pipeline import QUICK, PipelineConfig, cached_base, evaluate, problems
+from elleci.testbed.pipeline import QUICK, BaseConfig, cached_base, evaluate, problems
 from elleci.testbed.completion import completer
 
 REGMEAN_ALPHAS = (1.0, 0.9, 0.5, 0.1)
@@ -122,8 +121,7 @@ def kept(row: dict, arith: dict, words: dict) -> float:
 
 
 def run_seed(args, seed: int, print_fn=print) -> dict[str, dict]:
-    cfg = PipelineConfig(seed=seed, device=args.device, lexicon=True)
-    cfg = replace(cfg, **QUICK) if args.quick else cfg
+    cfg = BaseConfig(seed=seed, device=args.device, lexicon=True, **(QUICK["base"] if args.quick else {}))
     steps = [2, 2] if args.quick else [args.steps_arithmetic, args.steps_words]
     torch.manual_seed(seed)
     train, test = problems(cfg)

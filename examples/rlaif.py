@@ -25,8 +25,8 @@ from elleci._io import write_json_atomic
 from elleci.algos.alignment.iterative_dpo import IterativeDPOConfig, round_robin_rewards, run_iterative_dpo
 from elleci.algos.alignment.rlaif import PairwiseLabeler
 from elleci.tasks import arithmetic
-from elleci.testbed.pipeline import (JUDGE_TEMPLATE, QUICK, PipelineConfig, cached_base, evaluate, problems, run_sft,
-                                   seed_table)
+from elleci.testbed.pipeline import (JUDGE_TEMPLATE, QUICK, BaseConfig, PreferenceConfig, SFTConfig, cached_base,
+                                     evaluate, problems, run_sft, seed_table)
 
 
 def parse_args(argv=None):
@@ -59,12 +59,14 @@ def judge_accuracy(labeler: PairwiseLabeler, test, seed: int) -> dict:
 
 
 def run_seed(args, seed: int, print_fn=print) -> dict:
-    cfg = replace(PipelineConfig(seed=seed, device=args.device), judge_examples=args.judge_examples)
-    cfg = replace(cfg, **QUICK, judge_examples=8) if args.quick else cfg
+    cfg = BaseConfig(seed=seed, device=args.device, **(QUICK["base"] if args.quick else {}))
+    sft = SFTConfig(judge_examples=args.judge_examples)
+    sft = replace(sft, **QUICK["sft"], judge_examples=8) if args.quick else sft
+    pref = PreferenceConfig(**(QUICK["preference"] if args.quick else {}))   # β, NLL weight, batch size
     n, rounds = (4, 2) if args.quick else (args.prompts_per_round, args.rounds)
     train, test = problems(cfg)
     model, tok = cached_base(cfg, train, args.cache or None, print_fn=print_fn)
-    run_sft(cfg, model, tok, train, print_fn=print_fn)
+    run_sft(cfg, sft, model, tok, train, print_fn=print_fn)
     labeler = PairwiseLabeler(model, tok, JUDGE_TEMPLATE, swap=not args.no_swap)   # the policy judges itself
     result = {"seed": seed, "SFT": evaluate(cfg, model, tok, test)["accuracy"], **judge_accuracy(labeler, test, seed)}
     print_fn(f"seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in result.items() if k != "seed"))
@@ -81,7 +83,7 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
 
     icfg = IterativeDPOConfig(rounds=rounds, k=args.k, temperature=args.temperature,
                               steps_per_round=2 if args.quick else args.steps_per_round,
-                              lr=args.lr, nll_weight=cfg.nll_weight, beta=cfg.beta, batch_size=cfg.pref_batch_size,
+                              lr=args.lr, nll_weight=pref.nll_weight, beta=pref.beta, batch_size=pref.batch_size,
                               seed=seed, max_new_tokens=cfg.max_new_tokens, log_every=cfg.log_every)
     acc = lambda m: evaluate(cfg, m, tok, test)["accuracy"]
     per_round = [train[i * n:(i + 1) * n] for i in range(rounds)]

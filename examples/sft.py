@@ -18,9 +18,9 @@ from elleci.algos.loop import sample_batches, train_loop
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
 from elleci.data import read_sft
 from elleci.model import ElleciLM, Tokenizer
-from elleci.model.lora import LoraConfig, apply_lora, save_adapter
+from elleci.model.lora import apply_lora, save_adapter
 from elleci.tasks import arithmetic
-from elleci.testbed.pipeline import QUICK, PipelineConfig, build_base, evaluate, problems
+from elleci.testbed.pipeline import QUICK, BaseConfig, SFTConfig, build_base, evaluate, problems
 
 
 def parse_args(argv=None):
@@ -28,9 +28,9 @@ def parse_args(argv=None):
     ap.add_argument("--base", default=None, help="directory with a saved model + tokenizer (default: build one)")
     ap.add_argument("--data", default=None, help="SFT JSONL (default: the arithmetic task's worked solutions)")
     ap.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
-    ap.add_argument("--steps", type=int, default=PipelineConfig.sft_steps)
-    ap.add_argument("--lr", type=float, default=PipelineConfig.sft_lr)
-    ap.add_argument("--lora-r", type=int, default=PipelineConfig.lora_r)
+    ap.add_argument("--steps", type=int, default=SFTConfig.steps)
+    ap.add_argument("--lr", type=float, default=SFTConfig.lr)
+    ap.add_argument("--lora-r", type=int, default=SFTConfig.lora_r)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="seconds-long smoke run (tests)")
@@ -40,9 +40,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = PipelineConfig(seed=args.seed, sft_steps=args.steps, sft_lr=args.lr, lora_r=args.lora_r,
-                         lora_alpha=2.0 * args.lora_r, device=args.device)
-    cfg = replace(cfg, **QUICK) if args.quick else cfg
+    cfg = BaseConfig(seed=args.seed, device=args.device, **(QUICK["base"] if args.quick else {}))
+    sft = SFTConfig(steps=args.steps, lr=args.lr, lora_r=args.lora_r, lora_alpha=2.0 * args.lora_r)
+    sft = replace(sft, **QUICK["sft"]) if args.quick else sft
     out = Path(args.out)
     train, test = problems(cfg)
     if args.base:
@@ -53,10 +53,10 @@ def main(argv=None):
     before = evaluate(cfg, model, tok, test)["accuracy"]
     conversations = read_sft(args.data) if args.data else arithmetic.sft_examples(train)
     if not args.full:
-        apply_lora(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules))
+        apply_lora(model, sft.lora_config())
     examples = encode_sft(tok, conversations)
-    train_loop(model, sample_batches(examples, cfg.batch_size, cfg.seed + 1, sft_collate(tok.pad_id)), sft_step,
-               steps=cfg.sft_steps, lr=cfg.sft_lr, log_every=cfg.log_every, jsonl_path=out / "metrics.jsonl")
+    train_loop(model, sample_batches(examples, sft.batch_size, cfg.seed + 1, sft_collate(tok.pad_id)), sft_step,
+               steps=sft.steps, lr=sft.lr, log_every=cfg.log_every, jsonl_path=out / "metrics.jsonl")
     if args.full:
         model.save_pretrained(out / "model", tokenizer=tok)
     else:

@@ -4,7 +4,7 @@
     python examples/spag.py --seeds 0 1 2 --out out/spag                 # the full run (cached pipeline bases)
     python examples/spag.py --reference previous                         # SPAG-2/3 reference = previous model
 
-Per seed, from the pipeline's cached pretrained base (`cached_base`, default PipelineConfig base fields):
+Per seed, from the pipeline's cached pretrained base (`cached_base`, default BaseConfig):
 
     imitation   LoRA SFT (SFTwithKL with --imitation-kl; default 0 = plain SFT, no reference forward) on
                 scripted taboo games (both roles, every utterance) mixed with the arithmetic SFT data (8 game +
@@ -47,11 +47,11 @@ from elleci.algos.alignment.iterative_dpo import trainable_state
 from elleci.algos.loop import train_loop
 from elleci.algos.reasoning.spag import (SPAGConfig, encode_sft_items, imitation_step, mixed_batches, run_spag, spag_step)
 from elleci.algos.reasoning.spag_play import ModelPlayer, play_games
-from elleci.model.lora import LoraConfig, apply_lora
+from elleci.model.lora import apply_lora
 from elleci.algos.reasoning import taboo
 from elleci.tasks import arithmetic, corpus
-from elleci.testbed.pipeline import (QUICK, PipelineConfig, cached_base, evaluate, prefixed_tables, problems,
-                                   resumable_seeds)
+from elleci.testbed.pipeline import (QUICK, BaseConfig, SFTConfig, cached_base, evaluate, prefixed_tables, problems,
+                                     resumable_seeds)
 
 QUICK_ARGS = dict(imitation_games=6, imitation_steps=2, game_batch_size=2, sft_batch_size=2, epochs=1, games=4,
                   eval_games=2, eval_problems=4, max_new_tokens=4, log_every=1)
@@ -135,11 +135,11 @@ def evaluate_stage(args, cfg, model, tok, test, stage: str, row: dict, print_fn=
 
 def run_seed(args, seed: int, print_fn=print) -> dict:
     t0, c0 = time.time(), time.process_time()
-    cfg = PipelineConfig(seed=seed, device=args.device, **(QUICK if args.quick else {}))
+    cfg = BaseConfig(seed=seed, device=args.device, **(QUICK["base"] if args.quick else {}))
     train, test = problems(cfg)
     model, tok = cached_base(cfg, train, cache_dir=args.cache or None, print_fn=print_fn)
     torch.manual_seed(seed)                              # the LoRA init (a cached base skips pretraining's seeding)
-    apply_lora(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules))
+    apply_lora(model, SFTConfig().lora_config())           # the pipeline's adapter layout
     model.lm_head.weight.requires_grad_(not args.frozen_head)
     row, extra = {"seed": seed}, {"samples": {}, "self_play": {}}
 

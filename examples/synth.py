@@ -10,7 +10,7 @@ arXiv 2406.15126; `elleci.algos.curation.synth`).
     python examples/synth.py --quick                          # seconds-long smoke run (tests)
 
 Per seed:
-  base       the cached pipeline base (`cached_base`, default PipelineConfig fields).
+  base       the cached pipeline base (`cached_base`, default BaseConfig).
   teacher    `run_sft` (the pipeline's LoRA SFT: its steps, lr and batch) on the gold solutions of the first
              --n-labeled training problems (optionally --teacher-format-steps more SFT steps on them asked in the
              --prompt style). Cached under --cache. The other training questions are the unlabelled pool.
@@ -55,10 +55,10 @@ from elleci.algos.curation.synth_filters import (apply_filters, exact_dedup_filt
                                         verifier_filter)
 from elleci.algos.curation.synth_metrics import (dataset_report, inverse_frequency_weights, self_bleu, weighted_batches,
                                         with_weights)
-from elleci.model.lora import LoraConfig, apply_lora, load_adapter, save_adapter
+from elleci.model.lora import apply_lora, load_adapter, save_adapter
 from elleci.tasks import arithmetic
-from elleci.testbed.pipeline import (QUICK, PipelineConfig, base_key, cached_base, evaluate, prefixed_tables,
-                                   problems, resumable_seeds, run_sft)
+from elleci.testbed.pipeline import (QUICK, BaseConfig, SFTConfig, base_key, cached_base, evaluate, prefixed_tables,
+                                     problems, resumable_seeds, run_sft)
 
 SPEC = TaskSpec("arithmetic-worked-solutions", "Solve:", attribute_template="level {level}: {operations}")
 """Short words: the small base's 384-piece vocabulary spells most English letter by letter, and every prompt
@@ -78,7 +78,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--n-labeled", type=int, default=1500, help="gold training problems the teacher is SFT'd on")
-    ap.add_argument("--teacher-steps", type=int, default=None, help="teacher SFT steps (default: PipelineConfig's)")
+    ap.add_argument("--teacher-steps", type=int, default=None, help="teacher SFT steps (default: SFTConfig's)")
     ap.add_argument("--teacher-format-steps", type=int, default=0,
                     help="teacher SFT steps on the --prompt format after run_sft (0 = the plain run_sft teacher)")
     ap.add_argument("--teacher-batch", type=int, default=16, help="batch of those steps")
@@ -103,10 +103,12 @@ def parse_args(argv=None):
     return args
 
 
-def config(args, seed: int) -> PipelineConfig:
-    cfg = PipelineConfig(seed=seed, device=args.device, log_every=40)
-    cfg = replace(cfg, **QUICK) if args.quick else cfg
-    return replace(cfg, sft_steps=args.teacher_steps) if args.teacher_steps else cfg
+def config(args, seed: int) -> tuple[BaseConfig, SFTConfig]:
+    """The base and the teacher's SFT (the pipeline's; --teacher-steps steps when given)."""
+    cfg = BaseConfig(seed=seed, device=args.device, log_every=40)
+    cfg = replace(cfg, **QUICK["base"]) if args.quick else cfg
+    sft = SFTConfig(**(QUICK["sft"] if args.quick else {}))
+    return cfg, replace(sft, steps=args.teacher_steps) if args.teacher_steps else sft
 
 
 def attributes(p: arithmetic.Problem) -> dict:
@@ -141,14 +143,13 @@ def generation_prompt(args, style: str, p, cells, rng, exclude: str | None = Non
     return render_prompt(spec, a, select_demos(same, min(k, len(same)), rng, attributes=a), p.question)
 
 
-def teacher_model(args, cfg, base, tok, labeled, print_fn=print):
+def teacher_model(args, cfg, sft, base, tok, labeled, print_fn=print):
     """`run_sft` (the pipeline's SFT on the labelled problems' plain questions) from a copy of the base, then
     --teacher-format-steps more SFT steps on the same problems asked with the generation prompt (spec +
     attributes, demos); the adapter is cached under --cache."""
     teacher = copy.deepcopy(base)
-    fields = {"base": base_key(cfg), "n_labeled": len(labeled),
-              **{k: v for k, v in asdict(cfg).items() if k in ("sft_steps", "sft_lr", "lora_r", "lora_alpha",
-                                                               "target_modules")}}
+    fields = {"base": base_key(cfg), "n_labeled": len(labeled), "sft_steps": sft.steps, "sft_lr": sft.lr,
+              "lora_r": sft.lora_r, "lora_alpha": sft.lora_alpha, "target_modules": sft.target_modules}
     if args.teacher_format_steps:
         spec, k = spec_and_demos(args, args.prompt)
         fields.update(format_steps=args.teacher_format_steps, format_batch=args.teacher_batch, spec=asdict(spec),
@@ -158,14 +159,14 @@ def teacher_model(args, cfg, base, tok, labeled, print_fn=print):
     if directory is not None and (directory / "cache.json").is_file():
         print_fn(f"teacher: loaded from {directory}")
         return load_adapter(teacher, directory).eval()
-    run_sft(cfg, teacher, tok, labeled, print_fn=print_fn)
+    run_sft(cfg, sft, teacher, tok, labeled, print_fn=print_fn)
     if args.teacher_format_steps:
         pool, rng = demo_pool(labeled), random.Random(f"synth/teacher/{cfg.seed}")
         cells = by_cell(pool)
         convs = [generation_prompt(args, args.prompt, p, cells, rng, exclude=d["id"])
                  + [{"role": "assistant", "content": p.solution}] for p, d in zip(labeled, pool)]
         batches = sample_batches(encode_sft(tok, convs), args.teacher_batch, cfg.seed + 2, sft_collate(tok.pad_id))
-        train_loop(teacher, batches, sft_step, steps=args.teacher_format_steps, lr=cfg.sft_lr,
+        train_loop(teacher, batches, sft_step, steps=args.teacher_format_steps, lr=sft.lr,
                    log_every=cfg.log_every, print_fn=print_fn)
     if directory is not None:
         save_adapter(teacher, directory)
@@ -230,10 +231,10 @@ def data_metrics(records, name: str, checks: dict) -> dict:
     return {f"data/{name}: {k}": float(v) for k, v in rep.items()}
 
 
-def train_student(args, cfg, base, tok, records, test, seed: int, weights=None, print_fn=print):
+def train_student(args, cfg, sft, base, tok, records, test, seed: int, weights=None, print_fn=print):
     """A fresh LoRA SFT from the base on [question, output] conversations, the same steps for every arm."""
     model = copy.deepcopy(base)
-    apply_lora(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules))
+    apply_lora(model, sft.lora_config())
     examples = encode_sft(tok, [[{"role": "user", "content": r["input"]}, {"role": "assistant", "content": r["output"]}]
                                 for r in records])
     collate = sft_collate(tok.pad_id)
@@ -246,14 +247,14 @@ def train_student(args, cfg, base, tok, records, test, seed: int, weights=None, 
 
 def run_seed(args, seed: int, print_fn=print) -> dict:
     t0 = time.time()
-    cfg = config(args, seed)
+    cfg, sft = config(args, seed)
     train, test = problems(cfg)
     if not 0 < args.n_labeled < len(train):
         raise ValueError(f"--n-labeled must be in (0, {len(train)}), got {args.n_labeled}")
     labeled, unlabeled = train[:args.n_labeled], train[args.n_labeled:]
     base, tok = cached_base(cfg, train, cache_dir=args.cache or None, print_fn=print_fn)
     base.eval()
-    teacher = teacher_model(args, cfg, base, tok, labeled, print_fn=print_fn)
+    teacher = teacher_model(args, cfg, sft, base, tok, labeled, print_fn=print_fn)
     result = {"seed": seed}
     for style in PROMPT_STYLES:
         result[f"accuracy/teacher, prompt: {style}"] = teacher_accuracy(args, teacher, tok, labeled, test, seed, style)
@@ -291,7 +292,7 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
         if not records:
             print_fn(f"seed {seed} | student: {arm} | no data: skipped")
             continue
-        rep = train_student(args, cfg, base, tok, records, test, seed, weights, print_fn=print_fn)
+        rep = train_student(args, cfg, sft, base, tok, records, test, seed, weights, print_fn=print_fn)
         result[f"accuracy/student: {arm}"] = rep["accuracy"]
         for lv, acc in rep["accuracy_by_level"].items():
             result[f"accuracy/student: {arm}, level {lv}"] = acc

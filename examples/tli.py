@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from elleci._io import write_json_atomic
 from elleci.algos.merging import tli
 from elleci.model import ElleciLM, Tokenizer
 from elleci.tasks.lexicon import CONTROL_PAIRS, TRAIN_PAIRS
-from elleci.testbed.pipeline import QUICK, PipelineConfig, cached_base, problems, seed_table
+from elleci.testbed.pipeline import QUICK, BaseConfig, cached_base, problems, seed_table
 
 METRICS = [("pair_cos", "translation cos"), ("random_cos", "random-pair cos"), ("gap", "gap"), ("p_at_1", "P@1")]
 
@@ -62,8 +61,8 @@ def parse_args(argv=None):
 def load_base(args, seed: int, print_fn=print) -> tuple[ElleciLM, Tokenizer]:
     if args.base:
         return ElleciLM.from_pretrained(args.base).to(args.device).eval(), Tokenizer.load(args.base)
-    cfg = replace(PipelineConfig(seed=seed, device=args.device), lexicon=not args.no_lexicon)
-    cfg = replace(cfg, **QUICK) if args.quick else cfg
+    cfg = BaseConfig(seed=seed, device=args.device, lexicon=not args.no_lexicon,
+                     **(QUICK["base"] if args.quick else {}))
     train, _ = problems(cfg)
     model, tok = cached_base(cfg, train, args.cache or None, print_fn=print_fn)
     return model.eval(), tok

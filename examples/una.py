@@ -19,7 +19,8 @@ from elleci.algos.loop import sample_batches, train_loop
 from elleci.algos.preference import collate_fn, encode_feedback, feedback_step, precompute_reference
 from elleci.model.lora import save_adapter
 from elleci.tasks import arithmetic
-from elleci.testbed.pipeline import QUICK, PipelineConfig, build_base, evaluate, load_stage, problems, run_sft
+from elleci.testbed.pipeline import (QUICK, BaseConfig, PreferenceConfig, SFTConfig, build_base, evaluate, load_stage,
+                                     problems, run_sft)
 
 
 def parse_args(argv=None):
@@ -28,9 +29,9 @@ def parse_args(argv=None):
     ap.add_argument("--data", default=None, help="feedback JSONL (default: generated from the arithmetic task)")
     ap.add_argument("--kind", default="binary", choices=["binary", "score"])
     ap.add_argument("--bce", action="store_true", help="binary feedback with BCE instead of MSE")
-    ap.add_argument("--beta", type=float, default=PipelineConfig.una_beta)
-    ap.add_argument("--steps", type=int, default=PipelineConfig.pref_steps)
-    ap.add_argument("--lr", type=float, default=PipelineConfig.pref_lr)
+    ap.add_argument("--beta", type=float, default=PreferenceConfig.una_beta)
+    ap.add_argument("--steps", type=int, default=PreferenceConfig.steps)
+    ap.add_argument("--lr", type=float, default=PreferenceConfig.lr)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="seconds-long smoke run (tests)")
@@ -40,27 +41,27 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = PipelineConfig(seed=args.seed, una_beta=args.beta, pref_steps=args.steps, pref_lr=args.lr,
-                         device=args.device)
-    cfg = replace(cfg, **QUICK) if args.quick else cfg
+    cfg = BaseConfig(seed=args.seed, device=args.device, **(QUICK["base"] if args.quick else {}))
+    pref = PreferenceConfig(una_kind=args.kind, una_beta=args.beta, steps=args.steps, lr=args.lr)
+    pref = replace(pref, **QUICK["preference"]) if args.quick else pref
     out = Path(args.out)
     train, test = problems(cfg)
     if args.sft:
         model, tok = load_stage(args.sft, cfg.device)
     else:
         model, tok = build_base(cfg, train)
-        run_sft(cfg, model, tok, train)
+        run_sft(cfg, SFTConfig(**(QUICK["sft"] if args.quick else {})), model, tok, train)
     before = evaluate(cfg, model, tok, test)["accuracy"]
     if args.kind == "binary":
         records = read_binary(args.data) if args.data else arithmetic.binary_feedback(train, seed=cfg.seed)
         items, step = encode_feedback(tok, records, "label"), feedback_step(
-            una_binary_loss, beta=cfg.una_beta, kind="bce" if args.bce else "mse")
+            una_binary_loss, beta=pref.una_beta, kind="bce" if args.bce else "mse")
     else:
         records = read_scored(args.data) if args.data else arithmetic.scored_feedback(train, seed=cfg.seed)
-        items, step = encode_feedback(tok, records, "score"), feedback_step(una_score_loss, beta=cfg.una_beta)
+        items, step = encode_feedback(tok, records, "score"), feedback_step(una_score_loss, beta=pref.una_beta)
     precompute_reference(model, items, pad_token_id=tok.pad_id)
-    train_loop(model, sample_batches(items, cfg.pref_batch_size, cfg.seed + 3, collate_fn("feedback", tok.pad_id)),
-               step, steps=cfg.pref_steps, lr=cfg.pref_lr, log_every=cfg.log_every, jsonl_path=out / "metrics.jsonl")
+    train_loop(model, sample_batches(items, pref.batch_size, cfg.seed + 3, collate_fn("feedback", tok.pad_id)),
+               step, steps=pref.steps, lr=pref.lr, log_every=cfg.log_every, jsonl_path=out / "metrics.jsonl")
     save_adapter(model, out / "adapter")
     after = evaluate(cfg, model, tok, test)["accuracy"]
     print(f"held-out accuracy ({len(test)} problems): SFT {before:.3f} -> UNA-{args.kind} {after:.3f}")

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._checks import check_bool, check_choice, check_int, check_modules, check_number, fail, is_int
 from ..kernels.lora import lora_linear
 from .layers import BitLinear
 
@@ -41,14 +42,20 @@ class LoraConfig:
     bias: str = "none"
 
     def __post_init__(self):
-        if not (isinstance(self.r, int) and self.r >= 1):
-            raise ValueError(f"LoraConfig.r must be a positive int, got {self.r!r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.init_lora_weights not in _INIT_CHOICES:
-            raise ValueError(f"init_lora_weights={self.init_lora_weights!r}; supported: {_INIT_CHOICES}")
+        name = "LoraConfig"
+        check_int(name, "r", self.r, ge=1)
+        check_number(name, "lora_alpha", self.lora_alpha, gt=0)
+        check_number(name, "lora_dropout", self.lora_dropout, ge=0, lt=1)
+        check_modules(name, "target_modules", self.target_modules, optional=True)
+        check_modules(name, "exclude_modules", self.exclude_modules, optional=True)
+        if self.layers_to_transform is not None and not (
+                isinstance(self.layers_to_transform, (list, tuple))
+                and all(is_int(i) and i >= 0 for i in self.layers_to_transform)):
+            fail(name, "layers_to_transform", "a list of block indices (ints >= 0) or None", self.layers_to_transform)
+        check_bool(name, "use_rslora", self.use_rslora)
+        check_choice(name, "init_lora_weights", self.init_lora_weights, _INIT_CHOICES)
         if self.bias != "none":
-            raise ValueError(f"bias={self.bias!r}: only 'none' is supported (biases stay frozen)")
+            fail(name, "bias", "'none' (biases stay frozen; no other value is supported)", self.bias)
 
     @property
     def scaling(self) -> float:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from elleci._checks import check_int, check_number, fail
 from elleci._io import write_json_atomic
 from elleci.algos.loop import sample_batches, train_loop
 from elleci.algos.sft import sft_collate, sft_step
@@ -38,6 +39,15 @@ class GroundedBaseConfig:
     pretrain_steps: int = 1000
     pretrain_lr: float = 3e-3
     batch_size: int = 32
+
+    def __post_init__(self):
+        name = "GroundedBaseConfig"
+        for field in ("n_train", "d_model", "n_layers", "vocab_size", "pretrain_steps", "batch_size"):
+            check_int(name, field, getattr(self, field), ge=1)
+        check_int(name, "people", self.people, ge=1, le=len(grounded_qa.NAMES))
+        if not (isinstance(self.layout, str) and self.layout and set(self.layout) <= {"M", "A"}):
+            fail(name, "layout", "a non-empty string of 'M' (Mamba) and 'A' (attention)", self.layout)
+        check_number(name, "pretrain_lr", self.pretrain_lr, gt=0)
 
 
 QUICK_BASE = dict(n_train=60, vocab_size=384, d_model=32, n_layers=2, pretrain_steps=3, batch_size=4)

@@ -14,6 +14,17 @@ training the SFT adapter, with the SFT model's log-probs precomputed once as the
 default add an NLL term on the chosen / desired answers (`nll_weight`, RPO, arXiv 2404.19733): without it,
 on this task, both losses lowered the chosen answers' likelihood and held-out accuracy fell below SFT's
 (seed 0: DPO 0.253 → 0.163, UNA-binary 0.253 → 0.230 at lr 2e-4, 60 steps).
+
+Settings come in three sections, and each function takes only those it uses:
+
+    BaseConfig        the base (its cache key), the problems, seed, device, logging, evaluation length
+    SFTConfig         the LoRA adapter and the SFT stage            run_sft(cfg, sft, model, tok, train)
+    PreferenceConfig  DPO / UNA / the SFT control                   run_dpo(cfg, pref, model, tok, train)
+
+    cfg = BaseConfig(seed=0, **QUICK["base"])                        # QUICK: per-section smoke-run overrides
+    train, test = problems(cfg)
+    model, tok = cached_base(cfg, train, "out/bases")
+    run_sft(cfg, SFTConfig(), model, tok, train)
 """
 from __future__ import annotations
 
@@ -28,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from elleci._checks import (check_bool, check_choice, check_int, check_modules, check_number, check_str, fail,
+                            is_int)
 from elleci._io import write_json_atomic
 from elleci.algos.alignment.dpo import dpo_loss
 from elleci.algos.loop import sample_batches, train_loop
@@ -45,8 +58,11 @@ from elleci.tasks.corpus import synthetic_corpus
 from elleci.testbed.completion import completer
 
 
-@dataclass
-class PipelineConfig:
+@dataclass(frozen=True)
+class BaseConfig:
+    """The small pretrained base (tokenizer + Elleci pretrained on generated text), the problems, and the
+    settings every stage shares: seed, device, logging, the evaluation's decoding length. The fields of
+    BASE_FIELDS key the base's cache (`base_key`)."""
     seed: int = 0
     levels: tuple[int, ...] = (1, 3)     # one-digit steps: held-out questions compose facts seen in training
     n_train: int = 3000                  # training problems (pretraining text, SFT, preference data)
@@ -57,39 +73,95 @@ class PipelineConfig:
     pretrain_steps: int = 250
     pretrain_lr: float = 3e-3
     seq_len: int = 64
-    batch_size: int = 32
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    target_modules: list[str] | str = "all-linear"
-    sft_steps: int = 120
-    sft_lr: float = 3e-3
-    pref_steps: int = 60
-    pref_lr: float = 2e-4
-    pref_batch_size: int = 16
-    beta: float = 0.1
-    una_kind: str = "binary"             # "binary" (thumbs up/down, MSE on σ(r)) or "score"
-    una_beta: float = 0.1
-    nll_weight: float = 1.0              # α·NLL on chosen / desired responses (RPO); 0 = the papers' plain losses
-    judge_examples: int = 0              # pairwise-judging conversations mixed into SFT (RLAIF's self-labeler)
+    batch_size: int = 32                 # pretraining batch size
     lexicon: bool = False                # add the IT-EN lexicon's sentences to pretraining (word translation)
-    max_new_tokens: int = 32
+    max_new_tokens: int = 32             # greedy evaluation's response cap
     device: str = "cpu"
     log_every: int = 20
 
+    def __post_init__(self):
+        name = type(self).__name__
+        check_int(name, "seed", self.seed)
+        if not (isinstance(self.levels, (tuple, list)) and self.levels
+                and all(is_int(lv) and lv in arithmetic.LEVELS for lv in self.levels)):
+            fail(name, "levels", f"a non-empty tuple of levels from {arithmetic.LEVELS}", self.levels)
+        for field in ("n_train", "n_eval", "vocab_size", "d_model", "n_layers", "pretrain_steps", "batch_size",
+                      "max_new_tokens", "log_every"):
+            check_int(name, field, getattr(self, field), ge=1)
+        check_int(name, "seq_len", self.seq_len, ge=2)
+        check_number(name, "pretrain_lr", self.pretrain_lr, gt=0)
+        check_bool(name, "lexicon", self.lexicon)
+        check_str(name, "device", self.device, empty=False)
 
-QUICK = dict(n_train=200, n_eval=20, vocab_size=384, d_model=32, n_layers=2, pretrain_steps=3, seq_len=32,
-             batch_size=4, sft_steps=2, pref_steps=2, pref_batch_size=2, max_new_tokens=8, log_every=1)
-"""Overrides for a seconds-long smoke run of every stage (the examples' --quick, used by the tests)."""
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """The pipeline's SFT stage: a LoRA adapter (r, alpha, target modules) instruction-tuned on worked
+    solutions, plus `judge_examples` pairwise-judging conversations (RLAIF's self-labeler)."""
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    target_modules: list[str] | str = "all-linear"
+    steps: int = 120
+    lr: float = 3e-3
+    batch_size: int = 32
+    judge_examples: int = 0              # pairwise-judging conversations mixed into SFT (RLAIF's self-labeler)
+
+    def __post_init__(self):
+        name = type(self).__name__
+        check_int(name, "lora_r", self.lora_r, ge=1)
+        check_number(name, "lora_alpha", self.lora_alpha, gt=0)
+        check_modules(name, "target_modules", self.target_modules)
+        check_int(name, "steps", self.steps, ge=1)
+        check_number(name, "lr", self.lr, gt=0)
+        check_int(name, "batch_size", self.batch_size, ge=1)
+        check_int(name, "judge_examples", self.judge_examples, ge=0)
+
+    def lora_config(self) -> LoraConfig:
+        """The adapter's layout (also used by the examples that train their own LoRA from the base)."""
+        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, target_modules=self.target_modules)
 
 
-def problems(cfg: PipelineConfig) -> tuple[list, list]:
+@dataclass(frozen=True)
+class PreferenceConfig:
+    """The preference stages from the SFT model (DPO, UNA, and the SFT control for the same steps, lr and
+    batch size)."""
+    steps: int = 60
+    lr: float = 2e-4
+    batch_size: int = 16
+    beta: float = 0.1                    # DPO's β
+    una_kind: str = "binary"             # "binary" (thumbs up/down, MSE on σ(r)) or "score"
+    una_beta: float = 0.1
+    nll_weight: float = 1.0              # α·NLL on chosen / desired responses (RPO); 0 = the papers' plain losses
+
+    def __post_init__(self):
+        name = type(self).__name__
+        check_int(name, "steps", self.steps, ge=1)
+        check_number(name, "lr", self.lr, gt=0)
+        check_int(name, "batch_size", self.batch_size, ge=1)
+        check_number(name, "beta", self.beta, gt=0)
+        check_choice(name, "una_kind", self.una_kind, UNA_KINDS)
+        check_number(name, "una_beta", self.una_beta, gt=0)
+        check_number(name, "nll_weight", self.nll_weight, ge=0)
+
+
+UNA_KINDS = ("binary", "score")
+
+QUICK = {"base": dict(n_train=200, n_eval=20, vocab_size=384, d_model=32, n_layers=2, pretrain_steps=3, seq_len=32,
+                      batch_size=4, max_new_tokens=8, log_every=1),
+         "sft": dict(steps=2, batch_size=4),
+         "preference": dict(steps=2, batch_size=2)}
+"""Overrides, per section, for a seconds-long smoke run of every stage (the examples' --quick, used by the
+tests): `BaseConfig(**QUICK["base"])`, `replace(sft, **QUICK["sft"])`."""
+
+
+def problems(cfg: BaseConfig) -> tuple[list, list]:
     """(train, held-out) problems: disjoint questions, deterministic in the seed."""
     train = arithmetic.make_problems(cfg.n_train, seed=cfg.seed, levels=cfg.levels, split="train")
     test = arithmetic.make_problems(cfg.n_eval, seed=cfg.seed + 1000, levels=cfg.levels, split="test")
     return train, test
 
 
-def pretraining_texts(cfg: PipelineConfig, train) -> list[str]:
+def pretraining_texts(cfg: BaseConfig, train) -> list[str]:
     """Generated bilingual prose plus the training problems written out as plain text (plus, with
     `cfg.lexicon`, sentences stating every pair of the IT-EN lexicon: the word-translation task's knowledge)."""
     worked = [f"{p.question}\n{p.solution}" for p in train]
@@ -112,7 +184,7 @@ def build_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
         return Tokenizer.train(path, vocab_size=vocab_size, split_digits=True)
 
 
-def pretrain_base(cfg: PipelineConfig, tok: Tokenizer, texts: list[str], print_fn=print) -> ElleciLM:
+def pretrain_base(cfg: BaseConfig, tok: Tokenizer, texts: list[str], print_fn=print) -> ElleciLM:
     """A small Elleci (the `small` preset's layout, shrunk) trained on packed `texts` with the LM loss."""
     torch.manual_seed(cfg.seed)
     config = ElleciConfig.from_name("small", d_model=cfg.d_model, n_layers=cfg.n_layers, vocab_size=tok.vocab_size,
@@ -128,7 +200,7 @@ def pretrain_base(cfg: PipelineConfig, tok: Tokenizer, texts: list[str], print_f
     return model
 
 
-def build_base(cfg: PipelineConfig, train, print_fn=print) -> tuple[ElleciLM, Tokenizer]:
+def build_base(cfg: BaseConfig, train, print_fn=print) -> tuple[ElleciLM, Tokenizer]:
     """Tokenizer + pretrained base from the generated corpus and the training problems' worked text."""
     texts = pretraining_texts(cfg, train)
     tok = build_tokenizer(texts, cfg.vocab_size)
@@ -137,10 +209,10 @@ def build_base(cfg: PipelineConfig, train, print_fn=print) -> tuple[ElleciLM, To
 
 BASE_FIELDS = ("seed", "levels", "n_train", "vocab_size", "d_model", "n_layers", "pretrain_steps", "pretrain_lr",
                "seq_len", "batch_size", "lexicon")
-"""The PipelineConfig fields that determine the base model (the key of `cached_base`)."""
+"""The BaseConfig fields that determine the base model (the key of `cached_base`)."""
 
 
-def base_key(cfg: PipelineConfig) -> str:
+def base_key(cfg: BaseConfig) -> str:
     """A short stable name for the base that `cfg` builds: seed plus a hash of the BASE_FIELDS."""
     fields = {k: v for k, v in asdict(cfg).items() if k in BASE_FIELDS}
     if not fields["lexicon"]:
@@ -149,7 +221,7 @@ def base_key(cfg: PipelineConfig) -> str:
     return f"seed{cfg.seed}-{digest}"
 
 
-def cached_base(cfg: PipelineConfig, train, cache_dir=None, print_fn=print) -> tuple[ElleciLM, Tokenizer]:
+def cached_base(cfg: BaseConfig, train, cache_dir=None, print_fn=print) -> tuple[ElleciLM, Tokenizer]:
     """`build_base`, saved under cache_dir/<base_key> and loaded from there when present (pretraining is
     most of an example's CPU time; every example of a seed shares one base). cache_dir=None: no cache."""
     if cache_dir is None:
@@ -196,57 +268,57 @@ def judge_conversations(problems, seed: int, template: PairwiseTemplate = JUDGE_
     return convs
 
 
-def run_sft(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, train, print_fn=print) -> list[dict]:
+def run_sft(cfg: BaseConfig, sft: SFTConfig, model: ElleciLM, tok: Tokenizer, train, print_fn=print) -> list[dict]:
     """Apply LoRA and instruction-tune on the training problems' worked solutions (plus, when
-    `cfg.judge_examples` > 0, that many pairwise-judging conversations: the RLAIF self-labeler's skill)."""
-    apply_lora(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules=cfg.target_modules))
+    `sft.judge_examples` > 0, that many pairwise-judging conversations: the RLAIF self-labeler's skill)."""
+    apply_lora(model, sft.lora_config())
     conversations = arithmetic.sft_examples(train)
-    if cfg.judge_examples:
+    if sft.judge_examples:
         rng = random.Random(f"judge-problems/{cfg.seed}")
-        conversations += judge_conversations(rng.choices(train, k=cfg.judge_examples), cfg.seed)
+        conversations += judge_conversations(rng.choices(train, k=sft.judge_examples), cfg.seed)
     examples = encode_sft(tok, conversations)
-    batches = sample_batches(examples, cfg.batch_size, cfg.seed + 1, sft_collate(tok.pad_id))
-    return train_loop(model, batches, sft_step, steps=cfg.sft_steps, lr=cfg.sft_lr, log_every=cfg.log_every,
+    batches = sample_batches(examples, sft.batch_size, cfg.seed + 1, sft_collate(tok.pad_id))
+    return train_loop(model, batches, sft_step, steps=sft.steps, lr=sft.lr, log_every=cfg.log_every,
                       print_fn=print_fn)
 
 
-def run_sft_control(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, train, print_fn=print) -> list[dict]:
+def run_sft_control(cfg: BaseConfig, pref: PreferenceConfig, model: ElleciLM, tok: Tokenizer, train,
+                    print_fn=print) -> list[dict]:
     """The control for DPO/UNA: keep SFT-training the adapter for the same steps, lr and batch size."""
     examples = encode_sft(tok, arithmetic.sft_examples(train))
-    batches = sample_batches(examples, cfg.pref_batch_size, cfg.seed + 4, sft_collate(tok.pad_id))
-    return train_loop(model, batches, sft_step, steps=cfg.pref_steps, lr=cfg.pref_lr, log_every=cfg.log_every,
+    batches = sample_batches(examples, pref.batch_size, cfg.seed + 4, sft_collate(tok.pad_id))
+    return train_loop(model, batches, sft_step, steps=pref.steps, lr=pref.lr, log_every=cfg.log_every,
                       print_fn=print_fn)
 
 
-def run_dpo(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, train, loss_fn=dpo_loss, print_fn=print,
-            **loss_kw) -> list[dict]:
+def run_dpo(cfg: BaseConfig, pref: PreferenceConfig, model: ElleciLM, tok: Tokenizer, train, loss_fn=dpo_loss,
+            print_fn=print, **loss_kw) -> list[dict]:
     """Keep training the SFT adapter with a pairwise loss; the reference (the SFT model) is precomputed."""
     items = encode_pairs(tok, arithmetic.preference_pairs(train, seed=cfg.seed))
     precompute_reference(model, items, pad_token_id=tok.pad_id)
-    batches = sample_batches(items, cfg.pref_batch_size, cfg.seed + 2, collate_fn("pairs", tok.pad_id))
-    step = pairwise_step(loss_fn, reference="precomputed", nll_weight=cfg.nll_weight, beta=cfg.beta, **loss_kw)
-    return train_loop(model, batches, step, steps=cfg.pref_steps, lr=cfg.pref_lr, log_every=cfg.log_every,
+    batches = sample_batches(items, pref.batch_size, cfg.seed + 2, collate_fn("pairs", tok.pad_id))
+    step = pairwise_step(loss_fn, reference="precomputed", nll_weight=pref.nll_weight, beta=pref.beta, **loss_kw)
+    return train_loop(model, batches, step, steps=pref.steps, lr=pref.lr, log_every=cfg.log_every,
                       print_fn=print_fn)
 
 
-def run_una(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, train, print_fn=print) -> list[dict]:
+def run_una(cfg: BaseConfig, pref: PreferenceConfig, model: ElleciLM, tok: Tokenizer, train,
+            print_fn=print) -> list[dict]:
     """UNA from the SFT model: binary thumbs up/down (MSE on σ(r)) or graded scores (MSE on σ(r))."""
-    if cfg.una_kind == "binary":
+    if pref.una_kind == "binary":
         records, target = arithmetic.binary_feedback(train, seed=cfg.seed), "label"
-        step = feedback_step(una_binary_loss, nll_weight=cfg.nll_weight, beta=cfg.una_beta, kind="mse")
-    elif cfg.una_kind == "score":
+        step = feedback_step(una_binary_loss, nll_weight=pref.nll_weight, beta=pref.una_beta, kind="mse")
+    else:                                                    # "score" (PreferenceConfig checks una_kind)
         records, target = arithmetic.scored_feedback(train, seed=cfg.seed), "score"
-        step = feedback_step(una_score_loss, nll_weight=cfg.nll_weight, beta=cfg.una_beta)
-    else:
-        raise ValueError(f"una_kind={cfg.una_kind!r}; choose 'binary' or 'score'")
+        step = feedback_step(una_score_loss, nll_weight=pref.nll_weight, beta=pref.una_beta)
     items = encode_feedback(tok, records, target)
     precompute_reference(model, items, pad_token_id=tok.pad_id)
-    batches = sample_batches(items, cfg.pref_batch_size, cfg.seed + 3, collate_fn("feedback", tok.pad_id))
-    return train_loop(model, batches, step, steps=cfg.pref_steps, lr=cfg.pref_lr, log_every=cfg.log_every,
+    batches = sample_batches(items, pref.batch_size, cfg.seed + 3, collate_fn("feedback", tok.pad_id))
+    return train_loop(model, batches, step, steps=pref.steps, lr=pref.lr, log_every=cfg.log_every,
                       print_fn=print_fn)
 
 
-def evaluate(cfg: PipelineConfig, model: ElleciLM, tok: Tokenizer, test) -> dict:
+def evaluate(cfg: BaseConfig, model: ElleciLM, tok: Tokenizer, test) -> dict:
     return arithmetic.evaluate(completer(model, tok), test, max_new_tokens=cfg.max_new_tokens)
 
 

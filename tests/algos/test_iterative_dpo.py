@@ -62,9 +62,9 @@ def test_swapped_parameters_restores():
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="reference_policy="):
+    with pytest.raises(ValueError, match=r"IterativeDPOConfig\.reference_policy must be one of .*, got 'sft'"):
         IterativeDPOConfig(reference_policy="sft")
-    with pytest.raises(ValueError, match="k >= 2"):
+    with pytest.raises(ValueError, match="IterativeDPOConfig.k must be an int >= 2, got 1"):
         IterativeDPOConfig(k=1)
 
 

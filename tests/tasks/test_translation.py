@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 
 from elleci.tasks import lexicon, translation
-from elleci.testbed.pipeline import QUICK, PipelineConfig, base_key, problems, pretraining_texts
+from elleci.testbed.pipeline import QUICK, BaseConfig, base_key, problems, pretraining_texts
 
 
 def test_pretraining_texts_state_every_pair_repeats_times():
@@ -47,7 +47,7 @@ def test_evaluate_counts_exact_matches():
 
 
 def test_lexicon_option_adds_the_pairs_and_keeps_old_base_keys():
-    cfg = replace(PipelineConfig(seed=0), **QUICK)
+    cfg = BaseConfig(seed=0, **QUICK["base"])
     train, _ = problems(cfg)
     plain, lex = pretraining_texts(cfg, train), pretraining_texts(replace(cfg, lexicon=True), train)
     extra = Counter(lex) - Counter(plain)
@@ -55,5 +55,5 @@ def test_lexicon_option_adds_the_pairs_and_keeps_old_base_keys():
     joined = " ".join(extra)
     assert all(re.search(rf"(?<!\w){re.escape(it)}(?!\w)", joined) for it, _ in lexicon.PAIRS)
     # bases cached before the field existed keep their key; the lexicon base gets another one
-    assert base_key(PipelineConfig(seed=0)) == "seed0-c93803de9a"
-    assert base_key(PipelineConfig(seed=0, lexicon=True)) != base_key(PipelineConfig(seed=0))
+    assert base_key(BaseConfig(seed=0)) == "seed0-c93803de9a"
+    assert base_key(BaseConfig(seed=0, lexicon=True)) != base_key(BaseConfig(seed=0))

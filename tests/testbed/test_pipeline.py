@@ -1,12 +1,13 @@
 """The pipeline's stage helpers: the base cache and the self-labeler's judging conversations."""
-from dataclasses import replace
+from dataclasses import fields, replace
 
+import pytest
 import torch
 
 from elleci.algos.alignment.rlaif import PAIRWISE_TEMPLATES
 from elleci.tasks import arithmetic
-from elleci.testbed.pipeline import (JUDGE_TEMPLATE, QUICK, PipelineConfig, base_key, cached_base,
-                                   judge_conversations, problems)
+from elleci.testbed.pipeline import (JUDGE_TEMPLATE, QUICK, BaseConfig, PreferenceConfig, SFTConfig, base_key,
+                                     cached_base, judge_conversations, problems)
 
 
 def test_judge_conversations_answer_the_right_position():
@@ -28,7 +29,7 @@ def test_judge_conversations_answer_the_right_position():
 
 
 def test_cached_base_builds_once_then_loads(tmp_path):
-    cfg = replace(PipelineConfig(seed=0), **QUICK)
+    cfg = BaseConfig(seed=0, **QUICK["base"])
     train, _ = problems(cfg)
     printed = []
     built, tok = cached_base(cfg, train, tmp_path, print_fn=printed.append)
@@ -37,7 +38,29 @@ def test_cached_base_builds_once_then_loads(tmp_path):
     assert tok2.encode("3 + 4 = ?") == tok.encode("3 + 4 = ?")
     assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), loaded.state_dict().values()))
     assert base_key(replace(cfg, pretrain_steps=4)) != base_key(cfg)        # a different base, another entry
-    assert base_key(replace(cfg, sft_steps=99)) == base_key(cfg)            # SFT settings do not matter
+    assert base_key(replace(cfg, log_every=99, max_new_tokens=3, n_eval=7, device="meta")) == base_key(cfg)
+    # ... settings that do not build the base do not matter (the SFT's are not in BaseConfig at all)
+
+
+# base_key of the old catch-all PipelineConfig(seed=s, lexicon=lex), with its QUICK overrides or not, computed by the
+# code before the config was split into sections (commit 18bd79a): bases cached on disk keep their directory.
+OLD_KEYS = {(0, False, False): "seed0-c93803de9a", (0, False, True): "seed0-34f4c705d8",
+            (0, True, False): "seed0-3e531a7d41", (0, True, True): "seed0-4dc99ad3c9",
+            (1, False, False): "seed1-18da7b27ec", (1, False, True): "seed1-4d03b1a2d4",
+            (2, True, False): "seed2-c59b86dc12", (2, True, True): "seed2-f7ae6e7f3e"}
+
+
+@pytest.mark.parametrize("seed, lexicon, quick", sorted(OLD_KEYS))
+def test_base_key_is_the_one_of_the_old_pipeline_config(seed, lexicon, quick):
+    cfg = BaseConfig(seed=seed, lexicon=lexicon, **(QUICK["base"] if quick else {}))
+    assert base_key(cfg) == OLD_KEYS[seed, lexicon, quick]
+
+
+def test_quick_overrides_are_fields_of_their_section():
+    assert set(QUICK) == {"base", "sft", "preference"}
+    for cls, name in ((BaseConfig, "base"), (SFTConfig, "sft"), (PreferenceConfig, "preference")):
+        assert set(QUICK[name]) <= {f.name for f in fields(cls)}
+        cls(**QUICK[name])                                                     # valid settings
 
 
 def test_seed_table_rows_columns_and_counts():

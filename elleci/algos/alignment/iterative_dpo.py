@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+from elleci._checks import check_choice, check_int, check_number
 from elleci._io import atomic_path, write_json_atomic
 from elleci.model.lora import load_adapter, lora_modules, save_adapter
 from elleci.algos.alignment.dpo import dpo_loss
@@ -154,12 +155,21 @@ class IterativeDPOConfig:
     log_every: int = 10
 
     def __post_init__(self):
-        for name, value, allowed in (("pair_strategy", self.pair_strategy, PAIR_STRATEGIES),
-                                     ("reference_policy", self.reference_policy, REFERENCE_POLICIES), ("data", self.data, DATA_MODES)):
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r}; choose one of {allowed}")
-        if self.rounds < 1 or self.k < 2:
-            raise ValueError(f"need rounds >= 1 and k >= 2, got rounds={self.rounds}, k={self.k}")
+        name = "IterativeDPOConfig"
+        for field, allowed in (("pair_strategy", PAIR_STRATEGIES), ("reference_policy", REFERENCE_POLICIES),
+                               ("data", DATA_MODES)):
+            check_choice(name, field, getattr(self, field), allowed)
+        for field in ("rounds", "max_new_tokens", "steps_per_round", "batch_size", "log_every"):
+            check_int(name, field, getattr(self, field), ge=1)
+        check_int(name, "k", self.k, ge=2)
+        check_int(name, "seed", self.seed)
+        check_number(name, "temperature", self.temperature, gt=0)
+        check_number(name, "top_p", self.top_p, gt=0, le=1, optional=True)
+        check_number(name, "length_penalty", self.length_penalty, ge=0)
+        check_number(name, "beta", self.beta, gt=0)
+        check_number(name, "label_smoothing", self.label_smoothing, ge=0, le=0.5)
+        check_number(name, "nll_weight", self.nll_weight, ge=0)
+        check_number(name, "lr", self.lr, gt=0)
 
 
 def _save_weights(model, directory: Path) -> None:

@@ -45,6 +45,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from elleci._checks import check_int, check_number, fail, is_int
 from elleci.algos.loop import sample_batches, train_loop
 from elleci.algos.sft import sft_step
 
@@ -206,6 +207,11 @@ class StageConfig:
     lr: float
     batch_size: int = 16
 
+    def __post_init__(self):
+        check_int("StageConfig", "steps", self.steps, ge=1)
+        check_number("StageConfig", "lr", self.lr, gt=0)
+        check_int("StageConfig", "batch_size", self.batch_size, ge=1)
+
 
 @dataclass(frozen=True)
 class CurriculumConfig:
@@ -216,6 +222,17 @@ class CurriculumConfig:
     temperature: float = 1.0
     max_per_task: int | None = None
     seed: int = 0
+
+    def __post_init__(self):
+        name = "CurriculumConfig"
+        for field in ("stage1", "stage2"):
+            if not isinstance(getattr(self, field), StageConfig):
+                fail(name, field, "a StageConfig(steps, lr, batch_size)", getattr(self, field))
+        if not (self.cap is None or self.cap == math.inf or (is_int(self.cap) and self.cap >= 1)):
+            fail(name, "cap", "an int >= 1, math.inf or None", self.cap)
+        check_number(name, "temperature", self.temperature, gt=0, inf=True)
+        check_int(name, "max_per_task", self.max_per_task, ge=1, optional=True)
+        check_int(name, "seed", self.seed)
 
 
 @dataclass(frozen=True)
@@ -235,9 +252,6 @@ def plan_stages(stage1_tasks: Mapping[str, Sequence], stage2: Sequence, cfg: Cur
         raise ValueError(f"mode={mode!r}; choose one of {MODES}")
     if STAGE2_TASK in stage1_tasks:
         raise ValueError(f"a stage-1 task is named {STAGE2_TASK!r}, the name reserved for the stage-2 set")
-    for s in (cfg.stage1, cfg.stage2):
-        if s.steps < 1 or s.lr <= 0 or s.batch_size < 1:
-            raise ValueError(f"a stage needs steps >= 1, lr > 0 and batch_size >= 1, got {s}")
     stage2 = list(stage2)
     if not stage2:
         raise ValueError("the stage-2 set is empty")

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from elleci._checks import check_bool, check_choice, check_int, check_number, fail, is_int
 from elleci.model.lora import SketchedLoRALinear, lora_modules, set_sketches
 from elleci.train import format_value, optimizer_step
 from elleci.algos.loop import sample_batches
@@ -77,15 +78,26 @@ class FSLoRAConfig:
     check_sync: bool = True                        # distributed: checksum all_reduce after every round
 
     def __post_init__(self):
-        for name in ("rounds", "clients_per_round", "local_steps", "batch_size", "log_every", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"FSLoRAConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.client_optimizer not in CLIENT_OPTIMIZERS:
-            raise ValueError(f"client_optimizer={self.client_optimizer!r}; choose one of {CLIENT_OPTIMIZERS}")
-        if self.server_optimizer not in SERVER_OPTIMIZERS:
-            raise ValueError(f"server_optimizer={self.server_optimizer!r}; choose one of {SERVER_OPTIMIZERS}")
-        if self.client_lr <= 0 or self.server_lr <= 0:
-            raise ValueError(f"learning rates must be > 0, got client {self.client_lr}, server {self.server_lr}")
+        name = "FSLoRAConfig"
+        for field in ("rounds", "clients_per_round", "local_steps", "batch_size", "log_every", "eval_every"):
+            check_int(name, field, getattr(self, field), ge=1)
+        ranks = [self.ranks] if is_int(self.ranks) else self.ranks
+        if not (ranks is None or (isinstance(ranks, (list, tuple)) and ranks
+                                  and all(is_int(k) and k >= 1 for k in ranks))):
+            fail(name, "ranks", "None, an int >= 1 or a non-empty list of ints >= 1 (one per client)", self.ranks)
+        check_choice(name, "client_optimizer", self.client_optimizer, CLIENT_OPTIMIZERS)
+        check_choice(name, "server_optimizer", self.server_optimizer, SERVER_OPTIMIZERS)
+        for field in ("client_lr", "server_lr"):
+            check_number(name, field, getattr(self, field), gt=0)
+        check_number(name, "client_weight_decay", self.client_weight_decay, ge=0)
+        check_number(name, "max_grad_norm", self.max_grad_norm, gt=0, optional=True)
+        for field in ("client_betas", "server_betas"):
+            betas = getattr(self, field)
+            if not (isinstance(betas, (list, tuple)) and len(betas) == 2
+                    and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+                fail(name, field, "a pair of numbers in [0, 1)", betas)
+        check_int(name, "seed", self.seed)
+        check_bool(name, "check_sync", self.check_sync)
 
 
 # ----------------------------------------------------------------------------- sketches and plans

@@ -3,9 +3,10 @@
     {"method": "ties", "base": "runs/base", "models": ["runs/it", "runs/en"], "params": {"density": 0.2},
      "output": "runs/merged"}
 
-`load_merge_config` validates the file (errors name the problem), `run_merge` loads the saved models,
-computes or loads Grams for RegMean, merges with `elleci.algos.merging.merge.merge` and writes the result
-(`save_pretrained`, the first model's tokenizer, and the config beside it), so a merge is reproducible.
+A `MergeConfig` validates itself when constructed (errors name the key and what it allows);
+`load_merge_config` reads one from a file, `run_merge` loads the saved models, computes or loads Grams for
+RegMean, merges with `elleci.algos.merging.merge.merge` and writes the result (`save_pretrained`, the first
+model's tokenizer, and the config beside it), so a merge is reproducible.
 """
 from __future__ import annotations
 
@@ -70,8 +71,10 @@ class MergeConfig:
         missing = [k for k in ("method", "models", "output") if k not in d]
         if missing:
             raise ValueError(f"missing required key(s) {missing}")
-        (cfg := cls(**d)).validate()
-        return cfg
+        return cls(**d)
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -79,13 +82,19 @@ class MergeConfig:
         needs_base, allowed, required = METHODS[self.method]
         if not isinstance(self.models, list) or not self.models or not all(isinstance(m, str) for m in self.models):
             raise ValueError(f"'models' must be a non-empty list of model directories, got {self.models!r}")
+        if not isinstance(self.output, str) or not self.output:
+            raise ValueError(f"'output' must be a directory path (a non-empty string), got {self.output!r}")
+        if self.base is not None and not isinstance(self.base, str):
+            raise ValueError(f"'base' must be a model directory (a string) or absent, got {self.base!r}")
         if self.method == "slerp" and (len(self.models) != 2 or self.weights is not None):
             raise ValueError(f"slerp merges exactly 2 models (t in params, no weights), got {len(self.models)}")
         if needs_base and self.base is None:
             raise ValueError(f"method {self.method!r} needs a 'base' model (task vectors are θ_i − θ_base)")
         if not needs_base and self.base is not None:
             raise ValueError(f"method {self.method!r} does not use a 'base' model; remove it")
-        if self.weights is not None and (not isinstance(self.weights, list) or len(self.weights) != len(self.models)):
+        if self.weights is not None and (not isinstance(self.weights, list) or len(self.weights) != len(self.models)
+                                         or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                                                    for w in self.weights)):
             raise ValueError(f"'weights' must be a list with one number per model ({len(self.models)}), "
                              f"got {self.weights!r}")
         if not isinstance(self.params, dict) or set(self.params) - allowed or required - set(self.params):

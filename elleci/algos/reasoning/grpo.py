@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from elleci._checks import check_choice, check_int, check_number
 from elleci.model.lora import lora_modules
 from elleci.train import MetricLogger, make_optimizer, make_scheduler, optimizer_step
 from elleci.algos.chat import collate
@@ -209,15 +210,26 @@ class GRPOConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, allowed in (("std", STDS), ("scale", SCALES), ("advantage", ADVANTAGES),
-                              ("reference", REFERENCES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of {allowed}")
+        name = "GRPOConfig"
+        for field, allowed in (("std", STDS), ("scale", SCALES), ("advantage", ADVANTAGES), ("reference", REFERENCES)):
+            check_choice(name, field, getattr(self, field), allowed)
+        for field in ("steps", "prompts_per_step", "max_new_tokens", "mu"):
+            check_int(name, field, getattr(self, field), ge=1)
+        check_int(name, "group_size", self.group_size, ge=2)
+        check_int(name, "top_k", self.top_k, ge=1, optional=True)
+        for field in ("warmup_steps", "length_warmup"):
+            check_int(name, field, getattr(self, field), ge=0)
+        check_int(name, "seed", self.seed)
+        for field in ("temperature", "lr", "epsilon"):
+            check_number(name, field, getattr(self, field), gt=0)
+        check_number(name, "top_p", self.top_p, gt=0, le=1, optional=True)
+        check_number(name, "max_grad_norm", self.max_grad_norm, gt=0, optional=True)
+        for field in ("beta", "eps", "format_weight", "length_weight"):
+            check_number(name, field, getattr(self, field), ge=0)
         aggregator(self.aggregation, self.max_new_tokens)
-        if min(self.steps, self.prompts_per_step, self.mu, self.max_new_tokens) < 1 or self.group_size < 2:
-            raise ValueError("steps, prompts_per_step, mu, max_new_tokens must be >= 1 and group_size >= 2")
         if self.reference == "none" and self.beta != 0:
-            raise ValueError("reference='none' needs beta=0 (the KL term has no reference)")
+            raise ValueError(f"GRPOConfig.beta must be 0 with reference='none' (the KL term has no reference), "
+                             f"got {self.beta!r}")
 
 
 def reference_logps_fn(model, reference: str) -> Callable | None:

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 
 import torch
 
+from elleci._checks import check_choice, check_int, check_number, check_str
 from elleci.model.lora import disable_adapters, lora_modules
 from elleci.algos.reasoning import taboo
 from elleci.algos.chat import encode_conversation, encode_prompt_response
@@ -279,10 +280,17 @@ class SPAGConfig:
     log_every: int = 10
 
     def __post_init__(self):
-        if self.reference_policy not in REFERENCE_POLICIES:
-            raise ValueError(f"reference_policy={self.reference_policy!r}; choose one of {REFERENCE_POLICIES}")
-        if self.games < 1 or self.game_batch_size < 1 or self.passes <= 0:
-            raise ValueError("games, game_batch_size and passes must be positive")
+        name = "SPAGConfig"
+        check_choice(name, "reference_policy", self.reference_policy, REFERENCE_POLICIES)
+        for field in ("games", "max_turns", "max_new_tokens", "game_batch_size", "sft_batch_size", "log_every"):
+            check_int(name, field, getattr(self, field), ge=1)
+        check_number(name, "temperature", self.temperature, ge=0)              # 0: greedy self-play
+        check_str(name, "rules", self.rules)
+        check_number(name, "decay", self.decay, ge=0, le=1)
+        for field in ("kl_coeff", "sft_coeff"):
+            check_number(name, field, getattr(self, field), ge=0)
+        for field in ("clip", "lr", "passes"):
+            check_number(name, field, getattr(self, field), gt=0)
 
 
 def spag_epoch(model, tokenizer, targets: Sequence[taboo.Target], sft_items: Sequence[dict], cfg: SPAGConfig, *,
