@@ -3,7 +3,7 @@
     python examples/dpo.py                                    # CPU, a few minutes: base -> SFT -> DPO
     python examples/dpo.py --sft out/sft                      # start from examples/sft.py's output
     python examples/dpo.py --loss ipo --beta 0.5              # dpo | cdpo | ipo | hinge | robust
-    python examples/dpo.py --reference copy                   # a frozen copy instead of precomputed log-probs
+    python examples/dpo.py --reference frozen                 # a frozen copy instead of precomputed log-probs
     python examples/dpo.py --data pairs.jsonl                 # {"prompt", "chosen", "rejected"} records
 
 Pairs come from the arithmetic task (correct worked solution vs a plausible wrong one) unless --data is
@@ -13,7 +13,6 @@ given. The reference is the SFT model: its log-probs precomputed once and stored
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 from dataclasses import replace
 from pathlib import Path
@@ -36,7 +35,7 @@ def parse_args(argv=None):
     ap.add_argument("--data", default=None, help="pairwise JSONL (default: the arithmetic task's pairs)")
     ap.add_argument("--loss", default="dpo", choices=sorted(LOSSES))
     ap.add_argument("--beta", type=float, default=PreferenceConfig.beta)
-    ap.add_argument("--reference", default="precomputed", choices=["precomputed", "copy"])
+    ap.add_argument("--reference", default="precomputed", choices=["precomputed", "frozen"])
     ap.add_argument("--steps", type=int, default=PreferenceConfig.steps)
     ap.add_argument("--lr", type=float, default=PreferenceConfig.lr)
     ap.add_argument("--seed", type=int, default=0)
@@ -66,11 +65,8 @@ def main(argv=None):
     records = read_pairwise(args.data) if args.data else arithmetic.preference_pairs(train, seed=cfg.seed)
     items = encode_pairs(tok, records)
     if args.reference == "precomputed":
-        precompute_reference(model, items, pad_token_id=tok.pad_id)
-        reference = "precomputed"
-    else:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
-    step = pairwise_step(LOSSES[args.loss], reference=reference, beta=pref.beta)
+        precompute_reference(model, items, pad_token_id=tok.pad_id)   # else: "frozen", a copy at the first step
+    step = pairwise_step(LOSSES[args.loss], reference=args.reference, beta=pref.beta)
     train_loop(model, sample_batches(items, pref.batch_size, cfg.seed + 2, collate_fn("pairs", tok.pad_id)), step,
                steps=pref.steps, lr=pref.lr, log_every=cfg.log_every, jsonl_path=out / "metrics.jsonl")
     save_adapter(model, out / "adapter")

@@ -43,7 +43,7 @@ def test_sft_then_dpo_and_una_from_the_saved_stage(load_example, tmp_path, capsy
     sft = load_example("sft").main(["--quick", "--out", str(tmp_path / "sft")])
     assert (tmp_path / "sft" / "adapter" / "adapter_model.safetensors").is_file()
     dpo = load_example("dpo").main(["--quick", "--sft", str(tmp_path / "sft"), "--out", str(tmp_path / "dpo"),
-                             "--reference", "copy", "--loss", "ipo"])
+                             "--reference", "frozen", "--loss", "ipo"])
     una = load_example("una").main(["--quick", "--sft", str(tmp_path / "sft"), "--out", str(tmp_path / "una"),
                              "--kind", "score"])
     assert dpo["before"] == una["before"] == sft["after"]          # both start from the saved SFT model
