@@ -1,7 +1,7 @@
 """Elleci models in lm-evaluation-harness: an `lm_eval.api.model.LM` registered as "elleci".
 
-    python -m elleci.eval.lm_eval_cli --model elleci --model_args path=out/sft,adapter=out/dpo/adapter,dtype=bfloat16,batch_size=16 \\
-        --tasks arc_it,hellaswag_it,m_mmlu_it --output_path out/eval
+    python -m elleci.eval.lm_eval_cli --model elleci --tasks arc_it,hellaswag_it,m_mmlu_it --output_path out/eval \\
+        --model_args path=out/sft,adapter=out/dpo/adapter,dtype=bfloat16,batch_size=16
     lm = ElleciEvalLM(model=model, tokenizer=tok, batch_size=8)          # an in-memory model (tests, the trainer)
     results = lm_eval.simple_evaluate(model=lm, tasks=["arc_it"])
 
@@ -37,7 +37,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import lm_eval.models  # noqa: F401  (the harness's own models first: get_model loads them only into an empty registry)
+import lm_eval.models  # noqa: F401  (lm-eval's models first: get_model loads them only into an empty registry)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
@@ -175,7 +175,8 @@ class ElleciEvalLM(TemplateLM):
             sample = bool(kwargs.get("do_sample")) and float(kwargs.get("temperature") or 0.0) > 0
             gen = torch.Generator(device=self._device).manual_seed(self.seed) if sample else None
             texts = generate_until(
-                self.model, self.tokenizer, [self.tok_encode(c, left_truncate_len=max_ctx) for _, c, _ in items],
+                self.model, self.tokenizer,
+                [self.tok_encode(c, left_truncate_len=max_ctx) or [self.eot_token_id] for _, c, _ in items],
                 [u for _, _, u in items], max_new_tokens=max_new,
                 temperature=float(kwargs.get("temperature") or 0.0) if sample else 0.0,
                 top_k=kwargs.get("top_k") if sample else None, top_p=kwargs.get("top_p") if sample else None,

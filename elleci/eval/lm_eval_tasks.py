@@ -59,9 +59,9 @@ def task_manager(tasks: Sequence[str], include_path: str | None):
     return TaskManager()
 
 
-def run_harness(model, tokenizer, tasks: Sequence[str], *, num_fewshot: int | None = None, limit: int | float | None = None,
-                include_path: str | None = None, apply_chat_template: bool = False, batch_size: int = 16,
-                max_length: int = 2048, max_gen_toks: int = 256, bootstrap_iters: int = 1000,
+def run_harness(model, tokenizer, tasks: Sequence[str], *, num_fewshot: int | None = None,
+                limit: int | float | None = None, include_path: str | None = None, apply_chat_template: bool = False,
+                batch_size: int = 16, max_length: int = 2048, max_gen_toks: int = 256, bootstrap_iters: int = 1000,
                 random_seed: int = 0) -> tuple[dict[str, float], dict]:
     """Run lm-eval's `simple_evaluate` on `tasks` with the elleci model object; (flat metrics, lm-eval's results).
     The global random states are restored afterwards (lm-eval seeds them with `random_seed`)."""

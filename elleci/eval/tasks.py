@@ -2,25 +2,31 @@
 eval call).
 
     metrics = run_tasks(model, tok, [
-        {"type": "multiple_choice", "path": "configs/eval/data/mc_it.jsonl", "template": "Domanda: {question}\\nRisposta:"},
+        {"type": "multiple_choice", "path": "configs/eval/data/mc_it.jsonl",
+         "template": "Domanda: {question}\\nRisposta:"},
         {"type": "lm_eval", "tasks": ["arc_it"], "limit": 200},
     ])
     # {"eval/mc_it/acc": 0.4, "eval/mc_it/acc_norm": 0.45, ..., "eval/arc_it/acc": 0.27, ...}
 
-Task dicts (TOML `[[tasks]]` tables); every key is checked, unknown ones are refused by name:
+Task dicts (TOML `[[tasks]]` tables); every key is checked, unknown ones are refused by name. Per type:
+required keys; optional keys (default); metrics.
 
-| type            | required            | optional (default)                                                            | metrics |
-|-----------------|---------------------|-------------------------------------------------------------------------------|---------|
-| multiple_choice | path                | name (file stem), template ("{question}"), target_delimiter (" "), chat (false) | acc, acc_norm, acc_stderr, acc_norm_stderr |
-| perplexity      | path                | name, field ("text", JSONL), max_length (2048)                                 | token_perplexity, word_perplexity, byte_perplexity, bits_per_byte |
-| generation      | path, verifier      | name, chat (false), until, max_new_tokens (64), temperature (0.0), seed (0)    | score |
-| win_rate        | path, baseline, judge | name, baseline_adapter, baseline_tokenizer, judge_adapter, judge_tokenizer, template ("it"), judge_chat (true), max_new_tokens (128), dtype | win_rate, win_rate_hard, consistency |
-| lm_eval         | tasks               | num_fewshot, include_path, apply_chat_template (false), max_gen_toks (256), bootstrap_iters (1000), seed (0) | lm-eval's, per task |
+- multiple_choice: path; name (the file's stem), template ("{question}"), target_delimiter (" "), chat (false);
+  acc, acc_norm, acc_stderr, acc_norm_stderr.
+- perplexity: path; name, field ("text", for JSONL); token_perplexity, word_perplexity, byte_perplexity,
+  bits_per_byte.
+- generation: path, verifier ("module:function"); name, chat (false), until, max_new_tokens (64),
+  temperature (0.0), seed (0); score.
+- win_rate: path, baseline, judge (paths, or "self": the evaluated model); name, baseline_adapter,
+  baseline_tokenizer, judge_adapter, judge_tokenizer, template ("it"), judge_chat (true), max_new_tokens (128),
+  dtype; win_rate, win_rate_hard, consistency.
+- lm_eval: tasks (names, or one comma-separated string); num_fewshot, include_path, apply_chat_template
+  (false), max_gen_toks (256), bootstrap_iters (1000), seed (0); lm-eval's metrics, per task and group.
 
 Every type also takes `limit` (the first N items; for lm_eval, N documents per task), `batch_size` (16)
 and `max_length` (2048). Metric keys are "eval/<name>/<metric>"; for lm_eval tasks <name> is lm-eval's
-task (or group) name, so a harness metric "acc,none" of arc_it is "eval/arc_it/acc". `judge = "self"`
-makes the evaluated model its own judge. Paths are relative to the working directory.
+task (or group) name, so a harness metric "acc,none" of arc_it is "eval/arc_it/acc". Paths are relative to
+the working directory.
 """
 from __future__ import annotations
 

@@ -101,7 +101,8 @@ def evaluate_generation(model, tokenizer, records: Sequence[Mapping], *, verifie
     for r, t in zip(records, texts):
         s = float(fn(r, t))
         if not 0.0 <= s <= 1.0:
-            raise ValueError(f"verifier {verifier!r} returned {s} for prompt {r['prompt'][:60]!r}; expected a value in [0, 1]")
+            raise ValueError(f"verifier {verifier!r} returned {s} for prompt {r['prompt'][:60]!r}; "
+                             "expected a value in [0, 1]")
         scores.append(s)
     samples = [{"prompt": r["prompt"], "completion": t, "score": s} for r, t, s in zip(records, texts, scores)]
     return {"score": sum(scores) / len(scores)}, samples

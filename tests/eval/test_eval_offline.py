@@ -227,3 +227,11 @@ def test_offline_evaluations_need_no_lm_eval():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 0 and res.stdout.strip() == "needs True", res.stderr
+
+
+def test_bench_eval_smoke(load_example, capsys):
+    args = ["--preset", "tiny", "--requests", "6", "--batch", "1", "3", "--ctx", "4", "9", "--cont", "1", "3"]
+    assert load_example("bench_eval").main(args) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| 1 |", "| 3 |"))]
+    assert len(rows) == 2 and rows[0].split("|")[5].strip() == "1.00×"
+    assert float(rows[1].split("|")[6]) < 1e-3                      # batching changes scores by rounding only

@@ -69,11 +69,11 @@ def run(tmp_path_factory, model, tok):
                 'metric_list:\n  - metric: exact_match\n')
     flat, out = run_harness(model, tok, ["elleci_mc3", "elleci_ppl", "elleci_gen"], include_path=str(d), batch_size=3,
                             max_length=MAX_LENGTH)
-    return flat, out
+    return flat, out, d
 
 
 def test_acc_and_acc_norm_equal_hand_computed_values(run, model, tok):
-    flat, _ = run
+    flat, *_ = run
     acc, acc_norm = [], []
     for q in MC3:
         context = tok.encode(f"Domanda: {q['question']}\nRisposta:")
@@ -90,7 +90,7 @@ def test_acc_and_acc_norm_equal_hand_computed_values(run, model, tok):
 
 
 def test_offline_multiple_choice_matches_the_harness(run, model, tok):
-    flat, _ = run
+    flat, *_ = run
     metrics, samples = evaluate_multiple_choice(model, tok, MC3, template="Domanda: {question}\nRisposta:")
     assert metrics["acc"] == flat["elleci_mc3/acc"] and metrics["acc_norm"] == flat["elleci_mc3/acc_norm"]
     assert metrics["acc_stderr"] == pytest.approx(flat["elleci_mc3/acc_stderr"], rel=1e-12)
@@ -98,7 +98,7 @@ def test_offline_multiple_choice_matches_the_harness(run, model, tok):
 
 
 def test_rolling_perplexity_matches_the_offline_perplexity(run, model, tok):
-    flat, _ = run
+    flat, *_ = run
     assert len(tok.encode(DOCS[0])) > MAX_LENGTH                             # two windows at least
     ours, _ = evaluate_perplexity(model, tok, DOCS, max_length=MAX_LENGTH)
     for key in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
@@ -106,7 +106,7 @@ def test_rolling_perplexity_matches_the_offline_perplexity(run, model, tok):
 
 
 def test_generate_until_through_the_harness(run):
-    flat, out = run
+    flat, out, _ = run
     assert flat["elleci_gen/exact_match"] == pytest.approx(2 / 3)           # the two targets that are its own greedy
     assert out["configs"]["elleci_gen"]["generation_kwargs"]["until"] == ["."]
 
@@ -117,3 +117,43 @@ def test_flatten_results_names():
                             "gsm8k": {"exact_match,strict-match": 0.1, "exact_match,flexible-extract": 0.2}})
     assert flat == {"arc_it/acc": 0.25, "arc_it/acc_stderr": 0.01, "arc_it/acc_norm": 0.5,
                     "gsm8k/exact_match/strict-match": 0.1, "gsm8k/exact_match/flexible-extract": 0.2}
+
+
+def test_exported_task_scores_as_the_harness(run, model, tok, tmp_path):
+    from elleci.eval.export import export_multiple_choice
+    flat, _, d = run
+    delimiter = export_multiple_choice("elleci_mc3", tmp_path / "mc3.jsonl", include_path=str(d))
+    rows = [json.loads(line) for line in (tmp_path / "mc3.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert delimiter == " " and rows[0]["question"] == "Domanda: Qual è la capitale d'Italia?\nRisposta:"
+    assert [r["answer"] for r in rows] == [q["answer"] for q in MC3]
+    metrics, _ = evaluate_multiple_choice(model, tok, rows, target_delimiter=delimiter)
+    assert (metrics["acc"], metrics["acc_norm"]) == (flat["elleci_mc3/acc"], flat["elleci_mc3/acc_norm"])
+    assert len(export_multiple_choice("elleci_mc3", tmp_path / "two.jsonl", limit=2, include_path=str(d))) == 1
+    assert len((tmp_path / "two.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(ValueError, match="only single-answer multiple-choice"):
+        export_multiple_choice("elleci_gen", tmp_path / "gen.jsonl", include_path=str(d))
+
+
+def test_chat_formatted_run_uses_elleci_chatml(run, model, tok):
+    import lm_eval
+    from elleci.eval.harness import ElleciEvalLM
+    from elleci.eval.lm_eval_tasks import task_manager
+    from elleci.eval.scoring import encode_pair
+
+    _, _, d = run
+    seen = []
+
+    class Recording(ElleciEvalLM):
+        def loglikelihood(self, requests, disable_tqdm=False):
+            seen.extend(r.args for r in requests)
+            return super().loglikelihood(requests, disable_tqdm)
+
+    lm = Recording(model=model, tokenizer=tok, max_length=MAX_LENGTH)
+    out = lm_eval.simple_evaluate(model=lm, tasks=["elleci_mc3"], task_manager=task_manager(["elleci_mc3"], str(d)),
+                                  apply_chat_template=True, log_samples=False, bootstrap_iters=0)
+    assert len(seen) == 6
+    for (context, _), q in zip(seen[::2], MC3):
+        assert context == f"<|im_start|>user\nDomanda: {q['question']}\nRisposta:<|im_end|>\n<|im_start|>assistant\n"
+    lls = [_seq_logp(model, *encode_pair(tok, c, y)) for c, y in seen]
+    acc = [float(max(range(2), key=lambda j: lls[2 * i + j]) == q["answer"]) for i, q in enumerate(MC3)]
+    assert out["results"]["elleci_mc3"]["acc,none"] == pytest.approx(sum(acc) / 3)
