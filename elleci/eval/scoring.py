@@ -12,9 +12,9 @@ One request (context c, continuation y) is scored as the harness does for a caus
 The model reads (c + y)[:-1], left-truncated to `max_length` tokens, and position t's hidden state scores
 token t+1. Requests are sorted by total length (longest first, as lm-eval's Collator does) and cut into
 batches of `batch_size`, right-padded: the model is causal, so padding on the right changes no real
-position. Log-probs come from `elleci.kernels.token_logprobs` on `model.hidden_states` (the lm_head
-matmul fused with the log-softmax: no [tokens × vocab] tensor); `is_greedy` streams the continuation
-positions' logits over vocabulary blocks of `vocab_block` columns.
+position. Log-probs come from `elleci.kernels.token_logprobs` on `model.hidden_states` at the continuation
+positions only (the lm_head matmul fused with the log-softmax: no [tokens × vocab] tensor); `is_greedy`
+streams the same positions' logits over vocabulary blocks of `vocab_block` columns.
 
 Rolling windows are lm-eval's convention for perplexity (`get_rolling_token_windows(context_len=1)`
 followed by `make_disjoint_window`): the first window predicts up to `max_length` tokens after the prefix
@@ -93,13 +93,14 @@ def _score_batch(model, rows: list[tuple[list[int], int]], vocab_block: int) -> 
     weight = model.lm_head.weight
     if weight.dtype != hidden.dtype:
         weight = weight.to(hidden.dtype)
-    logp = token_logprobs(hidden, weight, labels)                      # [B, W], 0 where ignored
     scored = labels != IGNORE_INDEX
-    greedy = greedy_tokens(hidden[scored], weight, vocab_block) == labels[scored]
-    per_row = torch.zeros(len(rows), dtype=torch.long, device=device).index_add_(
-        0, scored.nonzero()[:, 0], (~greedy).long())                   # mismatches per row
-    sums = logp.sum(-1)
-    return [(float(s), bool(m == 0)) for s, m in zip(sums.tolist(), per_row.tolist())]
+    row = scored.nonzero()[:, 0]                                       # [N] the row of each scored position
+    h, y = hidden[scored], labels[scored]                              # [N, d], [N]: continuation positions only
+    logp = token_logprobs(h, weight, y)                                # [N]
+    sums = torch.zeros(len(rows), dtype=logp.dtype, device=device).index_add_(0, row, logp)
+    misses = torch.zeros(len(rows), dtype=torch.long, device=device).index_add_(
+        0, row, (greedy_tokens(h, weight, vocab_block) != y).long())
+    return [(float(s), m == 0) for s, m in zip(sums.tolist(), misses.tolist())]
 
 
 @torch.no_grad()
