@@ -144,10 +144,15 @@ def build_config(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`elleci eval ...`: run the tasks, write out_dir, print the table; 0 on success (errors raise)."""
+    """`elleci eval ...`: parse `argv` (default sys.argv[1:]) and `run` it."""
     parser = argparse.ArgumentParser(prog="elleci eval", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the tasks of parsed `add_arguments` flags, write out_dir, print the table; 0 on success.
+    Bad input raises ValueError / FileNotFoundError naming the key or file, before the model is loaded."""
     config = build_config(args)
     m = config["model"]
     device = m.get("device") or default_device()
