@@ -14,7 +14,8 @@ setup(
     extras_require={
         "triton": ["triton"],
         "hf": ["tokenizers"],
-        "dev": ["pytest", "triton", "tokenizers"],
+        "eval": ["lm_eval>=0.4.13"],       # lm-evaluation-harness: `elleci eval` harness tasks, the "elleci" model
+        "dev": ["pytest", "triton", "tokenizers", "lm_eval>=0.4.13"],
     },
     license="MIT",
 )

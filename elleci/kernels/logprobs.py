@@ -294,6 +294,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     hidden [..., D] (float32 / bfloat16 / float16), weight [V, D] (lm_head, no bias), labels [...] integers
     in [0, V) or `ignore_index`. Returns float32 log-probs of shape labels.shape, 0.0 at ignored positions;
     with `return_entropy=True` also the per-token entropy (float32, 0 where ignored, detached: no gradient).
+    float64 inputs (CPU references, tests) run the reference in float64 and return float64.
     Gradients flow to hidden and weight (skipped for whichever does not require grad). Runs the fused
     Triton kernel or `token_logprobs_ref` following `elleci.kernels.dispatch.resolve_backend(hidden)`
     ("auto": the kernel for CUDA tensors). A weight of another dtype is cast to hidden's (differentiably).

@@ -36,8 +36,11 @@ def _finish(logp, ent, shape, return_entropy):
     return (logp, ent.reshape(shape)) if return_entropy else logp
 
 
-def _mm_f32(a, b):
-    """a @ b as fp32 with fp32 accumulation (no rounding of the product to a half dtype)."""
+def _mm_acc(a, b):
+    """a @ b in the accumulation dtype: fp32 with fp32 accumulation (no rounding of the product to a half
+    dtype), or fp64 when `a` is fp64 (float64 references stay float64 end to end)."""
+    if a.dtype == torch.float64:
+        return a @ b.double()
     global _OUT_DTYPE_MM
     if a.dtype != torch.float32 and a.is_cuda and _OUT_DTYPE_MM:
         try:
@@ -47,19 +50,24 @@ def _mm_f32(a, b):
     return a.float() @ b.float()
 
 
+def _acc_dtype(h: torch.Tensor) -> torch.dtype:
+    """The reference's accumulation and output dtype: float64 for float64 inputs, else float32."""
+    return torch.float64 if h.dtype == torch.float64 else torch.float32
+
+
 class _RefLogprobs(torch.autograd.Function):
     @staticmethod
     @torch.autocast("cuda", enabled=False)    # the chunk products stay fp32 even inside an autocast region
     @torch.autocast("cpu", enabled=False)
     def forward(ctx, h, w, labels, ignore_index, entropy, chunk_size):
-        T = h.shape[0]
-        lse = torch.empty(T, dtype=torch.float32, device=h.device)
-        logp = torch.zeros(T, dtype=torch.float32, device=h.device)
-        ent = torch.zeros(T, dtype=torch.float32, device=h.device) if entropy else None
+        T, acc = h.shape[0], _acc_dtype(h)
+        lse = torch.empty(T, dtype=acc, device=h.device)
+        logp = torch.zeros(T, dtype=acc, device=h.device)
+        ent = torch.zeros(T, dtype=acc, device=h.device) if entropy else None
         valid = labels != ignore_index
         for c0 in range(0, T, chunk_size):
             sl = slice(c0, c0 + chunk_size)
-            logits = _mm_f32(h[sl], w.t())                           # [chunk, V] fp32, the only big tensor
+            logits = _mm_acc(h[sl], w.t())                           # [chunk, V] fp32 (fp64), the only big tensor
             lse[sl] = torch.logsumexp(logits, dim=-1)
             z = logits.gather(1, labels[sl].clamp(min=0)[:, None])[:, 0]
             logp[sl] = torch.where(valid[sl], z - lse[sl], 0.0)
@@ -79,18 +87,18 @@ class _RefLogprobs(torch.autograd.Function):
         if g is None or not (need_h or need_w):
             return None, None, None, None, None, None
         valid = labels != ctx.ignore_index
-        g = torch.where(valid, g.float(), 0.0)
+        g = torch.where(valid, g.to(_acc_dtype(h)), 0.0)
         dh = torch.empty_like(h) if need_h else None
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        dw = torch.zeros(w.shape, dtype=_acc_dtype(h), device=w.device) if need_w else None
         for c0 in range(0, h.shape[0], ctx.chunk_size):
             sl = slice(c0, c0 + ctx.chunk_size)
-            p = torch.exp(_mm_f32(h[sl], w.t()) - lse[sl, None])     # recomputed softmax, [chunk, V] fp32
+            p = torch.exp(_mm_acc(h[sl], w.t()) - lse[sl, None])     # recomputed softmax, [chunk, V] fp32
             onehot = torch.zeros_like(p).scatter_(1, labels[sl].clamp(min=0)[:, None], 1.0)
             grad = ((onehot - p) * g[sl, None]).to(h.dtype)        # g is 0 on ignored rows
             if need_h:
-                dh[sl] = _mm_f32(grad, w).to(h.dtype)
+                dh[sl] = _mm_acc(grad, w).to(h.dtype)
             if need_w:
-                dw += _mm_f32(grad.t(), h[sl])
+                dw += _mm_acc(grad.t(), h[sl])
         return dh, (dw.to(w.dtype) if need_w else None), None, None, None, None
 
 

@@ -86,13 +86,15 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
-             attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+             attention_mask: torch.Tensor | None = None, stop_fn=None) -> torch.Tensor:
     """Generate up to `max_new_tokens` per prompt with the model's inference cache.
 
     input_ids: list of token-id lists (any lengths) or a [B, T] tensor (+ attention_mask, any padding side).
     eos_token_id: an id or ids; a row stops at its first one, later slots get pad_token_id
     (default: the first EOS id, else 0). Generation ends when every row has stopped.
     generator: a torch.Generator on the model's device, for reproducible sampling.
+    stop_fn: optional callable(new_tokens [B, n]) -> [B] bool, called after each step: True stops that row
+    as EOS would (e.g. when a stop string appears in its decoded text).
     Returns [B, T_prompt + n] (left-padded prompts, then new tokens), n ≤ max_new_tokens.
     """
     device = next(model.parameters()).device
@@ -113,8 +115,10 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 1.
             new_tokens.append(nxt)
             if eos:
                 finished |= torch.isin(nxt, eos_t)
-                if bool(finished.all()):
-                    break
+            if stop_fn is not None:
+                finished |= stop_fn(torch.stack(new_tokens, dim=1)).to(device)
+            if (eos or stop_fn is not None) and bool(finished.all()):
+                break
             if step + 1 < max_new_tokens:
                 h = model.hidden_states(nxt[:, None], cache=cache)
     finally:
