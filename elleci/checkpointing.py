@@ -21,8 +21,8 @@ The protocol (one writer per target directory):
    the old complete copy is the aside: readers find it (`locate_dir`, `latest_checkpoint`) and the next
    save into that place renames it back first.
 4. The next `publish_dir` in the same parent removes the temporaries, asides and deletions of saves whose
-   process is gone (same host, pid no longer running): a killed save never leaves its full-size files
-   behind for longer than the next save. Only a non-empty directory without `manifest.json` (not a
+   process is gone (same host, pid no longer running; an aside whose target is missing is renamed back
+   instead): a killed save never leaves its full-size files behind for longer than the next save. Only a non-empty directory without `manifest.json` (not a
    checkpoint: user files) is refused as a target, so publishing never deletes files it did not write.
 
 A reader only trusts files the manifest lists; other files in a checkpoint (a `cache.json` a caller adds
@@ -30,6 +30,7 @@ after publishing) are ignored by `verify_dir`. Imports nothing from elleci: the 
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ FORMAT = "elleci-checkpoint"
 VERSION = 1
 _HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
 _SIDE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old|del)-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{8}$")
+_NO_DIR_FSYNC = (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES, errno.EISDIR, errno.EPERM)
 _ACTIVE: set[str] = set()          # side paths this process is writing right now (never stale)
 
 
@@ -91,23 +93,26 @@ def _remove(path: Path) -> None:
 
 
 def remove_stale(parent: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries, asides and deletions left in `parent` by saves whose process is gone.
-
-    An aside is removed only when its target exists again (otherwise it is the last complete copy:
-    `publish_dir` restores it first). Returns the removed paths.
-    """
-    parent, removed = Path(parent), []
+    """Clean up after saves in `parent` whose process is gone: delete their temporaries and deletions, and
+    their asides whose target exists again; an aside whose target is missing is the last complete copy, so
+    it is renamed back into place instead. Returns the paths removed or restored."""
+    parent, done = Path(parent), []
     if not parent.is_dir():
-        return removed
+        return done
     for p in parent.iterdir():
         m = _SIDE.match(p.name)
         if m is None or not _is_stale(p):
             continue
-        if m["kind"] == "old" and not (parent / m["name"]).exists():
+        target = parent / m["name"]
+        if m["kind"] == "old" and not target.exists():
+            if read_manifest(p) is not None:
+                os.rename(p, target)
+                _fsync_dir(parent)
+                done.append(p)
             continue
         _remove(p)
-        removed.append(p)
-    return removed
+        done.append(p)
+    return done
 
 
 def asides(target: str | os.PathLike) -> list[Path]:
@@ -121,14 +126,18 @@ def asides(target: str | os.PathLike) -> list[Path]:
 
 
 def _fsync_dir(path: Path) -> None:
+    """fsync a directory (its entries: renames, new files); a no-op where the platform cannot."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:                    # platforms without directory fds
-        return
+    except OSError as e:
+        if e.errno in _NO_DIR_FSYNC:
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in _NO_DIR_FSYNC:
+            raise
     finally:
         os.close(fd)
 
@@ -239,17 +248,6 @@ def _check_target(target: Path) -> None:
                               "or delete it first (a checkpoint saved before elleci wrote manifests too)")
 
 
-def _restore_aside(target: Path) -> None:
-    """A previous save was killed between its two renames: put the complete old copy back."""
-    if target.exists():
-        return
-    for aside in asides(target):
-        if _is_stale(aside) and read_manifest(aside) is not None:
-            os.rename(aside, target)
-            _fsync_dir(target.parent)
-            return
-
-
 @contextmanager
 def publish_dir(path: str | os.PathLike):
     """Yield a fresh temporary sibling directory of `path`; on normal exit write its manifest last and
@@ -260,9 +258,8 @@ def publish_dir(path: str | os.PathLike):
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _restore_aside(target)
+    remove_stale(target.parent)                           # also puts back an aside whose target is missing
     _check_target(target)
-    remove_stale(target.parent)
     tmp = side_path(target, "tmp")
     os.mkdir(tmp)                                         # mode 0o777 & ~umask (mkdtemp would force 0o700)
     _ACTIVE.add(str(tmp))
