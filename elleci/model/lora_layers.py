@@ -43,6 +43,9 @@ class LoraConfig:
     def __post_init__(self):
         if not (isinstance(self.r, int) and self.r >= 1):
             raise ValueError(f"LoraConfig.r must be a positive int, got {self.r!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) \
+                or not math.isfinite(self.lora_alpha) or self.lora_alpha <= 0:
+            raise ValueError(f"LoraConfig.lora_alpha must be a finite positive number, got {self.lora_alpha!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.init_lora_weights not in _INIT_CHOICES:
