@@ -1,10 +1,13 @@
-"""Small file helpers shared by checkpoints and training state: atomic writes, JSON."""
+"""Small file helpers shared by checkpoints, training state and the readers: atomic writes, JSON, decoding
+text with errors that name the file and line."""
 from __future__ import annotations
 
 import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
+
+import codecs
 
 from elleci.checkpointing import _ACTIVE, _SIDE, _fsync_dir, _is_stale, _remove, side_path
 
@@ -63,3 +66,41 @@ def write_json(path: str | os.PathLike, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+# ---- reading text -------------------------------------------------------------------------------------------
+
+def _decode(data: bytes, path, first_line: int = 1) -> str:
+    """data.decode("utf-8"), or ValueError("path:LINE: not valid UTF-8 (byte 0x.. at column C)")."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data.count(b"\n", 0, e.start)
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ValueError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column}); "
+                         "re-encode the file as UTF-8") from None
+
+
+def read_lines(path: str | os.PathLike):
+    """Yield (line number, text without its line ending) for every line of a UTF-8 text file; a leading BOM is
+    dropped and a byte that is not UTF-8 raises `ValueError("path:LINE: not valid UTF-8 (...)")`."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            yield lineno, _decode(raw, path, lineno).rstrip("\r\n")
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """A UTF-8 text file as one string (BOM dropped); decoding errors name the file and line."""
+    data = Path(path).read_bytes()
+    return _decode(data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data, path)
+
+
+def read_json_file(path: str | os.PathLike, what: str = "JSON file"):
+    """Parse a JSON file; every error names the file (and the line, for syntax errors)."""
+    text = read_text_file(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: invalid {what} ({e.msg} at column {e.colno})") from None

@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from .._io import write_json_atomic
+from .._io import read_text_file, write_json_atomic
 from .distill_rules import OverlapJudge, keep_all, normalise_question, overlap_answerer, term_preference, terms
 
 SUFFIXES = (".txt", ".md")
@@ -133,7 +133,7 @@ def read_documents(folder, suffixes: Sequence[str] = SUFFIXES) -> list[tuple[str
     if not folder.is_dir():
         raise ValueError(f"document folder {folder} does not exist")
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes)
-    return [(p.relative_to(folder).as_posix(), p.read_text(encoding="utf-8")) for p in paths]
+    return [(p.relative_to(folder).as_posix(), read_text_file(p)) for p in paths]
 
 
 def chunk_text(text: str, max_words: int = 80) -> list[str]:

@@ -74,6 +74,14 @@ def test_bad_config_json_is_reported(tmp_path):
         ElleciLM.from_pretrained(tmp_path)
 
 
+def test_unreadable_weights_name_the_file(tmp_path):
+    tiny().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file"), pytest.warns(UserWarning):
+        ElleciLM.from_pretrained(tmp_path)
+
+
 def test_original_head_rules():
     assert [original_mla_heads(d, "v1") for d in (96, 768, 2048)] == [12, 12, 16]
     assert [original_mla_heads(d, "head") for d in (96, 768, 2048, 40)] == [16, 12, 16, 8]
