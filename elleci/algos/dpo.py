@@ -22,6 +22,8 @@ Metrics, identical for every loss here (detached; means over the batch):
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -38,13 +40,23 @@ def check_reduction(reduction: str) -> None:
 
 
 def check_beta(beta: float) -> None:
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"beta must be > 0 and finite, got {beta!r}")
+
+
+def weighted_logsigmoid(w, x: Tensor) -> Tensor:
+    """w · log σ(x) with the limit 0 · log σ(−∞) = 0 (w a number or a tensor of weights, x [B]): a zero
+    weight contributes exactly 0, never 0 · (−∞) = NaN, so an infinite margin gives a finite loss and
+    finite gradients. log σ itself is computed stably (F.logsigmoid)."""
+    if not isinstance(w, Tensor):
+        return w * F.logsigmoid(x) if w else torch.zeros_like(x)
+    return torch.where(w == 0, torch.zeros_like(x), w * F.logsigmoid(x))
 
 
 def as_logps(**tensors: Tensor) -> list[Tensor]:
-    """Validate per-sequence log-probs (1-D, same shape, floating) and cast them to the compute dtype:
-    float32, or float64 if any input is float64. Errors name each argument with its shape."""
+    """Validate per-sequence log-probs (1-D, same shape, floating, non-empty, no NaN; −inf is a valid
+    log-prob) and cast them to the compute dtype: float32, or float64 if any input is float64. Errors name
+    each argument (with its shape)."""
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
     for name, t in tensors.items():
         if not isinstance(t, Tensor) or not t.is_floating_point():
@@ -53,6 +65,10 @@ def as_logps(**tensors: Tensor) -> list[Tensor]:
         if t.ndim != 1:
             raise ValueError(f"{name} must be 1-D per-sequence log-probs [B], got shape {tuple(t.shape)} "
                              "(reduce token log-probs per sequence first)")
+        if t.numel() == 0:
+            raise ValueError(f"{name} is empty: a loss needs a batch of at least one example")
+        if bool(torch.isnan(t.detach()).any()):
+            raise ValueError(f"{name} contains NaN at positions {torch.isnan(t).nonzero().flatten()[:8].tolist()}")
     if len(set(shapes.values())) > 1:
         raise ValueError(f"shape mismatch: {', '.join(f'{k} {v}' for k, v in shapes.items())}")
     dtype = torch.float32
@@ -119,7 +135,8 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
 
     Glossary: πc, πr, rc, rr, h, β as in the module docstring; σ the logistic sigmoid;
     ε = `label_smoothing`, the assumed probability that a preference label is flipped (0 <= ε <= 0.5).
-    At π_θ = π_ref the loss is log 2 for every β and ε.
+    At π_θ = π_ref the loss is log 2 for every β and ε. A perfect margin (πr = −∞, so h = +∞) gives
+    L = 0 with zero gradients when ε = 0 (and +∞ when ε > 0, as the formula says).
 
     Differences from the paper:
     1. The paper's loss is ε = 0; ε > 0 is cDPO (label smoothing), as in TRL's `loss_type="sigmoid"`.
@@ -130,8 +147,8 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     (pc, pr, rc, rr), h = _pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                 ref_rejected_logps, beta, reduction)
     logits = beta * h                                                   # [B]
-    losses = (-(1 - label_smoothing) * F.logsigmoid(logits)              # Eq. 7 (ε = 0)
-              - label_smoothing * F.logsigmoid(-logits))                 # cDPO smoothing term
+    losses = (-weighted_logsigmoid(1 - label_smoothing, logits)          # Eq. 7 (ε = 0)
+              - weighted_logsigmoid(label_smoothing, -logits))           # cDPO smoothing term
     return reduce(losses, reduction), pair_metrics(beta, pc, pr, rc, rr)
 
 
@@ -205,6 +222,6 @@ def robust_dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     (pc, pr, rc, rr), h = _pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                 ref_rejected_logps, beta, reduction)
     logits = beta * h                                                   # [B]
-    losses = ((-(1 - label_smoothing) * F.logsigmoid(logits)            # rDPO de-biased loss (§3)
-               + label_smoothing * F.logsigmoid(-logits)) / (1 - 2 * label_smoothing))
+    losses = ((-weighted_logsigmoid(1 - label_smoothing, logits)        # rDPO de-biased loss (§3)
+               + weighted_logsigmoid(label_smoothing, -logits)) / (1 - 2 * label_smoothing))
     return reduce(losses, reduction), pair_metrics(beta, pc, pr, rc, rr)

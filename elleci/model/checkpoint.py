@@ -27,6 +27,7 @@ from .config import ElleciConfig
 from .lm import ElleciLM
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+ORIGINAL_PATTERNS = ("MA", "MMMA")               # V1 (alternating) and V2 (MLA where i % 4 == 3)
 
 
 # ---- elleci format ------------------------------------------------------------------------------
@@ -148,7 +149,12 @@ def clean_original_state_dict(state: dict) -> dict:
 
 
 def infer_original_config(state: dict, n_heads: int | None = None, **overrides) -> ElleciConfig:
-    """ElleciConfig of a cleaned original state dict, inferred from its keys and shapes."""
+    """ElleciConfig of a cleaned original state dict, inferred from its keys and shapes.
+
+    Refuses Mamba-1 mixers (`use_mamba2=False`: a 2-D A_log) by name, warns when the inferred layer count
+    does not fill whole periods of the layer pattern (a checkpoint missing its last blocks converts into a
+    shallower model otherwise), and names `n_heads` when the guessed MLA head count does not fit d_model.
+    """
     def get(key):
         if key not in state:
             raise ValueError(f"original state dict has no {key!r}: is it an Elleci checkpoint?")
@@ -157,7 +163,9 @@ def infer_original_config(state: dict, n_heads: int | None = None, **overrides) 
     vocab, d = get("token_emb.weight").shape
     layers = sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.")})
     if not layers or layers != list(range(len(layers))):
-        raise ValueError(f"original state dict: block indices must be 0..n-1, found {layers[:10]}")
+        gaps = sorted(set(range(max(layers, default=-1) + 1)) - set(layers))
+        raise ValueError(f"original state dict: block indices must be 0..n-1, found {layers[:10]}"
+                         + (f" (blocks {gaps[:10]} are missing: a damaged or partial checkpoint?)" if gaps else ""))
     kinds = "".join("M" if f"blocks.{i}.attn.A_log" in state else "A" for i in layers)
     mamba = next((i for i in layers if kinds[i] == "M"), None)
     mla = next((i for i in layers if kinds[i] == "A"), None)
@@ -165,10 +173,17 @@ def infer_original_config(state: dict, n_heads: int | None = None, **overrides) 
                ffn_hidden=get("blocks.0.ffn.w1.weight").shape[0])
     if mamba is not None:
         p = f"blocks.{mamba}.attn."
+        if get(p + "A_log").ndim != 1:
+            raise ValueError(f"{p}A_log has shape {tuple(state[p + 'A_log'].shape)}: these are Mamba-1 blocks "
+                             "(the original's use_mamba2=False), which are not supported; elleci implements the "
+                             "Mamba-2 mixer (A_log of shape [heads]) only")
         hm = get(p + "A_log").shape[0]
         d_inner = get(p + "in_proj.weight").shape[0] // 2
-        cfg.update(mamba_heads=hm, d_state=(get(p + "x_proj.weight").shape[0] - hm) // 2,
-                   d_conv=get(p + "conv1d.weight").shape[-1], expand=d_inner // d,
+        d_state = (get(p + "x_proj.weight").shape[0] - hm) // 2
+        if d_state <= 0:
+            raise ValueError(f"{p}x_proj has {state[p + 'x_proj.weight'].shape[0]} rows for {hm} heads: not the "
+                             "original Mamba-2 layout (Mamba-1 blocks, use_mamba2=False, are not supported)")
+        cfg.update(mamba_heads=hm, d_state=d_state, d_conv=get(p + "conv1d.weight").shape[-1], expand=d_inner // d,
                    mamba_input_gate=p + "diff_gate.weight" in state)
     gated = False
     if mla is not None:
@@ -176,9 +191,26 @@ def infer_original_config(state: dict, n_heads: int | None = None, **overrides) 
         gated = p + "embed_gate.0.weight" in state
         cfg.update(kv_lora_rank=get(p + "w_kv_down.weight").shape[0], mla_latent_gate=gated)
     head_era = gated or cfg.get("mamba_input_gate", False) or kinds.startswith("MMM")
+    guessed = n_heads is None
     cfg["n_heads"] = n_heads or original_mla_heads(d, "head" if head_era else "v1")
     cfg.update(overrides)
-    return ElleciConfig(**cfg)
+    if "n_layers" not in overrides and "layer_pattern" not in overrides:
+        problem = (f"the last period of the layer pattern {cfg['layer_pattern']!r} is incomplete"
+                   if len(layers) % len(cfg["layer_pattern"]) else
+                   f"the layer pattern {cfg['layer_pattern']!r} is not one the original code builds ('MA' for V1, "
+                   "'MMMA' for V2)" if cfg["layer_pattern"] not in ORIGINAL_PATTERNS else None)
+        if problem:
+            warnings.warn(f"original state dict: {len(layers)} blocks ({kinds}) and {problem}. If the checkpoint lost "
+                          "its last block(s) it converts into a shallower model: check the source file",
+                          stacklevel=3)
+    try:
+        return ElleciConfig(**cfg)
+    except ValueError as e:
+        if guessed and "n_heads" not in overrides and ("n_heads" in str(e) or "head_dim" in str(e)):
+            raise ValueError(f"{e}. The MLA head count appears in no weight shape: {cfg['n_heads']} was guessed by "
+                             f"the original code's rule for d_model={d}; pass the right one with n_heads=... "
+                             "(python -m elleci.model.convert ... --n-heads N)") from None
+        raise
 
 
 def _period(kinds: str) -> str:
@@ -208,8 +240,10 @@ def load_original(path_or_state_dict, n_heads: int | None = None, dtype: torch.d
         source = str(path)
     else:
         state, source = path_or_state_dict, "state dict"
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]             # a training checkpoint {"model": ..., "optimizer": ...}
+    for key in ("model_state_dict", "model", "state_dict"):   # a training checkpoint {key: weights, "optimizer...": ...}
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{source}: expected a state dict of tensors")
     state = clean_original_state_dict(state)

@@ -82,6 +82,64 @@ def test_unreadable_weights_name_the_file(tmp_path):
         ElleciLM.from_pretrained(tmp_path)
 
 
+# ---- finding 9 of issue 18: original checkpoints ------------------------------------------------------
+
+def _head_era_state(**kw):
+    """An original-layout (HEAD, gated) state dict: keys as the original code writes them."""
+    model = tiny(d_model=96, n_heads=16, layer_pattern="MMMA", mamba_input_gate=True, mla_latent_gate=True,
+                 ffn_hidden=256, **kw)
+    return model, dict(model.state_dict())
+
+
+def test_a_periodic_training_checkpoint_of_the_original_loads(tmp_path):
+    model, sd = _head_era_state()
+    path = tmp_path / "step_1000.pth"        # what train_elleci_v2.py saves periodically
+    torch.save({"model_state_dict": sd, "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 3e-4}]},
+                "step": 1000, "phase": 1}, path)
+    loaded = load_original(path)
+    ids = torch.randint(0, 512, (1, 7))
+    assert torch.equal(loaded.eval()(ids), model(ids))
+
+
+def test_a_checkpoint_missing_its_last_block_warns(tmp_path):
+    _, sd = _head_era_state()
+    cut = {k: v for k, v in sd.items() if not k.startswith("blocks.3.")}
+    with pytest.warns(UserWarning, match=r"3 blocks \(MMM\) and the layer pattern 'M' is not one the original code"):
+        assert load_original(cut).config.n_layers == 3              # main: silently a 3-layer pure-Mamba model
+    model = tiny(layer_pattern="MA", n_layers=4)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.3.")}
+    with pytest.warns(UserWarning, match=r"3 blocks \(MAM\) and the last period of the layer pattern 'MA' is incomplete"):
+        assert load_original(sd, n_heads=4).config.n_layers == 3
+    gap = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.1.")}
+    with pytest.raises(ValueError, match=r"blocks \[1\] are missing"):
+        load_original(gap, n_heads=4)
+
+
+def test_mamba1_blocks_are_refused_by_name():
+    _, sd = _head_era_state()
+    sd["blocks.0.attn.A_log"] = torch.zeros(192, 16)          # Mamba-1: A_log [d_inner, d_state]
+    with pytest.raises(ValueError, match=r"Mamba-1 blocks \(the original's use_mamba2=False\), which are not supported"):
+        load_original(sd)
+
+
+def test_a_head_count_that_cannot_be_inferred_suggests_n_heads():
+    sd = tiny().state_dict()                                   # d_model 64: the V1 rule guesses 12 heads
+    with pytest.raises(ValueError, match=r"n_heads=12 does not divide d_model=64.*--n-heads N"):
+        load_original(sd)
+    assert load_original(sd, n_heads=4).config.n_heads == 4
+
+
+def test_convert_refuses_a_tokenizer_larger_than_the_vocabulary(fixtures_dir, tmp_path):
+    from elleci.model.convert import main as convert
+    path, _, _ = _fixture(fixtures_dir, "v2_tiny")
+    tok = fixtures_dir / "tokenizer" / "tokenizer.json"
+    pytest.importorskip("tokenizers")
+    with pytest.raises(ValueError, match=r"tokenizer .*tokenizer.json has 32,0\d\d ids but the model's vocabulary "
+                                         r"has 512 \(ids 0..511\)"):
+        convert([str(path), str(tmp_path / "out"), "--tokenizer", str(tok)])
+    assert not (tmp_path / "out").exists()
+
+
 def test_original_head_rules():
     assert [original_mla_heads(d, "v1") for d in (96, 768, 2048)] == [12, 12, 16]
     assert [original_mla_heads(d, "head") for d in (96, 768, 2048, 40)] == [16, 12, 16, 8]
