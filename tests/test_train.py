@@ -210,7 +210,8 @@ def test_maybe_compile_on_compiles_each_block_in_place_same_outputs():
     assert model.lm_head._compiled_call_impl is None
     out = model(ids)
     out.float().mean().backward()
-    assert torch.equal(out, ref) and model.blocks[0].ffn.w1.weight.grad is not None
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)     # traced vs eager: two code paths
+    assert model.blocks[0].ffn.w1.weight.grad is not None
     toy = Toy()
     assert maybe_compile(toy, enabled=True, backend="eager") is toy and toy._compiled_call_impl is not None
 
