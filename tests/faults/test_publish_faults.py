@@ -137,3 +137,38 @@ def test_every_failing_file_operation_of_a_training_checkpoint_leaves_old_or_new
     assert outcomes == sorted(outcomes) and outcomes[0] == 2 and outcomes.count(2) >= n_ops - 2
     manifest = json.loads((target / "manifest.json").read_text())
     assert set(manifest["files"]) == {"model.safetensors", "trainer_state.pt"}
+
+
+def test_every_failing_file_operation_of_save_pretrained_keeps_config_and_weights_together(tmp_path, monkeypatch):
+    """Finding 1 of issue 18: on main a crash between the weights and config.json loaded silently with the
+    wrong config (another n_heads, same shapes). Old model: 4 heads; new: 8 heads and other weights."""
+    import torch
+
+    from elleci.model import ElleciConfig, ElleciLM
+
+    def model(seed, heads):
+        torch.manual_seed(seed)
+        return ElleciLM(ElleciConfig.from_name("tiny", n_layers=2, n_heads=heads))
+
+    old, new = model(0, 4), model(1, 8)
+    target = tmp_path / "m"
+    old.save_pretrained(target)
+    old.save_pretrained(tmp_path / "probe")
+    with monkeypatch.context() as m:                                   # count the operations of a replace
+        probe = Faults(m, tmp_path, None)
+        new.save_pretrained(tmp_path / "probe")
+    seen = set()
+    for k in range(1, probe.count + 1):
+        with monkeypatch.context() as m:
+            Faults(m, tmp_path, k)
+            with pytest.raises(OSError, match=f"injected failure of .* #{k}$"):
+                new.save_pretrained(target)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = ElleciLM.from_pretrained(target)
+        want = {4: old, 8: new}[loaded.config.n_heads]
+        assert all(torch.equal(v, want.state_dict()[n]) for n, v in loaded.state_dict().items()), (k, "mixed")
+        seen.add(loaded.config.n_heads)
+        old.save_pretrained(target)                                    # back to the old one for the next k
+        assert hidden(tmp_path) == []
+    assert 4 in seen
