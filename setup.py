@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["elleci", "elleci.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "safetensors", "sentencepiece", "numpy", "einops"],
+    install_requires=["torch>=2.6", "safetensors", "sentencepiece", "numpy", "einops"],
     extras_require={
         "triton": ["triton"],
         "hf": ["tokenizers"],

@@ -23,6 +23,7 @@ from typing import Iterator
 
 import torch
 
+from elleci._io import read_lines, read_text_file
 from elleci.model.tokenizer import CHAT_ROLES as ROLES, check_messages
 Messages = list[dict[str, str]]
 
@@ -33,20 +34,20 @@ Messages = list[dict[str, str]]
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield `(line_number, record)` for every non-blank line of a JSONL file (1-based numbers).
 
-    Raises `ValueError("data.jsonl:7: invalid JSON (...)")` for a line that does not parse and
-    `ValueError("data.jsonl:7: expected a JSON object, got list")` for a line that is not an object.
+    Raises `ValueError("data.jsonl:7: invalid JSON (...)")` for a line that does not parse,
+    `ValueError("data.jsonl:7: expected a JSON object, got list")` for a line that is not an object and
+    `ValueError("data.jsonl:7: not valid UTF-8 (...)")` for bytes that are not UTF-8. A BOM is dropped.
     """
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+    for lineno, line in read_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
 
 
 def read_text(path: str | os.PathLike, field: str = "text") -> list[str]:
@@ -56,10 +57,11 @@ def read_text(path: str | os.PathLike, field: str = "text") -> list[str]:
       (a missing or non-string field raises `ValueError` with file:line).
     - `*.txt`: one document per paragraph, paragraphs separated by one or more blank lines; lines
       inside a paragraph are kept with their newlines and the paragraph is stripped of surrounding
-      whitespace. (A file without blank lines is therefore a single document.)
+      whitespace. (A file without blank lines is therefore a single document.) A leading BOM is dropped;
+      bytes that are not UTF-8 raise `ValueError("path:LINE: ...")`.
     """
     if Path(path).suffix == ".txt":
-        return _paragraphs(Path(path).read_text(encoding="utf-8"))
+        return _paragraphs(read_text_file(path))
     docs = []
     for lineno, rec in read_jsonl(path):
         value = rec.get(field)
@@ -159,7 +161,8 @@ def read_sft(path: str | os.PathLike, format: str = "auto") -> list[Messages]:
     """Read an SFT JSONL file as a list of conversations (each a list of messages).
 
     `format` is "chat", "alpaca", "openorca", or "auto" (detected per record, so a file may mix
-    formats). Any bad record raises `ValueError("path:LINE: ...")`; an unrecognised one lists its keys.
+    formats). Any bad record raises `ValueError("path:LINE: ...")`; an unrecognised one lists its keys, and a
+    conversation without an assistant turn after a prompt (nothing to train on) is refused here, by line.
     """
     if format != "auto" and format not in SFT_FORMATS:
         raise ValueError(f"unknown SFT format {format!r}; expected 'auto' or one of {sorted(SFT_FORMATS)}")
@@ -171,9 +174,13 @@ def read_sft(path: str | os.PathLike, format: str = "auto") -> list[Messages]:
                              "expected 'messages' (chat), 'instruction'+'output' (alpaca) "
                              "or 'question'+'response' (openorca)")
         try:
-            convs.append(SFT_FORMATS[fmt](rec))
+            conv = SFT_FORMATS[fmt](rec)
         except ValueError as e:
             raise ValueError(f"{path}:{lineno}: {fmt} record: {e}") from None
+        if not any(m["role"] == "assistant" for m in conv[1:]):
+            raise ValueError(f"{path}:{lineno}: {fmt} record has no assistant turn after a prompt: nothing to "
+                             f"train on (roles: {[m['role'] for m in conv]})")
+        convs.append(conv)
     return convs
 
 
@@ -247,4 +254,4 @@ def read_documents(folder, suffixes=DOCUMENT_SUFFIXES) -> list[tuple[str, str]]:
     if not folder.is_dir():
         raise ValueError(f"document folder {folder} does not exist")
     paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in suffixes)
-    return [(p.relative_to(folder).as_posix(), p.read_text(encoding="utf-8")) for p in paths]
+    return [(p.relative_to(folder).as_posix(), read_text_file(p)) for p in paths]

@@ -122,11 +122,46 @@ def test_read_sft_unrecognised_record_lists_keys(tmp_path):
 
 
 def test_read_sft_bad_chat_names_line(tmp_path):
-    good = {"messages": [{"role": "user", "content": "u"}]}
+    good = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}
     bad = {"messages": [{"role": "user", "content": "u"}, {"role": "robot", "content": "a"}]}
     p = write_lines(tmp_path / "chat.jsonl", [json.dumps(good), "", json.dumps(bad)])
     with pytest.raises(ValueError, match=r"chat\.jsonl:3: chat record: messages\[1\] has role 'robot'"):
         read_sft(p, format="chat")
+
+
+def test_read_sft_refuses_a_conversation_without_an_assistant_turn_by_line(tmp_path):
+    good = {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]}
+    no_answer = {"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]}
+    p = write_lines(tmp_path / "chat.jsonl", [json.dumps(good), json.dumps(no_answer)])
+    with pytest.raises(ValueError, match=r"chat\.jsonl:2: chat record has no assistant turn after a prompt.*"
+                                         r"\['system', 'user'\]"):
+        read_sft(p)
+    only_answer = {"messages": [{"role": "assistant", "content": "a"}]}
+    write_lines(p, [json.dumps(only_answer)])
+    with pytest.raises(ValueError, match=r"chat\.jsonl:1: chat record has no assistant turn after a prompt"):
+        read_sft(p)
+
+
+# ---------------------------------------------------------------------------------------------- encodings
+
+def test_non_utf8_bytes_are_named_by_file_and_line_in_every_reader(tmp_path):
+    from elleci.algos.feedback import read_pairwise
+    rec = json.dumps({"prompt": "p", "chosen": "a", "rejected": "b", "text": "t", "instruction": "i", "output": "o"})
+    for name, read in (("d.jsonl", read_jsonl), ("d.jsonl", read_text), ("d.jsonl", read_sft),
+                       ("d.jsonl", read_pairwise), ("d.txt", read_text)):
+        path = tmp_path / name
+        path.write_bytes((rec + "\n" + rec + "\n").encode() + b'{"text": "caf\xe9"}\n')     # latin-1 on line 3
+        with pytest.raises(ValueError, match=rf"{name}:3: not valid UTF-8 \(byte 0xe9 at column 14\)"):
+            list(read(path))
+
+
+def test_a_bom_is_dropped(tmp_path):
+    txt = tmp_path / "bom.txt"
+    txt.write_bytes("\ufefffirst doc\n\nsecond".encode("utf-8"))
+    assert read_text(txt) == ["first doc", "second"]                    # main: ["\ufefffirst doc", "second"]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes("\ufeff".encode("utf-8") + b'{"text": "a"}\r\n{"text": "b"}\r\n')   # Windows tools
+    assert read_text(jsonl) == ["a", "b"]
 
 
 # ---------------------------------------------------------------------------------------------- stream

@@ -3,7 +3,7 @@
     metrics, samples = evaluate_win_rate(model, tok, baseline, baseline_tok, judge, judge_tok, prompts)
 
 Both models answer every prompt (chat template, greedy, up to `max_new_tokens`, ending at <|im_end|>/EOS);
-the judge's `PairwiseLabeler` (elleci.algos.rlaif, swap=True) reads P(a ≻ b) from its "1"/"2" next-token
+the judge's `PairwiseLabeler` (elleci.algos.alignment.rlaif, swap=True) reads P(a ≻ b) from its "1"/"2" next-token
 probabilities with the candidate's answer first and then second, and averages the two orders:
 
     p_i = ½ [P_fwd(pos1 | a_i, b_i) + P_swap(pos2 | b_i, a_i)]

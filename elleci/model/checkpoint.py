@@ -4,7 +4,9 @@ elleci format, one directory:
     config.json          ElleciConfig fields
     model.safetensors    the state dict (keys as in the original code)
     tokenizer.model | tokenizer.json   (optional) the tokenizer
-Each file is written atomically (temp file + fsync + rename), weights before config.
+    manifest.json        size and SHA-256 of every file (elleci.checkpointing: written last)
+The directory is published atomically (written aside, then renamed into place), so a crash leaves the
+old directory or the new one, never weights of one with the config of the other.
 
 Original format: `torch.save(model.state_dict())` of step325/elleci-training (V1-era alternating
 layout, or HEAD 3:1 layout with gates and the duplicate `thinking_loop.layer.*` keys). It is read
@@ -14,43 +16,60 @@ from the shapes except the MLA head count, which does not appear in any shape (s
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
-from .._io import atomic_path, write_json_atomic
+from .._io import write_json
+from ..checkpointing import locate_dir, publish_dir, verify_dir
 from .config import ElleciConfig
 from .lm import ElleciLM
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+ORIGINAL_PATTERNS = ("MA", "MMMA")               # V1 (alternating) and V2 (MLA where i % 4 == 3)
 
 
 # ---- elleci format ------------------------------------------------------------------------------
 
-def save_pretrained(model: ElleciLM, directory, tokenizer=None) -> None:
+def write_pretrained(model: ElleciLM, directory, tokenizer=None) -> None:
+    """Write config.json + model.safetensors (+ the tokenizer) into an existing directory (no publishing:
+    `save_pretrained` calls this inside `publish_dir`)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(state, tmp, metadata={"format": "pt", "library": "elleci"})
-    write_json_atomic(directory / CONFIG_NAME, model.config.to_dict())
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "elleci"})
+    write_json(directory / CONFIG_NAME, model.config.to_dict())
     if tokenizer is not None:
         tokenizer.save(directory)
 
 
+def save_pretrained(model: ElleciLM, directory, tokenizer=None) -> None:
+    """Write the model (and tokenizer) into `directory`, published atomically with a manifest
+    (`elleci.checkpointing.publish_dir`): a crash leaves the previous directory or the new one, whole."""
+    with publish_dir(directory) as tmp:
+        write_pretrained(model, tmp, tokenizer)
+
+
 def from_pretrained(directory, dtype: torch.dtype | None = None, device=None) -> ElleciLM:
-    """Load a directory written by `save_pretrained`. The model is built on the meta device and the
-    tensors are assigned, so loading a 1.5B model allocates its weights once."""
+    """Load a directory written by `save_pretrained`, after checking it against its manifest (a directory
+    without one, written by hand or by an older elleci, loads with a warning). The model is built on the
+    meta device and the tensors are assigned, so loading a 1.5B model allocates its weights once."""
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory}: missing {name} (expected a directory written by save_pretrained)")
+    directory = locate_dir(directory)
+    if verify_dir(directory, required=(CONFIG_NAME, WEIGHTS_NAME), missing_ok=True) is None:
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory}: missing {name} (expected a directory written by save_pretrained)")
+        warnings.warn(f"{directory} has no manifest.json (written by hand or by an older elleci): its files cannot "
+                      "be checked for completeness", stacklevel=2)
     config = ElleciConfig.from_json(directory / CONFIG_NAME)
-    state = load_file(directory / WEIGHTS_NAME, device=str(device) if device is not None else "cpu")
+    try:
+        state = load_file(directory / WEIGHTS_NAME, device=str(device) if device is not None else "cpu")
+    except Exception as e:
+        raise ValueError(f"{directory / WEIGHTS_NAME}: not a readable safetensors file ({e})") from None
     return model_from_state_dict(config, state, dtype=dtype, source=str(directory / WEIGHTS_NAME))
 
 
@@ -130,7 +149,12 @@ def clean_original_state_dict(state: dict) -> dict:
 
 
 def infer_original_config(state: dict, n_heads: int | None = None, **overrides) -> ElleciConfig:
-    """ElleciConfig of a cleaned original state dict, inferred from its keys and shapes."""
+    """ElleciConfig of a cleaned original state dict, inferred from its keys and shapes.
+
+    Refuses Mamba-1 mixers (`use_mamba2=False`: a 2-D A_log) by name, warns when the inferred layer count
+    does not fill whole periods of the layer pattern (a checkpoint missing its last blocks converts into a
+    shallower model otherwise), and names `n_heads` when the guessed MLA head count does not fit d_model.
+    """
     def get(key):
         if key not in state:
             raise ValueError(f"original state dict has no {key!r}: is it an Elleci checkpoint?")
@@ -139,7 +163,9 @@ def infer_original_config(state: dict, n_heads: int | None = None, **overrides) 
     vocab, d = get("token_emb.weight").shape
     layers = sorted({int(k.split(".")[1]) for k in state if k.startswith("blocks.")})
     if not layers or layers != list(range(len(layers))):
-        raise ValueError(f"original state dict: block indices must be 0..n-1, found {layers[:10]}")
+        gaps = sorted(set(range(max(layers, default=-1) + 1)) - set(layers))
+        raise ValueError(f"original state dict: block indices must be 0..n-1, found {layers[:10]}"
+                         + (f" (blocks {gaps[:10]} are missing: a damaged or partial checkpoint?)" if gaps else ""))
     kinds = "".join("M" if f"blocks.{i}.attn.A_log" in state else "A" for i in layers)
     mamba = next((i for i in layers if kinds[i] == "M"), None)
     mla = next((i for i in layers if kinds[i] == "A"), None)
@@ -147,10 +173,17 @@ def infer_original_config(state: dict, n_heads: int | None = None, **overrides) 
                ffn_hidden=get("blocks.0.ffn.w1.weight").shape[0])
     if mamba is not None:
         p = f"blocks.{mamba}.attn."
+        if get(p + "A_log").ndim != 1:
+            raise ValueError(f"{p}A_log has shape {tuple(state[p + 'A_log'].shape)}: these are Mamba-1 blocks "
+                             "(the original's use_mamba2=False), which are not supported; elleci implements the "
+                             "Mamba-2 mixer (A_log of shape [heads]) only")
         hm = get(p + "A_log").shape[0]
         d_inner = get(p + "in_proj.weight").shape[0] // 2
-        cfg.update(mamba_heads=hm, d_state=(get(p + "x_proj.weight").shape[0] - hm) // 2,
-                   d_conv=get(p + "conv1d.weight").shape[-1], expand=d_inner // d,
+        d_state = (get(p + "x_proj.weight").shape[0] - hm) // 2
+        if d_state <= 0:
+            raise ValueError(f"{p}x_proj has {state[p + 'x_proj.weight'].shape[0]} rows for {hm} heads: not the "
+                             "original Mamba-2 layout (Mamba-1 blocks, use_mamba2=False, are not supported)")
+        cfg.update(mamba_heads=hm, d_state=d_state, d_conv=get(p + "conv1d.weight").shape[-1], expand=d_inner // d,
                    mamba_input_gate=p + "diff_gate.weight" in state)
     gated = False
     if mla is not None:
@@ -158,9 +191,26 @@ def infer_original_config(state: dict, n_heads: int | None = None, **overrides) 
         gated = p + "embed_gate.0.weight" in state
         cfg.update(kv_lora_rank=get(p + "w_kv_down.weight").shape[0], mla_latent_gate=gated)
     head_era = gated or cfg.get("mamba_input_gate", False) or kinds.startswith("MMM")
+    guessed = n_heads is None
     cfg["n_heads"] = n_heads or original_mla_heads(d, "head" if head_era else "v1")
     cfg.update(overrides)
-    return ElleciConfig(**cfg)
+    if "n_layers" not in overrides and "layer_pattern" not in overrides:
+        problem = (f"the last period of the layer pattern {cfg['layer_pattern']!r} is incomplete"
+                   if len(layers) % len(cfg["layer_pattern"]) else
+                   f"the layer pattern {cfg['layer_pattern']!r} is not one the original code builds ('MA' for V1, "
+                   "'MMMA' for V2)" if cfg["layer_pattern"] not in ORIGINAL_PATTERNS else None)
+        if problem:
+            warnings.warn(f"original state dict: {len(layers)} blocks ({kinds}) and {problem}. If the checkpoint lost "
+                          "its last block(s) it converts into a shallower model: check the source file",
+                          stacklevel=3)
+    try:
+        return ElleciConfig(**cfg)
+    except ValueError as e:
+        if guessed and "n_heads" not in overrides and ("n_heads" in str(e) or "head_dim" in str(e)):
+            raise ValueError(f"{e}. The MLA head count appears in no weight shape: {cfg['n_heads']} was guessed by "
+                             f"the original code's rule for d_model={d}; pass the right one with n_heads=... "
+                             "(python -m elleci.model.convert ... --n-heads N)") from None
+        raise
 
 
 def _period(kinds: str) -> str:
@@ -190,8 +240,10 @@ def load_original(path_or_state_dict, n_heads: int | None = None, dtype: torch.d
         source = str(path)
     else:
         state, source = path_or_state_dict, "state dict"
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]             # a training checkpoint {"model": ..., "optimizer": ...}
+    for key in ("model_state_dict", "model", "state_dict"):   # a training checkpoint {key: weights, "optimizer...": ...}
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"{source}: expected a state dict of tensors")
     state = clean_original_state_dict(state)

@@ -18,9 +18,10 @@ Presets (`ElleciConfig.from_name`):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
+
+from .._io import read_json_file
 
 
 @dataclass
@@ -84,11 +85,21 @@ class ElleciConfig:
             if not ok:
                 raise ValueError(f"ElleciConfig: {msg}")
 
+        def number(v) -> bool:          # a real number: int or float, never a bool or a string
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
+
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "kv_lora_rank", "mamba_heads",
                      "d_state", "d_conv", "expand", "chunk_size"):
             v = getattr(self, name)
-            need(isinstance(v, int) and v > 0, f"{name} must be a positive int, got {v!r}")
-        need(len(self.layer_pattern) > 0 and set(self.layer_pattern) <= {"M", "A"},
+            need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{name} must be a positive int, got {v!r}")
+        for name in ("mla_latent_gate", "mamba_input_gate", "gradient_checkpointing", "autocast"):
+            v = getattr(self, name)
+            need(isinstance(v, bool), f"{name} must be true or false, got {v!r}")
+        for name in ("norm_eps", "rope_base", "init_std"):
+            v = getattr(self, name)
+            need(number(v) and math.isfinite(v) and v > 0, f"{name} must be a finite positive number, got {v!r}")
+        need(isinstance(self.layer_pattern, str) and len(self.layer_pattern) > 0
+             and set(self.layer_pattern) <= {"M", "A"},
              f"layer_pattern must be a non-empty string of 'M' (Mamba) and 'A' (MLA), got {self.layer_pattern!r}")
         need(self.d_model % self.n_heads == 0,
              f"n_heads={self.n_heads} does not divide d_model={self.d_model}")
@@ -96,8 +107,10 @@ class ElleciConfig:
              f"head_dim = d_model / n_heads = {self.head_dim} must be even for RoPE (rotate-half)")
         need(self.d_inner % self.mamba_heads == 0,
              f"mamba_heads={self.mamba_heads} does not divide d_inner = expand * d_model = {self.d_inner}")
-        need(self.ffn_hidden is None or self.ffn_hidden > 0, f"ffn_hidden must be positive, got {self.ffn_hidden}")
-        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        v = self.ffn_hidden
+        need(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0),
+             f"ffn_hidden must be a positive int or null, got {v!r}")
+        need(number(self.dropout) and 0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout!r}")
 
     # ---- presets and serialisation -------------------------------------------------------
     @classmethod
@@ -124,8 +137,14 @@ class ElleciConfig:
 
     @classmethod
     def from_json(cls, path) -> "ElleciConfig":
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """Read a config.json; every error (syntax, unknown field, bad value) names the file."""
+        d = read_json_file(path, "config JSON")
+        if not isinstance(d, dict):
+            raise ValueError(f"{path}: expected a JSON object of ElleciConfig fields, got {type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 _V1 = dict(vocab_size=32128, d_model=2048, n_layers=24, layer_pattern="MA", n_heads=16, kv_lora_rank=128,

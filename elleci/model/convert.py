@@ -15,6 +15,14 @@ import torch
 from .checkpoint import load_original
 
 
+def check_tokenizer_fits(tokenizer, vocab_size: int, source) -> None:
+    """Refuse a tokenizer with ids the model has no embedding for (the first generate would fail)."""
+    if tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"tokenizer {source} has {tokenizer.vocab_size:,} ids but the model's vocabulary has "
+                         f"{vocab_size:,} (ids 0..{vocab_size - 1}): it is not this model's tokenizer; nothing "
+                         "was written")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m elleci.model.convert", description=__doc__.splitlines()[0])
     ap.add_argument("input", help="state dict saved by the original code (torch.save(model.state_dict()))")
@@ -30,6 +38,7 @@ def main(argv=None) -> None:
     if args.tokenizer:
         from .tokenizer import Tokenizer
         tok = Tokenizer.load(args.tokenizer)
+        check_tokenizer_fits(tok, model.config.vocab_size, args.tokenizer)
     model.save_pretrained(args.output, tokenizer=tok)
     c = model.config
     print(f"wrote {args.output}: {model.num_parameters():,} parameters, d_model {c.d_model}, "

@@ -66,7 +66,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .generation import eos_and_pad, left_pad, sample_next
+from .generation import check_generation, eos_and_pad, left_pad, sample_next
 from .static_cache import (KV_MODES, StaticCache, _autocast, _check_kv_mode, decode_hidden, decode_step,  # noqa: F401
                            prompt_positions, prompt_state, stop_column)
 
@@ -208,8 +208,7 @@ class StaticDecoder:
         """`generate` on left-padded ids, mask [B, P] with resolved EOS ids and pad id."""
         if not isinstance(eos_check_every, int) or eos_check_every < 1:
             raise ValueError(f"eos_check_every must be a positive int, got {eos_check_every!r}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_generation(self.model, ids, mask, max_new_tokens, temperature, top_k, top_p, pad)
         need = ids.shape[1] + max(max_new_tokens - 1, 0)
         if need > self.max_len:
             raise ValueError(f"a prompt of {ids.shape[1]} tokens and {max_new_tokens} new tokens need {need} cache "

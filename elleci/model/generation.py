@@ -16,6 +16,7 @@ for the call (and restored); there is no max_seq_len truncation (RoPE is compute
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -56,26 +57,64 @@ def eos_and_pad(eos_token_id: int | Sequence[int] | None, pad_token_id: int | No
     return eos, pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
 
 
+def _real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_sampling(temperature, top_k, top_p) -> None:
+    """Raise a ValueError naming the argument and its allowed range: temperature finite >= 0, top_k an int
+    >= 1 or None, top_p in (0, 1] or None."""
+    if not (_real(temperature) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and not isinstance(top_k, bool) and top_k >= 1):
+        raise ValueError(f"top_k must be an int >= 1 (None: no top-k filter), got {top_k!r}")
+    if top_p is not None and not (_real(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] (None: no nucleus filter), got {top_p!r}")
+
+
+def check_generation(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens, temperature, top_k, top_p,
+                     pad: int) -> None:
+    """Arguments of a generate call, checked before any compute: the sampling settings, max_new_tokens an
+    int >= 0, every prompt id and the pad id inside the model's vocabulary [0, vocab_size)."""
+    check_sampling(temperature, top_k, top_p)
+    if not (isinstance(max_new_tokens, int) and not isinstance(max_new_tokens, bool) and max_new_tokens >= 0):
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if vocab is None:
+        return
+    real = ids[mask]
+    bad = (real < 0) | (real >= vocab)
+    if bool(bad.any()):
+        rows, cols = torch.nonzero(mask & ((ids < 0) | (ids >= vocab)), as_tuple=True)
+        first = mask[rows[0]].nonzero()[0].item()                          # left padding before the prompt
+        raise ValueError(f"input_ids: token id {ids[rows[0], cols[0]].item()} (prompt {rows[0].item()}, position "
+                         f"{cols[0].item() - first}) is outside the model's vocabulary [0, {vocab})")
+    if max_new_tokens > 0 and not 0 <= pad < vocab:
+        raise ValueError(f"pad_token_id {pad} is outside the model's vocabulary [0, {vocab}) (it is fed back for "
+                         "rows that stopped)")
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row from logits [B, V]. temperature 0 = greedy (argmax).
 
     top_k keeps the k largest logits; top_p keeps the smallest set of most likely tokens whose
-    probability mass reaches p (always at least the most likely one); then softmax(logits / T) is sampled.
+    probability mass reaches p (always at least the most likely one, however small p is); then
+    softmax(logits / T) is sampled. Arguments out of range raise (`check_sampling`).
     """
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_sampling(temperature, top_k, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
+    if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         mass_before = probs.cumsum(-1) - probs                 # mass of strictly more likely tokens
-        drop_sorted = mass_before >= top_p                      # the first token is never dropped
+        drop_sorted = mass_before >= top_p
+        drop_sorted[..., 0] = False                             # the most likely token is always kept
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(-1)
@@ -100,6 +139,7 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 1.
     device = next(model.parameters()).device
     eos, pad = eos_and_pad(eos_token_id, pad_token_id)
     ids, mask = left_pad(input_ids, attention_mask, pad, device)
+    check_generation(model, ids, mask, max_new_tokens, temperature, top_k, top_p, pad)
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()

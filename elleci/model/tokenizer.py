@@ -43,7 +43,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from elleci._io import atomic_path
+from elleci._io import atomic_path, read_lines
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|padding|>"
@@ -225,11 +225,9 @@ def sentencepiece_trainer_options(vocab_size: int, *, model_type: str = "bpe", c
 def _read_lines(paths: list[Path]) -> Iterator[str]:
     """Yield every non-empty line of the files, without its line ending."""
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                line = line.rstrip("\r\n")
-                if line:
-                    yield line
+        for _, line in read_lines(path):                       # decoding errors name the file and line
+            if line:
+                yield line
 
 
 def _sample(lines: Iterator[str], k: int, seed: int) -> list[str]:

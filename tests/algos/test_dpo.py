@@ -192,3 +192,46 @@ def test_input_errors(fn):
         fn(a.long(), b, c, d)
     with pytest.raises(ValueError, match="beta must be > 0"):
         fn(a, b, c, d, beta=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- degenerate inputs
+# (finding 8 of issue 18: on main an empty batch, beta=inf and a rejected log-prob of -inf all gave NaN)
+
+@pytest.mark.parametrize("fn", [dpo_loss, ipo_loss, hinge_loss, robust_dpo_loss])
+def test_empty_batch_nan_input_and_infinite_beta_are_refused_by_name(fn):
+    e = torch.empty(0)
+    with pytest.raises(ValueError, match="policy_chosen_logps is empty"):
+        fn(e, e, e, e)
+    a, b, c, d = random_batch(n=4)
+    b[2] = float("nan")
+    with pytest.raises(ValueError, match=r"policy_rejected_logps contains NaN at positions \[2\]"):
+        fn(a, b, c, d)
+    for beta in (math.inf, math.nan, -1.0):
+        with pytest.raises(ValueError, match="beta must be > 0 and finite"):
+            fn(*random_batch(n=4), beta=beta)
+
+
+@pytest.mark.parametrize("fn, eps", [(dpo_loss, 0.0), (robust_dpo_loss, 0.0), (hinge_loss, None)])
+def test_a_perfect_margin_gives_zero_loss_and_finite_gradients(fn, eps):
+    pc = torch.tensor([-3.0, -2.0], requires_grad=True)
+    pr = torch.tensor([-math.inf, -5.0], requires_grad=True)          # row 0: the rejected answer is impossible
+    rc, rr = torch.tensor([-3.0, -2.0]), torch.tensor([-4.0, -5.0])
+    kw = {} if eps is None else {"label_smoothing": eps}
+    loss, m = fn(pc, pr, rc, rr, beta=0.1, reduction="none", **kw)
+    assert loss[0].item() == 0.0                                      # log σ(+∞) = 0 (hinge: relu(−∞) = 0)
+    assert torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+    assert pc.grad[0].item() == 0.0 and pr.grad[0].item() == 0.0     # nothing left to learn on that pair
+    # the other row is the ordinary h = 0 case: DPO's gradient -β σ(0) = -0.05 on πc
+    if fn is dpo_loss:
+        assert pc.grad[1].item() == pytest.approx(-0.05, abs=1e-7)
+
+
+def test_cdpo_with_a_perfect_margin_is_infinite_as_its_formula_says():
+    pc, pr = torch.tensor([-3.0], requires_grad=True), torch.tensor([-math.inf], requires_grad=True)
+    loss, _ = dpo_loss(pc, pr, torch.tensor([-3.0]), torch.tensor([-4.0]), beta=0.1, label_smoothing=0.1)
+    assert loss.item() == math.inf                                   # −ε log σ(−∞) = +∞: no NaN anywhere
+    loss.backward()
+    # dL/dz = −(1−ε) σ(−z) + ε σ(z) → ε at z = +∞, and dz/dπc = β = −dz/dπr
+    assert pc.grad.item() == pytest.approx(0.1 * 0.1, abs=1e-8) and pr.grad.item() == pytest.approx(-0.01, abs=1e-8)

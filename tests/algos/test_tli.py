@@ -53,7 +53,7 @@ def test_identical_strings_have_cosine_one_and_vectors_unit_norm(tok):
     for v in vecs.values():
         assert v.shape == (3, 64)
         torch.testing.assert_close(v.norm(dim=-1), torch.ones(3))
-        assert torch.equal(v[0], v[2])
+        torch.testing.assert_close(v[0], v[2], rtol=0, atol=1e-6)   # two batch rows: no bitwise guarantee
         assert abs(float(v[0] @ v[2]) - 1.0) < 1e-6
     row = tli.alignment(model, tok, [("cane", "cane"), ("gatto", "gatto")], 3)
     assert abs(row["pair_cos"] - 1.0) < 1e-6 and row["p_at_1"] == 1.0

@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from elleci.checkpointing import CheckpointError
 from elleci.model import ElleciConfig, ElleciLM, load_original
 from elleci.model.checkpoint import infer_original_config, original_mla_heads
 
@@ -17,7 +18,7 @@ def tiny(**kw):
 def test_save_load_round_trip_bit_exact(tmp_path):
     model = tiny(layer_pattern="MMMA", mamba_input_gate=True, mla_latent_gate=True)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]   # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "manifest.json", "model.safetensors"]
     loaded = ElleciLM.from_pretrained(tmp_path)
     assert loaded.config == model.config
     a, b = model.state_dict(), loaded.state_dict()
@@ -38,6 +39,9 @@ def test_missing_file_is_named(tmp_path):
         ElleciLM.from_pretrained(tmp_path)
     tiny().save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="incomplete or inconsistent checkpoint: model.safetensors is missing"):
+        ElleciLM.from_pretrained(tmp_path)
+    (tmp_path / "manifest.json").unlink()                       # a directory written by hand: no manifest
     with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
         ElleciLM.from_pretrained(tmp_path)
 
@@ -50,7 +54,10 @@ def test_wrong_keys_and_shapes_are_named(tmp_path):
     del state["norm_f.weight"]
     state["lm_head.weight"] = torch.zeros(3, 64)
     save_file(state, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(CheckpointError, match="model.safetensors has .* bytes, the manifest says"):
+        ElleciLM.from_pretrained(tmp_path)                      # the manifest catches the change first
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ValueError) as err, pytest.warns(UserWarning, match="no manifest.json"):
         ElleciLM.from_pretrained(tmp_path)
     msg = str(err.value)
     assert "missing keys (1): norm_f.weight" in msg and "unexpected keys (1): blocks.0.attn.extra" in msg
@@ -62,8 +69,75 @@ def test_bad_config_json_is_reported(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["n_heads"] = 5
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="n_heads=5 does not divide d_model"):
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="n_heads=5 does not divide d_model"), pytest.warns(UserWarning):
         ElleciLM.from_pretrained(tmp_path)
+
+
+def test_unreadable_weights_name_the_file(tmp_path):
+    tiny().save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"model.safetensors: not a readable safetensors file"), pytest.warns(UserWarning):
+        ElleciLM.from_pretrained(tmp_path)
+
+
+# ---- finding 9 of issue 18: original checkpoints ------------------------------------------------------
+
+def _head_era_state(**kw):
+    """An original-layout (HEAD, gated) state dict: keys as the original code writes them."""
+    model = tiny(d_model=96, n_heads=16, layer_pattern="MMMA", mamba_input_gate=True, mla_latent_gate=True,
+                 ffn_hidden=256, **kw)
+    return model, dict(model.state_dict())
+
+
+def test_a_periodic_training_checkpoint_of_the_original_loads(tmp_path):
+    model, sd = _head_era_state()
+    path = tmp_path / "step_1000.pth"        # what train_elleci_v2.py saves periodically
+    torch.save({"model_state_dict": sd, "optimizer_state_dict": {"state": {}, "param_groups": [{"lr": 3e-4}]},
+                "step": 1000, "phase": 1}, path)
+    loaded = load_original(path)
+    ids = torch.randint(0, 512, (1, 7))
+    assert torch.equal(loaded.eval()(ids), model(ids))
+
+
+def test_a_checkpoint_missing_its_last_block_warns(tmp_path):
+    _, sd = _head_era_state()
+    cut = {k: v for k, v in sd.items() if not k.startswith("blocks.3.")}
+    with pytest.warns(UserWarning, match=r"3 blocks \(MMM\) and the layer pattern 'M' is not one the original code"):
+        assert load_original(cut).config.n_layers == 3              # main: silently a 3-layer pure-Mamba model
+    model = tiny(layer_pattern="MA", n_layers=4)
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.3.")}
+    with pytest.warns(UserWarning, match=r"3 blocks \(MAM\) and the last period of the layer pattern 'MA' is incomplete"):
+        assert load_original(sd, n_heads=4).config.n_layers == 3
+    gap = {k: v for k, v in model.state_dict().items() if not k.startswith("blocks.1.")}
+    with pytest.raises(ValueError, match=r"blocks \[1\] are missing"):
+        load_original(gap, n_heads=4)
+
+
+def test_mamba1_blocks_are_refused_by_name():
+    _, sd = _head_era_state()
+    sd["blocks.0.attn.A_log"] = torch.zeros(192, 16)          # Mamba-1: A_log [d_inner, d_state]
+    with pytest.raises(ValueError, match=r"Mamba-1 blocks \(the original's use_mamba2=False\), which are not supported"):
+        load_original(sd)
+
+
+def test_a_head_count_that_cannot_be_inferred_suggests_n_heads():
+    sd = tiny().state_dict()                                   # d_model 64: the V1 rule guesses 12 heads
+    with pytest.raises(ValueError, match=r"n_heads=12 does not divide d_model=64.*--n-heads N"):
+        load_original(sd)
+    assert load_original(sd, n_heads=4).config.n_heads == 4
+
+
+def test_convert_refuses_a_tokenizer_larger_than_the_vocabulary(fixtures_dir, tmp_path):
+    from elleci.model.convert import main as convert
+    path, _, _ = _fixture(fixtures_dir, "v2_tiny")
+    tok = fixtures_dir / "tokenizer" / "tokenizer.json"
+    pytest.importorskip("tokenizers")
+    with pytest.raises(ValueError, match=r"tokenizer .*tokenizer.json has 32,0\d\d ids but the model's vocabulary "
+                                         r"has 512 \(ids 0..511\)"):
+        convert([str(path), str(tmp_path / "out"), "--tokenizer", str(tok)])
+    assert not (tmp_path / "out").exists()
 
 
 def test_original_head_rules():

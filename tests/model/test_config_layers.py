@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -31,10 +32,42 @@ def test_preset_layer_patterns_and_gates():
     (dict(mamba_heads=3), "does not divide d_inner"),
     (dict(layer_pattern="MX"), "layer_pattern"),
     (dict(vocab_size=0), "vocab_size"),
+    # finding 7 of issue 18: each of these loaded on main (norm_eps <= 0: NaN logits)
+    (dict(norm_eps=0.0), "norm_eps must be a finite positive number, got 0.0"),
+    (dict(norm_eps=-1e-6), "norm_eps must be a finite positive number"),
+    (dict(norm_eps=float("nan")), "norm_eps must be a finite positive number, got nan"),
+    (dict(norm_eps="1e-6"), "norm_eps must be a finite positive number, got '1e-6'"),
+    (dict(rope_base=0), "rope_base must be a finite positive number"),
+    (dict(rope_base=-10000.0), "rope_base must be a finite positive number"),
+    (dict(rope_base=float("inf")), "rope_base must be a finite positive number"),
+    (dict(init_std=-0.02), "init_std must be a finite positive number"),
+    (dict(ffn_hidden=170.5), "ffn_hidden must be a positive int or null, got 170.5"),
+    (dict(ffn_hidden=True), "ffn_hidden must be a positive int"),
+    (dict(n_layers=True), "n_layers must be a positive int, got True"),
+    (dict(d_model=64.0), "d_model must be a positive int, got 64.0"),
+    (dict(autocast="no"), "autocast must be true or false, got 'no'"),
+    (dict(mla_latent_gate=1), "mla_latent_gate must be true or false, got 1"),
+    (dict(dropout="0.1"), r"dropout must be in \[0, 1\), got '0.1'"),
 ])
 def test_bad_config_errors_name_the_problem(kwargs, words):
     with pytest.raises(ValueError, match=words):
         ElleciConfig.from_name("tiny", **kwargs)
+
+
+def test_config_json_errors_name_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"vocab_size": 512,\n "d_model": 64,,}')
+    with pytest.raises(ValueError, match=r"config.json:2: invalid config JSON \(Expecting property name"):
+        ElleciConfig.from_json(path)
+    path.write_text(json.dumps({**ElleciConfig.from_name("tiny").to_dict(), "norm_eps": -1.0}))
+    with pytest.raises(ValueError, match=r"config.json: ElleciConfig: norm_eps must be a finite positive number"):
+        ElleciConfig.from_json(path)
+    path.write_text(json.dumps({**ElleciConfig.from_name("tiny").to_dict(), "n_head": 4}))
+    with pytest.raises(ValueError, match=r"config.json: config has unknown field\(s\) \['n_head'\]"):
+        ElleciConfig.from_json(path)
+    path.write_bytes(b'{"d_model": "\xff"}')
+    with pytest.raises(ValueError, match=r"config.json:1: not valid UTF-8"):
+        ElleciConfig.from_json(path)
 
 
 def test_unknown_preset_and_field():

@@ -99,7 +99,7 @@ def test_left_padded_forward_equals_unpadded(kw):
 
 @pytest.mark.parametrize("kw", PATTERNS.values(), ids=PATTERNS.keys())
 def test_batched_greedy_generation_equals_one_by_one(kw):
-    model = tiny(3, **kw)
+    model = tiny(3, **kw).double()          # float64: rows of a batch carry no bitwise guarantee, argmax ties need 1e-16
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(4, 512, (n,), generator=g).tolist() for n in (3, 11, 1, 7)]
     batch = model.generate(prompts, max_new_tokens=12, temperature=0.0)
@@ -136,7 +136,7 @@ def test_generation_stops_per_sequence_at_eos_and_pads():
 
 
 def test_generation_accepts_right_padded_tensor_with_mask_and_is_seeded():
-    model = tiny(4)
+    model = tiny(4).double()                # float64: a row in a batch vs alone (no bitwise guarantee across rows)
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, 0, 0]])
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     greedy = model.generate(ids, max_new_tokens=5, temperature=0.0, attention_mask=mask)
@@ -160,6 +160,36 @@ def test_sample_next_greedy_top_k_top_p():
     assert set(draws.unique().tolist()) == {0}
     with pytest.raises(ValueError, match="temperature"):
         sample_next(logits, -1.0)
+
+
+def test_tiny_top_p_keeps_the_top_token_and_bad_sampling_arguments_are_named():
+    """Finding 8 of issue 18: on main top_p=0 and temperature=nan crashed in torch.multinomial, top_k=-5 and
+    max_new_tokens=-3 were ignored, and an id outside the vocabulary gave a bare IndexError."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.1, 0.2, 0.3, 0.4]]))
+    g = torch.Generator().manual_seed(0)
+    for p in (1e-12, 0.01):
+        draws = torch.stack([sample_next(logits, 1.0, top_p=p, generator=g) for _ in range(20)])
+        assert (draws == torch.tensor([0, 3])).all()                     # as documented: the top token stays
+    for kw, words in ((dict(top_p=0.0), r"top_p must be in \(0, 1\]"), (dict(top_p=1.5), "top_p must be in"),
+                      (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+                      (dict(temperature=float("inf")), "temperature must be a finite number"),
+                      (dict(top_k=-5), "top_k must be an int >= 1"), (dict(top_k=0), "top_k must be an int >= 1"),
+                      (dict(top_k=2.5), "top_k must be an int >= 1")):
+        with pytest.raises(ValueError, match=words):
+            sample_next(logits, **{"temperature": 1.0, **kw})
+    model = tiny(1)
+    for gen in (model.generate, lambda *a, **k: model.generate(*a, static=True, **k)):
+        for kw, words in ((dict(max_new_tokens=-3), "max_new_tokens must be an int >= 0, got -3"),
+                          (dict(top_p=0.0), "top_p must be in"), (dict(top_k=-5), "top_k must be an int >= 1")):
+            with pytest.raises(ValueError, match=words):
+                gen([[5, 6]], **{"max_new_tokens": 2, **kw})
+        with pytest.raises(ValueError, match=r"input_ids: token id 512 \(prompt 1, position 1\) is outside the "
+                                             r"model's vocabulary \[0, 512\)"):
+            gen([[5, 6, 7], [8, 512]], max_new_tokens=2)
+        with pytest.raises(ValueError, match=r"token id -1 \(prompt 0, position 0\)"):
+            gen(torch.tensor([[-1, 6]]), max_new_tokens=2)
+        with pytest.raises(ValueError, match="pad_token_id 600 is outside"):
+            gen([[5, 6]], max_new_tokens=2, pad_token_id=600)
 
 
 def test_left_pad_errors():

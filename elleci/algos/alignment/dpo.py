@@ -22,10 +22,11 @@ Metrics, identical for every loss here (detached; means over the batch):
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 
-from elleci.algos.losses import REDUCTIONS, as_logps, check_beta, check_reduction, reduce  # noqa: F401
+import torch
+
+from elleci.algos.losses import (REDUCTIONS, as_logps, check_beta, check_reduction, reduce,  # noqa: F401
+                                 weighted_logsigmoid)
 
 Tensor = torch.Tensor
 
@@ -79,7 +80,8 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
 
     Glossary: πc, πr, rc, rr, h, β as in the module docstring; σ the logistic sigmoid;
     ε = `label_smoothing`, the assumed probability that a preference label is flipped (0 <= ε <= 0.5).
-    At π_θ = π_ref the loss is log 2 for every β and ε.
+    At π_θ = π_ref the loss is log 2 for every β and ε. A perfect margin (πr = −∞, so h = +∞) gives
+    L = 0 with zero gradients when ε = 0 (and +∞ when ε > 0, as the formula says).
 
     Differences from the paper:
     1. The paper's loss is ε = 0; ε > 0 is cDPO (label smoothing), as in TRL's `loss_type="sigmoid"`.
@@ -90,8 +92,8 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     (pc, pr, rc, rr), h = _pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                 ref_rejected_logps, beta, reduction)
     logits = beta * h                                                   # [B]
-    losses = (-(1 - label_smoothing) * F.logsigmoid(logits)              # Eq. 7 (ε = 0)
-              - label_smoothing * F.logsigmoid(-logits))                 # cDPO smoothing term
+    losses = (-weighted_logsigmoid(1 - label_smoothing, logits)          # Eq. 7 (ε = 0)
+              - weighted_logsigmoid(label_smoothing, -logits))           # cDPO smoothing term
     return reduce(losses, reduction), pair_metrics(beta, pc, pr, rc, rr)
 
 
@@ -165,6 +167,6 @@ def robust_dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     (pc, pr, rc, rr), h = _pair(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                 ref_rejected_logps, beta, reduction)
     logits = beta * h                                                   # [B]
-    losses = ((-(1 - label_smoothing) * F.logsigmoid(logits)            # rDPO de-biased loss (§3)
-               + label_smoothing * F.logsigmoid(-logits)) / (1 - 2 * label_smoothing))
+    losses = ((-weighted_logsigmoid(1 - label_smoothing, logits)        # rDPO de-biased loss (§3)
+               + weighted_logsigmoid(label_smoothing, -logits)) / (1 - 2 * label_smoothing))
     return reduce(losses, reduction), pair_metrics(beta, pc, pr, rc, rr)

@@ -35,11 +35,10 @@ import functools
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from elleci.algos.chat import encode_prompt_response
-from elleci.algos.losses import check_reduction, reduce
+from elleci.algos.losses import check_reduction, reduce, weighted_logsigmoid
 from elleci.algos.loop import sample_batches, train_loop
 
 Tensor = torch.Tensor
@@ -76,7 +75,7 @@ def soft_bt_loss(rewards_a: Tensor, rewards_b: Tensor, p_a, *, reduction: str = 
         bad = p[(p < 0) | (p > 1)][:8].tolist()
         raise ValueError(f"p_a must lie in [0, 1] (the probability that a is preferred), got {bad}")
     d = ra - rb                                                            # [B] reward margin
-    losses = -(p * F.logsigmoid(d) + (1 - p) * F.logsigmoid(-d))           # soft BT (§2.1)
+    losses = -(weighted_logsigmoid(p, d) + weighted_logsigmoid(1 - p, -d))   # soft BT (§2.1)
     with torch.no_grad():
         metrics = {"rewards/a": ra.detach().mean(), "rewards/b": rb.detach().mean(),
                    "rewards/margin": d.detach().mean(),

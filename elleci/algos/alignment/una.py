@@ -18,10 +18,9 @@ binary BCE is log 2 and score MSE is (0.5 − score)², with zero gradient when 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from elleci.algos.alignment.dpo import dpo_loss
-from elleci.algos.losses import as_logps, check_beta, check_reduction, reduce
+from elleci.algos.losses import as_logps, check_beta, check_reduction, reduce, weighted_logsigmoid
 
 Tensor = torch.Tensor
 BINARY_KINDS = ("mse", "bce")
@@ -102,7 +101,7 @@ def una_binary_loss(policy_logps: Tensor, ref_logps: Tensor, labels, *, beta: fl
     if kind == "mse":
         losses = (s - y) ** 2                                            # UNA-binary MSE
     else:
-        losses = -(y * F.logsigmoid(r) + (1 - y) * F.logsigmoid(-r))     # UNA-binary BCE
+        losses = -(weighted_logsigmoid(y, r) + weighted_logsigmoid(1 - y, -r))   # UNA-binary BCE
     metrics = _metrics(pi, r, s)
     with torch.no_grad():
         for key, mask in (("rewards/desired", y == 1), ("rewards/undesired", y == 0)):
