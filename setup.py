@@ -16,5 +16,6 @@ setup(
         "hf": ["tokenizers"],
         "dev": ["pytest", "triton", "tokenizers"],
     },
+    entry_points={"console_scripts": ["elleci = elleci.cli:main"]},
     license="MIT",
 )

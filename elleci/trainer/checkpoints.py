@@ -77,13 +77,15 @@ def resume(out_dir, model, optimizer, scheduler, *, run_config: dict, allow_chan
     return step, extra, path
 
 
-def save_final(directory, model, tokenizer=None, *, base: str | None = None, extra_files: dict | None = None) -> Path:
+def save_final(directory, model, tokenizer=None, *, base: str | None = None, base_seed: int | None = None,
+               extra_files: dict | None = None) -> Path:
     """The result of a run, published as one directory.
 
     Full fine-tuning: config.json + model.safetensors (+ tokenizer): a model directory.
     LoRA: adapter_config.json (with `base_model_name_or_path` = `base`, PEFT's key) + adapter_model.safetensors
     (+ tokenizer): `elleci.recipes.loading.load_model` loads the base and applies the adapter.
-    `extra_files`: name -> callable(path) writing more files (e.g. a reward head)."""
+    `base_seed`: the seed a preset base was initialised from. `extra_files`: name -> callable(path) writing
+    more files (e.g. a reward head)."""
     directory = Path(directory)
     with publish_dir(directory) as tmp:
         tmp = Path(tmp)
@@ -91,6 +93,8 @@ def save_final(directory, model, tokenizer=None, *, base: str | None = None, ext
             save_adapter(model, tmp)
             meta = json.loads((tmp / "adapter_config.json").read_text())
             meta["base_model_name_or_path"] = base
+            if base_seed is not None:
+                meta["elleci_base_seed"] = base_seed       # a preset base is re-initialised from it
             write_json_atomic(tmp / "adapter_config.json", meta)
             if tokenizer is not None:
                 tokenizer.save(tmp)

@@ -22,7 +22,7 @@ transformers shipped until 2024). Metrics are averaged with the same weights.
 With `out_dir`: metrics.jsonl (+ reporters), checkpoint-<step>/ every `checkpoint_every` steps and at the
 end (the last `keep` kept), final/ (model or adapter, tokenizer). Re-running with the same out_dir resumes
 from the newest complete checkpoint; SIGINT / SIGTERM finish the current step, save, and raise
-`TrainingInterrupted`.
+`TrainingInterrupted`. `on_start(step)` runs once the resume check passed, before the first step.
 """
 from __future__ import annotations
 
@@ -115,33 +115,42 @@ def trl_aliases(metrics: dict) -> dict:
 
 
 class _Mean:
-    """Σ w·x / Σ w per key (keys may be missing from some micro-batches)."""
+    """Σ w·x / Σ w per key (keys may be missing from some micro-batches); counts (keys ending in "/tokens")
+    are summed instead."""
 
     def __init__(self):
-        self.num, self.den = {}, {}
+        self.num, self.den, self.counts = {}, {}, {}
 
     def add(self, metrics: dict, w: float) -> None:
+        self.add_counts(metrics)
         for k, v in metrics.items():
             v = float(v.item() if hasattr(v, "item") else v)
             self.num[k] = self.num.get(k, 0.0) + v * w
             self.den[k] = self.den.get(k, 0.0) + w
 
+    def add_counts(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            if k.endswith("/tokens"):
+                self.counts[k] = self.counts.get(k, 0.0) + float(v.item() if hasattr(v, "item") else v)
+
     def result(self) -> dict:
-        return {k: self.num[k] / self.den[k] for k in self.num if self.den[k] > 0}
+        out = {k: self.num[k] / self.den[k] for k in self.num if self.den[k] > 0 and k not in self.counts}
+        return {**out, **self.counts}
 
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, step_fn: Callable, data, config: TrainerConfig, *,
                  collate: Callable | None = None, units: Callable = default_units, tokens: Callable = scored_tokens,
                  eval_data: Sequence | None = None, eval_fn: Callable | None = None, eval_tasks: Sequence[str] = (),
-                 tokenizer=None, base: str | None = None, save_final: Callable | None = None, print_fn=print):
+                 tokenizer=None, base: str | None = None, save_final: Callable | None = None,
+                 on_start: Callable | None = None, print_fn=print):
         self.model, self.step_fn, self.config = model, step_fn, config
         self.source = data if hasattr(data, "step_items") else ShuffledSource(data, config.seed)
         self.collate = collate or (lambda items: items)
         self.units, self.tokens = units, tokens
         self.eval_data, self.eval_fn, self.eval_tasks = eval_data, eval_fn, list(eval_tasks)
         self.tokenizer, self.base, self.print_fn = tokenizer, base, print_fn
-        self._save_final = save_final
+        self._save_final, self.on_start = save_final, on_start
         self.rank, self.world = dist.rank(), dist.world_size()
         self.accumulation = accumulation_steps(config.batch_size, config.micro_batch_size, self.world)
         if config.steps:
@@ -271,7 +280,7 @@ class Trainer:
         if self._save_final is not None:
             self._save_final(final)
         else:
-            ckpt.save_final(final, self.model, self.tokenizer, base=self.base)
+            ckpt.save_final(final, self.model, self.tokenizer, base=self.base, base_seed=self.config.seed)
         return final
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -285,6 +294,8 @@ class Trainer:
     def train(self) -> list[dict]:
         c, total = self.config, self.total_steps
         start = self._resume()
+        if self.on_start is not None and dist.is_main():
+            self.on_start(start)                   # e.g. write out_dir/config.toml, now that resuming is possible
         if self.out is not None and start >= total and (self.out / "final").is_dir():
             self.print_fn(f"{self.out}: already trained for {start} steps; the result is in {self.out / 'final'}")
             return self.history

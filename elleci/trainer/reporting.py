@@ -19,6 +19,7 @@ from elleci.train import format_value
 REPORTERS = ("tensorboard", "wandb")
 PROGRESS = ("auto", "bar", "lines", "none")
 TIMING_KEYS = ("tok_per_s", "elapsed_s", "eta_s")       # differ between two runs of the same computation
+NOT_SHOWN = {"rewards/accuracies", "rewards/margins", "eval_rewards/accuracies", "eval_rewards/margins"}  # TRL aliases
 
 
 def check_reporters(names) -> None:
@@ -96,7 +97,7 @@ def format_record(record: dict, total: int | None = None) -> str:
     step = record["step"]
     parts = [f"step {step}/{total}" if total else f"step {step}"]
     for k, v in record.items():
-        if k in ("step", "elapsed_s", "eta_s"):
+        if k in ("step", "elapsed_s", "eta_s") or k in NOT_SHOWN:
             continue
         parts.append(f"{v:.0f} tok/s" if k == "tok_per_s" else f"{k} {format_value(k, v)}")
     if "eta_s" in record:
