@@ -76,6 +76,7 @@ def run_stage(name: str, argv) -> int:
         if args.plan:
             from elleci.plan import plan_for_stage
             return plan_for_stage(cfg, module.plan_shape(cfg))
+        _refuse_what_cannot_fit(cfg, module)
         module.run(cfg, allow_changes=args.allow_change)
     except TrainingInterrupted as e:
         print(f"elleci {name}: {e}", file=sys.stderr)
@@ -83,6 +84,14 @@ def run_stage(name: str, argv) -> int:
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as e:
         return _fail(name, e)
     return 0
+
+
+def _refuse_what_cannot_fit(cfg, module) -> None:
+    """On CUDA, the memory plan is checked against the free device memory before anything loads."""
+    from elleci.recipes.loading import resolve_device
+    if resolve_device(cfg.model.device).type == "cuda":
+        from elleci.plan import check_fits, plan_for_config
+        check_fits(cfg, plan_for_config(cfg, module.plan_shape(cfg)))
 
 
 def run_tool(name: str, argv) -> int:
