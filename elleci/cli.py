@@ -70,7 +70,7 @@ def run_stage(name: str, argv) -> int:
     from elleci.config_schema import ConfigError, load_config
     from elleci.trainer import TrainingInterrupted
     module = importlib.import_module(STAGES[name][0])
-    args = stage_parser(name, module).parse_args(argv)
+    args = stage_parser(name, module).parse_intermixed_args(argv)
     try:
         cfg = load_config(module.Config, args.config, args.overrides)
         if args.plan:
