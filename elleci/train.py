@@ -13,7 +13,8 @@ Differences from the original training scripts (specs/elleci_original_model.md Â
    32% of the run and the cooldown was never reached).
 2. No weight decay on 1-D parameters (norms, biases, A_log, D, gate scalars) or embeddings (bug 14).
 3. Resume restores optimizer, scheduler and every RNG, so a resumed run repeats the uninterrupted one
-   bit for bit (tests/test_train.py checks this).
+   bit for bit (tests/test_train.py checks this); it first verifies the checkpoint and refuses changed
+   settings by name (elleci/resume.py, tests/faults/).
 """
 from __future__ import annotations
 
@@ -27,14 +28,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import safetensors.torch
 import torch
 from torch import nn
 
-from elleci._io import atomic_path
-
-MODEL_FILE = "model.safetensors"
-STATE_FILE = "trainer_state.pt"
+from elleci.checkpointing import latest_checkpoint, publish_dir, verify_dir  # noqa: F401  (re-exported)
+from elleci.resume import (MODEL_FILE, STATE_FILE, ResumeMismatch, get_rng_state, load_checkpoint, save_checkpoint,
+                           set_rng_state, truncate_metrics)  # noqa: F401  (re-exported)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,91 +228,7 @@ def seed_everything(seed: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoint / resume
-
-def get_rng_state() -> dict:
-    """All RNG states as tensors / lists / ints only, so `torch.load(weights_only=True)` accepts them."""
-    version, mt, gauss = random.getstate()
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "python": {"version": version, "state": list(mt), "gauss": gauss},
-             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Inverse of `get_rng_state` (CUDA states restored for the devices present)."""
-    torch.set_rng_state(state["torch"])
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        for i, s in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(s, i)
-    s = state["numpy"]
-    np.random.set_state((s["name"], s["keys"].numpy().astype(np.uint32), s["pos"], s["has_gauss"],
-                         s["cached_gaussian"]))
-
-
-def save_checkpoint(dir: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=None,
-                    step: int = 0, extra: dict | None = None) -> Path:
-    """Write `dir/model.safetensors` (+ config.json via `model.save_pretrained` when the model has it)
-    and `dir/trainer_state.pt` = {optimizer, scheduler, step, extra, rng}; returns `dir`.
-
-    Each file is written atomically; trainer_state.pt is written last. `extra` must hold only what
-    `torch.load(weights_only=True)` accepts: tensors, numbers, strings, None, lists/tuples/dicts.
-    """
-    dir = Path(dir)
-    dir.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(dir)
-    else:
-        with atomic_path(dir / MODEL_FILE) as tmp:
-            safetensors.torch.save_model(model, tmp)  # save_file of the state_dict, tied weights once
-    state = {
-        "step": int(step),
-        "extra": extra,
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "rng": get_rng_state(),
-    }
-    with atomic_path(dir / STATE_FILE) as tmp:
-        torch.save(state, tmp)
-    return dir
-
-
-def _require(path: Path) -> Path:
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {path.name!r} not found in {path.parent}")
-    return path
-
-
-def load_checkpoint(dir: str | os.PathLike, model: nn.Module, optimizer=None, scheduler=None,
-                    *, restore_rng: bool = True) -> tuple[int, dict | None]:
-    """Restore what `save_checkpoint` wrote into existing objects; returns (step, extra).
-
-    Weights load strictly (every key must match; tied weights may be stored once) onto the model's
-    current device. The optimizer / scheduler states load when those objects are given, and the RNG
-    states unless `restore_rng=False`. Resume the loop at the returned step.
-    """
-    dir = Path(dir)
-    if not dir.is_dir():
-        raise FileNotFoundError(f"checkpoint directory not found: {dir}")
-    model_path, state_path = _require(dir / MODEL_FILE), _require(dir / STATE_FILE)
-    device = next(iter(model.state_dict().values()), torch.empty(0)).device
-    safetensors.torch.load_model(model, model_path, strict=True, device=str(device))
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
-    for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler")):
-        if obj is not None:
-            if state[key] is None:
-                raise ValueError(f"{state_path} holds no {key} state (it was saved without one)")
-            obj.load_state_dict(state[key])
-    if restore_rng:
-        set_rng_state(state["rng"])
-    return state["step"], state["extra"]
-
+# Checkpoint / resume: elleci/resume.py (re-exported here)
 
 # ----------------------------------------------------------------------------------------------
 # Logging

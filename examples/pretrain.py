@@ -5,6 +5,7 @@ on a CPU in a few minutes, on a generated bilingual corpus (elleci.tasks.synthet
 
     python examples/pretrain.py                                  # CPU, a few minutes
     python examples/pretrain.py --resume                         # continue from out/pretrain/last
+    python examples/pretrain.py --resume --steps 400 --allow-changes steps   # a longer run, said so
     python examples/pretrain.py --preset elleci-v1 --device cuda --text-files corpus.txt \
         --vocab-size 32000 --seq-len 1024 --batch-size 4 --grad-accum 16 --steps 10000 \
         --lr 3e-4 --gradient-checkpointing                      # the full model on a GPU
@@ -26,7 +27,7 @@ from elleci.data import TokenBatches, pack_documents, read_text
 from elleci.model import ElleciConfig, ElleciLM, Tokenizer
 from elleci.tasks import synthetic_corpus
 from elleci.train import (MetricLogger, accumulate_gradients, autocast, load_checkpoint, make_optimizer,
-                          make_scheduler, optimizer_step, save_checkpoint, seed_everything)
+                          make_scheduler, optimizer_step, save_checkpoint, seed_everything, truncate_metrics)
 
 
 def parse_args(argv=None):
@@ -50,8 +51,18 @@ def parse_args(argv=None):
     ap.add_argument("--log-every", type=int, default=10)
     ap.add_argument("--save-every", type=int, default=100)
     ap.add_argument("--out", default="out/pretrain")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/last")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/last (same settings, checked)")
+    ap.add_argument("--allow-changes", default="", help="comma-separated settings a resume may change "
+                    "deliberately (e.g. steps,lr); any other difference from the checkpoint's is refused by name")
     return ap.parse_args(argv)
+
+
+NOT_COMPUTATION = ("out", "resume", "allow_changes", "log_every", "save_every", "gradient_checkpointing")
+
+
+def run_config(args) -> dict:
+    """The settings a resumed run must share with the checkpoint (`load_checkpoint` compares them)."""
+    return {k: v for k, v in vars(args).items() if k not in NOT_COMPUTATION}
 
 
 def build_tokenizer(args, out: Path) -> tuple[Tokenizer, list[str]]:
@@ -93,7 +104,9 @@ def main(argv=None):
                            decay_steps=max(1, args.steps // 5))
     start = 0
     if args.resume and (out / "last").exists():
-        start, _ = load_checkpoint(out / "last", model, opt, sched)
+        allow = [k.strip().replace("-", "_") for k in args.allow_changes.split(",") if k.strip()]
+        start, _ = load_checkpoint(out / "last", model, opt, sched, run_config=run_config(args), allow_changes=allow)
+        truncate_metrics(out / "metrics.jsonl", start - 1)                # steps >= start are logged again
         print(f"resumed from {out / 'last'} at step {start}")
     log = MetricLogger(out / "metrics.jsonl")
 
@@ -116,8 +129,8 @@ def main(argv=None):
             log.log(step, loss=loss, lr=lr, grad_norm=grad_norm, tok_per_s=tps)
             t0, tokens_seen = time.perf_counter(), 0
         if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-            save_checkpoint(out / "last", model, opt, sched, step + 1)
-    save_checkpoint(out / "last", model, opt, sched, args.steps)
+            save_checkpoint(out / "last", model, opt, sched, step=step + 1, run_config=run_config(args))
+    save_checkpoint(out / "last", model, opt, sched, step=args.steps, run_config=run_config(args))
     model.save_pretrained(out / "final", tokenizer=tok)
 
     # reload what was saved and continue a prompt in each language

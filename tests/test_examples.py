@@ -1,9 +1,11 @@
 import json
 import math
 
+import pytest
 import torch
 
 from elleci.model import ElleciLM, Tokenizer
+from elleci.resume import ResumeMismatch
 
 
 def test_pretrain_example_runs_saves_and_resumes(load_example, tmp_path, capsys):
@@ -17,7 +19,11 @@ def test_pretrain_example_runs_saves_and_resumes(load_example, tmp_path, capsys)
     assert model.config.vocab_size >= tok.vocab_size and model.config.d_model == 32
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3]
-    pretrain.main(small + ["--steps", "6", "--resume"])
+    with pytest.raises(ResumeMismatch, match=r"steps: 4 \(checkpoint\) -> 6 \(now\)"):   # a longer run is refused ...
+        pretrain.main(small + ["--steps", "6", "--resume"])
+    with (tmp_path / "metrics.jsonl").open("a") as f:                    # a killed run logged past its checkpoint
+        f.write('{"step": 4, "loss": 1.0}\n{"step": 5, "lo')
+    pretrain.main(small + ["--steps", "6", "--resume", "--allow-changes", "steps"])   # ... unless allowed by name
     assert "resumed from" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4, 5]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from elleci.checkpointing import CheckpointError
 from elleci.data import TokenBatches
 from elleci.train import (MetricLogger, Throughput, accumulate_gradients, autocast, cosine_lr, constant_lr,
                           load_checkpoint, make_optimizer, make_scheduler, maybe_compile, optimizer_step,
@@ -295,19 +296,20 @@ def test_checkpoint_tied_weights_and_save_pretrained(tmp_path):
     load_checkpoint(tmp_path / "tied", dst)
     assert torch.equal(dst.emb.weight, src.emb.weight) and dst.head.weight is dst.emb.weight
 
-    class Pretrained(Toy):
-        def save_pretrained(self, d):
-            (d / "config.json").write_text("{}")
-            safetensors.torch.save_model(self, str(d / "model.safetensors"))
-
-    src = Pretrained()
+    # a model with a config (ElleciLM): the checkpoint is also a from_pretrained directory
+    from elleci.model import ElleciConfig, ElleciLM
+    torch.manual_seed(0)
+    src = ElleciLM(ElleciConfig.from_name("tiny", n_layers=2))
     save_checkpoint(tmp_path / "pre", src, step=3)
-    assert (tmp_path / "pre" / "config.json").is_file()
-    dst = Pretrained()
+    assert json.loads((tmp_path / "pre" / "config.json").read_text()) == src.config.to_dict()
+    back = ElleciLM.from_pretrained(tmp_path / "pre")
+    assert all(torch.equal(v, back.state_dict()[k]) for k, v in src.state_dict().items())
+    torch.manual_seed(1)
+    dst = ElleciLM(ElleciConfig.from_name("tiny", n_layers=2))
     assert load_checkpoint(tmp_path / "pre", dst)[0] == 3
-    assert torch.equal(dst.head.weight, src.head.weight)
-    with pytest.raises(RuntimeError, match="Missing key"):  # strict
-        load_checkpoint(tmp_path / "pre", nn.Sequential(Toy(), nn.Linear(2, 2)))
+    assert torch.equal(dst.lm_head.weight, src.lm_head.weight)
+    with pytest.raises(ValueError, match="missing keys: 0.emb.weight.*unexpected keys: emb.weight"):  # strict
+        load_checkpoint(tmp_path / "tied", nn.Sequential(Toy(tied=True), nn.Linear(2, 2)))
 
 
 def test_missing_checkpoint_files_are_named(tmp_path):
@@ -315,16 +317,16 @@ def test_missing_checkpoint_files_are_named(tmp_path):
         load_checkpoint(tmp_path / "nope", Toy())
     save_checkpoint(tmp_path / "c", Toy(), step=1)
     (tmp_path / "c" / "trainer_state.pt").unlink()
-    with pytest.raises(FileNotFoundError, match="trainer_state.pt"):
+    with pytest.raises(CheckpointError, match=r"/c: incomplete or inconsistent checkpoint: trainer_state.pt is missing"):
         load_checkpoint(tmp_path / "c", Toy())
     save_checkpoint(tmp_path / "d", Toy(), step=1)
     (tmp_path / "d" / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(CheckpointError, match="model.safetensors is missing"):
         load_checkpoint(tmp_path / "d", Toy())
     with pytest.raises(ValueError, match="no optimizer state"):  # saved without an optimizer
         save_checkpoint(tmp_path / "e", Toy(), step=1)
         load_checkpoint(tmp_path / "e", Toy(), optimizer=make_optimizer(Toy(), lr=1e-3))
-    assert not list(tmp_path.rglob("*.tmp"))  # atomic writes leave no temporaries
+    assert not list(tmp_path.rglob(".*.tmp-*"))  # atomic writes leave no temporaries
 
 
 # ---------------------------------------------------------------------------------------------- logging

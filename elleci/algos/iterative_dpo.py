@@ -39,10 +39,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
-from .._io import atomic_path, write_json_atomic
+from .._io import atomic_path, write_json, write_json_atomic
+from ..checkpointing import publish_dir, verify_dir
 from ..model.lora import load_adapter, lora_modules, save_adapter
+from ..resume import ResumeMismatch, config_differences
 from .dpo import dpo_loss
 from .feedback import write_jsonl
 from .loop import sample_batches, train_loop
@@ -52,6 +55,8 @@ from .sampling import sample_responses
 PAIR_STRATEGIES = ("max_min", "max_random", "max_max")
 REFERENCES = ("initial", "previous")
 DATA_MODES = ("current", "aggregate")
+TRAINABLE, INITIAL = "trainable.safetensors", "initial.safetensors"
+SAME_MATH = {"log_every"}                          # settings a resumed run may change freely
 
 
 # ----------------------------------------------------------------------------- pairs
@@ -192,19 +197,31 @@ def _save_weights(model, directory: Path) -> None:
     if lora_modules(model):
         save_adapter(model, directory / "adapter")
     else:
-        with atomic_path(directory / "trainable.pt") as tmp:
-            torch.save(trainable_state(model), tmp)
+        safetensors.torch.save_file({n: t.contiguous().cpu() for n, t in trainable_state(model).items()},
+                                    str(directory / TRAINABLE))
+
+
+def _load_tensors(path: Path, device) -> dict[str, torch.Tensor]:
+    """safetensors, or (runs saved before) a torch file read with weights_only=True: never a pickle."""
+    if path.suffix == ".safetensors":
+        return safetensors.torch.load_file(str(path), device=str(device))
+    return torch.load(path, map_location=device, weights_only=True)
 
 
 def _load_weights(model, directory: Path) -> None:
+    verify_dir(directory, missing_ok=True)
     if (directory / "adapter").is_dir():
         load_adapter(model, directory / "adapter")
-    else:
-        state = torch.load(directory / "trainable.pt", map_location=next(model.parameters()).device)
-        with torch.no_grad():
-            params = dict(model.named_parameters())
-            for n, t in state.items():
-                params[n].copy_(t)
+        return
+    path = directory / TRAINABLE if (directory / TRAINABLE).is_file() else directory / "trainable.pt"
+    state = _load_tensors(path, next(model.parameters()).device)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise ValueError(f"{path}: parameters this model does not have: {unknown[:5]}")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
 
 
 def _read_records(path: Path) -> list[dict]:
@@ -226,30 +243,39 @@ def _reference_items(model, tok, records, snapshot, cfg) -> list[dict]:
 
 def run_iterative_dpo(model, tokenizer, prompts_per_round: Sequence[Sequence], reward_fn: Callable,
                       cfg: IterativeDPOConfig, *, render: Callable = lambda x: x, out_dir=None,
-                      eval_fn: Callable | None = None, print_fn=print) -> list[dict]:
+                      eval_fn: Callable | None = None, print_fn=print, allow_changes: Sequence[str] = ()) -> list[dict]:
     """Run `cfg.rounds` rounds (see the module docstring); returns one metrics dict per round.
 
     out_dir: per round `round_<t>/` holds the weights after the round (LoRA adapter or trainable
     parameters), `pairs.jsonl` (with reference log-probs) and `metrics.json`; `state.json` records the
     completed rounds, so calling again with the same out_dir resumes after the last completed round.
+    Each round directory is published atomically (`elleci.checkpointing.publish_dir`); resuming compares
+    the saved config with `cfg` and raises `ResumeMismatch` listing every differing field, except those
+    named in `allow_changes` (e.g. ("rounds",) to extend a finished run) and `log_every`.
     """
     if len(prompts_per_round) < cfg.rounds:
         raise ValueError(f"{cfg.rounds} rounds but prompts for only {len(prompts_per_round)}")
     out = Path(out_dir) if out_dir is not None else None
     snapshot, history, records, start = trainable_state(model), [], [], 0
     if out is not None and (out / "state.json").is_file():
-        state = json.loads((out / "state.json").read_text())
+        state = json.loads((out / "state.json").read_text(encoding="utf-8"))
+        diffs = [d for d in config_differences(state.get("config", {}), asdict(cfg))
+                 if d[0] not in SAME_MATH and d[0] not in allow_changes]
+        if diffs:
+            raise ResumeMismatch(out, diffs)
         start, history = state["completed_rounds"], state["history"]
         if start:
-            snapshot = torch.load(out / "initial.pt", map_location=next(model.parameters()).device)
+            device = next(model.parameters()).device
+            initial = out / INITIAL if (out / INITIAL).is_file() else out / "initial.pt"
+            snapshot = _load_tensors(initial, device)
             _load_weights(model, out / f"round_{start}")
             if cfg.data == "aggregate":
                 records = [r for t in range(1, start + 1) for r in _read_records(out / f"round_{t}" / "pairs.jsonl")]
             print_fn(f"resuming after round {start} from {out}")
     elif out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "initial.pt") as tmp:
-            torch.save(snapshot, tmp)
+        with atomic_path(out / INITIAL) as tmp:
+            safetensors.torch.save_file({n: t.contiguous().cpu() for n, t in snapshot.items()}, tmp)
     for t in range(start + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
         objs = list(prompts_per_round[t - 1])
@@ -287,10 +313,9 @@ def run_iterative_dpo(model, tokenizer, prompts_per_round: Sequence[Sequence], r
         print_fn(f"round {t} | " + " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                               for k, v in metrics.items() if k != "round"))
         if out is not None:
-            rd = out / f"round_{t}"
-            rd.mkdir(parents=True, exist_ok=True)
-            _save_weights(model, rd)
-            write_jsonl(rd / "pairs.jsonl", new)
-            write_json_atomic(rd / "metrics.json", metrics)
+            with publish_dir(out / f"round_{t}") as rd:           # the round appears whole or not at all
+                _save_weights(model, rd)
+                write_jsonl(rd / "pairs.jsonl", new)
+                write_json(rd / "metrics.json", metrics)
             write_json_atomic(out / "state.json", {"completed_rounds": t, "history": history, "config": asdict(cfg)})
     return history

@@ -5,11 +5,12 @@
     # feats [K, N, d] unit rows; cost {"ms_per_example", "peak_rss_mb", ...}; an interrupted run, rerun with the
     # same arguments, skips the shards already on disk and returns identical features.
 
-Layout of `store_dir`: `meta.json` (projection and sharding settings; a mismatch raises) and one safetensors
-file per (name, checkpoint, shard), `{name}-ckpt{k}-{i:05d}.safetensors`, holding "features" [n_i, d] (the
-projected gradients, before normalisation), "index" [n_i] (their example indices) and "fingerprint" (SHA-256
-of the gradient type, the checkpoint's tensors and the shard's examples: a shard made from anything else
-raises). Each shard is written atomically (`elleci._io.atomic_path`), so a crash leaves whole shards only.
+Layout of `store_dir`: `meta.json` (projection and sharding settings; a mismatch raises) and one checkpoint
+directory per (name, checkpoint, shard), `{name}-ckpt{k}-{i:05d}/`, holding `features.safetensors` with
+"features" [n_i, d] (the projected gradients, before normalisation), "index" [n_i] (their example indices) and
+"fingerprint" (SHA-256 of the gradient type, the checkpoint's tensors and the shard's examples: a shard made
+from anything else raises), and its `manifest.json`. Each shard is published atomically and verified when
+read (`elleci.checkpointing`), so a crash leaves whole shards only and a damaged one is named.
 
 Glossary: K warm-up checkpoints, N examples, P LoRA parameters, d the projection dimension.
 
@@ -31,10 +32,12 @@ import safetensors.torch
 import torch
 
 from .._io import atomic_path, write_json_atomic
+from ..checkpointing import publish_dir, verify_dir
 from .less import adam_preconditioned, normalize_rows, project
 from .less_grads import Example, WarmupCheckpoint, load_lora_state, lora_parameters, per_example_grads
 
 GRADIENTS = ("adam", "sgd")
+SHARD_FILE = "features.safetensors"
 
 
 # ----------------------------------------------------------------------------- memory
@@ -104,15 +107,16 @@ class FeatureStore:
             write_json_atomic(path, self.meta)
 
     def path(self, name: str, ckpt: int, shard: int) -> Path:
-        return self.root / f"{name}-ckpt{ckpt}-{shard:05d}.safetensors"
+        return self.root / f"{name}-ckpt{ckpt}-{shard:05d}"
 
     def load(self, name: str, ckpt: int, shard: int, index: torch.Tensor, fingerprint: torch.Tensor
              ) -> torch.Tensor | None:
-        """The shard's features, or None when absent; a shard made from other inputs raises."""
+        """The shard's features, or None when absent; a shard made from other inputs (or damaged) raises."""
         path = self.path(name, ckpt, shard)
-        if not path.is_file():
+        if not path.is_dir():
             return None
-        data = safetensors.torch.load_file(path)
+        verify_dir(path, required=(SHARD_FILE,))
+        data = safetensors.torch.load_file(path / SHARD_FILE)
         if not (torch.equal(data["index"], index) and "fingerprint" in data
                 and torch.equal(data["fingerprint"], fingerprint)):
             raise ValueError(f"{path} was made from other examples, another checkpoint or gradient type: the example "
@@ -122,8 +126,8 @@ class FeatureStore:
     def save(self, name: str, ckpt: int, shard: int, index: torch.Tensor, fingerprint: torch.Tensor,
              features: torch.Tensor) -> None:
         tensors = {"features": features.contiguous().cpu(), "index": index.contiguous(), "fingerprint": fingerprint}
-        with atomic_path(self.path(name, ckpt, shard)) as tmp:
-            safetensors.torch.save_file(tensors, tmp)
+        with publish_dir(self.path(name, ckpt, shard)) as tmp:
+            safetensors.torch.save_file(tensors, str(tmp / SHARD_FILE))
 
 
 def _digest(*parts):

@@ -4,7 +4,9 @@ elleci format, one directory:
     config.json          ElleciConfig fields
     model.safetensors    the state dict (keys as in the original code)
     tokenizer.model | tokenizer.json   (optional) the tokenizer
-Each file is written atomically (temp file + fsync + rename), weights before config.
+    manifest.json        size and SHA-256 of every file (elleci.checkpointing: written last)
+The directory is published atomically (written aside, then renamed into place), so a crash leaves the
+old directory or the new one, never weights of one with the config of the other.
 
 Original format: `torch.save(model.state_dict())` of step325/elleci-training (V1-era alternating
 layout, or HEAD 3:1 layout with gates and the duplicate `thinking_loop.layer.*` keys). It is read
@@ -14,11 +16,13 @@ from the shapes except the MLA head count, which does not appear in any shape (s
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import torch
 
-from .._io import atomic_path, write_json_atomic
+from .._io import write_json
+from ..checkpointing import locate_dir, publish_dir, verify_dir
 from .config import ElleciConfig
 from .lm import ElleciLM
 
@@ -27,30 +31,44 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 
 # ---- elleci format ------------------------------------------------------------------------------
 
-def save_pretrained(model: ElleciLM, directory, tokenizer=None) -> None:
+def write_pretrained(model: ElleciLM, directory, tokenizer=None) -> None:
+    """Write config.json + model.safetensors (+ the tokenizer) into an existing directory (no publishing:
+    `save_pretrained` calls this inside `publish_dir`)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(state, tmp, metadata={"format": "pt", "library": "elleci"})
-    write_json_atomic(directory / CONFIG_NAME, model.config.to_dict())
+    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "elleci"})
+    write_json(directory / CONFIG_NAME, model.config.to_dict())
     if tokenizer is not None:
         tokenizer.save(directory)
 
 
+def save_pretrained(model: ElleciLM, directory, tokenizer=None) -> None:
+    """Write the model (and tokenizer) into `directory`, published atomically with a manifest
+    (`elleci.checkpointing.publish_dir`): a crash leaves the previous directory or the new one, whole."""
+    with publish_dir(directory) as tmp:
+        write_pretrained(model, tmp, tokenizer)
+
+
 def from_pretrained(directory, dtype: torch.dtype | None = None, device=None) -> ElleciLM:
-    """Load a directory written by `save_pretrained`. The model is built on the meta device and the
-    tensors are assigned, so loading a 1.5B model allocates its weights once."""
+    """Load a directory written by `save_pretrained`, after checking it against its manifest (a directory
+    without one, written by hand or by an older elleci, loads with a warning). The model is built on the
+    meta device and the tensors are assigned, so loading a 1.5B model allocates its weights once."""
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory}: missing {name} (expected a directory written by save_pretrained)")
+    directory = locate_dir(directory)
+    if verify_dir(directory, required=(CONFIG_NAME, WEIGHTS_NAME), missing_ok=True) is None:
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory}: missing {name} (expected a directory written by save_pretrained)")
+        warnings.warn(f"{directory} has no manifest.json (written by hand or by an older elleci): its files cannot "
+                      "be checked for completeness", stacklevel=2)
     config = ElleciConfig.from_json(directory / CONFIG_NAME)
-    state = load_file(directory / WEIGHTS_NAME, device=str(device) if device is not None else "cpu")
+    try:
+        state = load_file(directory / WEIGHTS_NAME, device=str(device) if device is not None else "cpu")
+    except Exception as e:
+        raise ValueError(f"{directory / WEIGHTS_NAME}: not a readable safetensors file ({e})") from None
     return model_from_state_dict(config, state, dtype=dtype, source=str(directory / WEIGHTS_NAME))
 
 

@@ -24,7 +24,6 @@ the parameter names and so never sketches), so gradients are exactly zero outsid
 """
 from __future__ import annotations
 
-import json
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .._io import atomic_path, write_json_atomic
+from . import adapter_files
+from .adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS  # noqa: F401  (file names, re-exported)
 from .layers import BitLinear
 from .lora_layers import DEFAULT_TARGET_MODULES, LoraConfig, LoRALinear, SketchedLoRALinear, lora_scaling
 
@@ -41,7 +41,6 @@ __all__ = ["LoraConfig", "LoRALinear", "SketchedLoRALinear", "lora_scaling", "DE
            "merge_lora", "unmerge_lora", "remove_lora", "sample_sketches", "set_sketches", "save_adapter",
            "load_adapter"]
 
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 # ---- model-level functions ------------------------------------------------------------------------
@@ -199,75 +198,18 @@ def set_sketches(model: nn.Module, sketches: dict[str, torch.Tensor] | None) -> 
         mods[n].set_sketch(idx)
 
 
-# ---- adapter files --------------------------------------------------------------------------------
-
-def _key(name: str, which: str) -> str:
-    return f"base_model.model.{name}.{which}.weight"
-
+# ---- adapter files (PEFT's layout; the code is in adapter_files.py) ----------------------------------
 
 def save_adapter(model: nn.Module, directory) -> Path:
-    """Write `adapter_config.json` (the LoraConfig, PEFT field names, plus each module's dims) and
-    `adapter_model.safetensors` (PEFT key layout), atomically. Returns the directory."""
-    from safetensors.torch import save_file
-
-    mods = lora_modules(model)
-    if not mods:
-        raise ValueError("model has no LoRA adapters to save")
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    first = next(iter(mods.values()))
-    config = getattr(model, "lora_config", None) or LoraConfig(
-        r=first.r, lora_alpha=first.lora_alpha, use_rslora=first.use_rslora, target_modules=list(mods))
-    state = {}
-    for name, m in mods.items():
-        state[_key(name, "lora_A")] = m.lora_A.detach().contiguous().cpu()
-        state[_key(name, "lora_B")] = m.lora_B.detach().contiguous().cpu()
-    meta = {"peft_type": "LORA", "task_type": "CAUSAL_LM", **config.to_dict(),
-            "modules": {n: [m.in_features, m.out_features, m.r] for n, m in mods.items()}}
-    if hasattr(model, "config") and hasattr(model.config, "to_dict"):
-        meta["base_model_config"] = model.config.to_dict()
-    with atomic_path(directory / ADAPTER_WEIGHTS) as tmp:
-        save_file(state, tmp, metadata={"format": "pt", "library": "elleci"})
-    write_json_atomic(directory / ADAPTER_CONFIG, meta)
-    return directory
+    """Write `adapter_config.json` (PEFT's LoraConfig fields) and `adapter_model.safetensors` (PEFT's key
+    layout) into `directory`, published atomically with a manifest (elleci.checkpointing). Adapters on
+    BitLinear layers are marked so that PEFT refuses them (see adapter_files.py). Returns the directory."""
+    return adapter_files.save_adapter(model, directory, lora_modules(model))
 
 
-@torch.no_grad()
 def load_adapter(model: nn.Module, directory, *, sketched: bool = False) -> nn.Module:
-    """Load an adapter written by `save_adapter`. A model without adapters gets them first (`apply_lora`
-    with the saved config); the adapted layers and their dims must match the saved ones exactly."""
-    from safetensors.torch import load_file
-
-    directory = Path(directory)
-    for fname in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (directory / fname).is_file():
-            raise FileNotFoundError(f"{directory}: missing {fname} (expected a directory written by save_adapter)")
-    meta = json.loads((directory / ADAPTER_CONFIG).read_text())
-    saved = {n: tuple(v) for n, v in meta["modules"].items()}
-    if not lora_modules(model):
-        for name in saved:
-            try:
-                layer = model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(f"adapter in {directory} targets {name!r}, which this model does not have "
-                                 f"(an adapter for a different layer layout?)") from None
-            if not isinstance(layer, nn.Linear):
-                raise ValueError(f"adapter targets {name!r}, which is a {type(layer).__name__}, not a Linear")
-        apply_lora(model, LoraConfig.from_dict({**meta, "target_modules": list(saved)}), sketched=sketched)
-    mods = lora_modules(model)
-    if set(mods) != set(saved):
-        raise ValueError(f"adapter layers differ from the model's: only in adapter {sorted(set(saved) - set(mods))}, "
-                         f"only in model {sorted(set(mods) - set(saved))}")
-    for name, m in mods.items():
-        have = (m.in_features, m.out_features, m.r)
-        if have != saved[name]:
-            raise ValueError(f"{name}: adapter was made for in={saved[name][0]}, out={saved[name][1]}, r={saved[name][2]} "
-                             f"but this layer is in={have[0]}, out={have[1]}, r={have[2]} (a different model size?)")
-    state = load_file(directory / ADAPTER_WEIGHTS)
-    for name, m in mods.items():
-        for which in ("lora_A", "lora_B"):
-            key = _key(name, which)
-            if key not in state:
-                raise KeyError(f"{directory / ADAPTER_WEIGHTS}: missing {key}")
-            getattr(m, which).copy_(state[key])
-    return model
+    """Load an adapter written by `save_adapter` or by PEFT. A model without adapters gets them first
+    (`apply_lora` with the saved settings). Every key, shape and dtype is checked against the config and the
+    model before anything is changed (adapter_files.py lists the checks)."""
+    return adapter_files.load_adapter(model, directory, sketched=sketched, apply_lora=apply_lora,
+                                      lora_modules=lora_modules)

@@ -9,6 +9,7 @@ from elleci.algos.iterative_dpo import (IterativeDPOConfig, build_pairs, per_res
                                         run_iterative_dpo, select_pair, swapped_parameters, trainable_state)
 from elleci.model import ElleciConfig, ElleciLM, Tokenizer
 from elleci.model.lora import LoraConfig, apply_lora
+from elleci.resume import ResumeMismatch
 
 
 def test_select_pair_spec_oracle():
@@ -116,14 +117,33 @@ def test_resume_equals_uninterrupted_run(tok, tmp_path):
                              out_dir=tmp_path / "a", print_fn=lambda *a: None)
     run_iterative_dpo(_policy(tok), tok, PROMPTS, DIGITS, _cfg(rounds=1, data="aggregate"),
                       out_dir=tmp_path / "b", print_fn=lambda *a: None)          # "interrupted" after round 1
+    with pytest.raises(ResumeMismatch, match=r"rounds: 1 \(checkpoint\) -> 2 \(now\)"):   # a longer run: say so
+        run_iterative_dpo(_policy(tok), tok, PROMPTS, DIGITS, _cfg(rounds=2, data="aggregate"),
+                          out_dir=tmp_path / "b", print_fn=lambda *a: None)
     resumed = run_iterative_dpo(_policy(tok), tok, PROMPTS, DIGITS, _cfg(rounds=2, data="aggregate"),
-                                out_dir=tmp_path / "b", print_fn=lambda *a: None)
+                                out_dir=tmp_path / "b", print_fn=lambda *a: None, allow_changes=["rounds"])
     assert [m["round"] for m in resumed] == [1, 2]
     for a, b in zip(full, resumed):
         assert (a["pairs"], a["train_pairs"]) == (b["pairs"], b["train_pairs"])
         assert a["last_loss"] == pytest.approx(b["last_loss"], abs=1e-5)
     assert (tmp_path / "b" / "round_2" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "b" / "round_2" / "pairs.jsonl").read_text().count("\n") == resumed[1]["pairs"]
+
+
+def test_resume_refuses_changed_settings_and_keeps_the_saved_config(tok, tmp_path):
+    import json
+    run_iterative_dpo(_policy(tok), tok, PROMPTS, DIGITS, _cfg(rounds=1), out_dir=tmp_path, print_fn=lambda *a: None)
+    saved = (tmp_path / "state.json").read_text()
+    with pytest.raises(ResumeMismatch) as err:
+        run_iterative_dpo(_policy(tok), tok, PROMPTS, DIGITS, _cfg(rounds=1, beta=0.5, k=3, reference="initial"),
+                          out_dir=tmp_path, print_fn=lambda *a: None)
+    assert [k for k, _, _ in err.value.differences] == ["beta", "k", "reference"]
+    assert "beta: 0.1 (checkpoint) -> 0.5 (now)" in str(err.value)
+    assert (tmp_path / "state.json").read_text() == saved                  # the saved config is not overwritten
+    assert json.loads(saved)["config"]["beta"] == 0.1
+    assert (tmp_path / "round_1" / "manifest.json").is_file()             # rounds are published checkpoints
+    run_iterative_dpo(_policy(tok), tok, PROMPTS, DIGITS, _cfg(rounds=1, log_every=5), out_dir=tmp_path,
+                      print_fn=lambda *a: None)                            # log_every changes nothing computed
 
 
 def test_round_without_pairs_skips_training(tok):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from elleci.algos import less_store
+from elleci.checkpointing import CheckpointError
 from elleci.algos.less import (adam_preconditioned, aggregate_subtasks, checkpoint_weights, influence_matrix,
                                less_scores, normalize_rows, project, projection_matrix, random_subset, select_top)
 from elleci.algos.less_grads import (WarmupCheckpoint, load_lora_state, lora_parameters, per_example_grads,
@@ -260,7 +261,7 @@ def test_datastore_resume_equals_uninterrupted(model, tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         collect_features(model, ex, ckpts, store_dir=tmp_path / "b", **kw)
     monkeypatch.setattr(less_store, "featurize", real)
-    assert len(list((tmp_path / "b").glob("*.safetensors"))) == 2                      # whole shards only
+    assert len(list((tmp_path / "b").glob("*-ckpt*-*/manifest.json"))) == 2            # whole shards only
     resumed, cost_b = collect_features(model, ex, ckpts, store_dir=tmp_path / "b", **kw)
     assert cost_b["shards_loaded"] == 2 and cost_b["shards_computed"] == 4
     assert torch.equal(resumed, full)
@@ -273,6 +274,12 @@ def test_datastore_resume_equals_uninterrupted(model, tmp_path, monkeypatch):
         args = {"examples": ex, "checkpoints": ckpts, **kw, **changed}
         with pytest.raises(ValueError, match="other examples"):
             collect_features(model, args.pop("examples"), args.pop("checkpoints"), store_dir=tmp_path / "b", **args)
+    shard = tmp_path / "b" / "train-ckpt0-00001" / "features.safetensors"      # a damaged shard is named
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="train-ckpt0-00001: .*features.safetensors does not match its SHA-256"):
+        collect_features(model, ex, ckpts, store_dir=tmp_path / "b", **kw)
 
 
 def test_selection_deterministic_given_seed(model):
@@ -301,4 +308,4 @@ def test_quick_example(load_example, tmp_path):
         assert 0.0 <= r[f"accuracy/{arm}"] <= 1.0
         assert sum(r["selection"][arm].values()) == pytest.approx(1.0)
     assert r["cost"]["ms_per_example"] > 0 and r["cost"]["shards_loaded"] == 0
-    assert len(list((tmp_path / "seed0" / "store").glob("pool-ckpt*-*.safetensors"))) == 2 * 3   # 44 ex / 16
+    assert len(list((tmp_path / "seed0" / "store").glob("pool-ckpt*-*/manifest.json"))) == 2 * 3   # 44 ex / 16

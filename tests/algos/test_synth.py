@@ -285,7 +285,7 @@ def test_full_pipeline_stub_teacher_jsonl_and_provenance(tmp_path):
     report = dataset_report(kept, score="verifier")
     assert report["count"] == distinct and report["pass_rate"] == 1.0 and 0 < report["distinct-2"] <= 1
     assert pass_rate(rejected, "verifier") == pytest.approx((12 - distinct) / (18 - distinct))
-    assert not list(tmp_path.glob(".*.tmp"))                  # atomic writes leave no temporary file
+    assert not list(tmp_path.glob(".*.tmp-*"))                  # atomic writes leave no temporary file
 
 
 def test_bad_inputs_raise():

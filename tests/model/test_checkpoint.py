@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+from elleci.checkpointing import CheckpointError
 from elleci.model import ElleciConfig, ElleciLM, load_original
 from elleci.model.checkpoint import infer_original_config, original_mla_heads
 
@@ -17,7 +18,7 @@ def tiny(**kw):
 def test_save_load_round_trip_bit_exact(tmp_path):
     model = tiny(layer_pattern="MMMA", mamba_input_gate=True, mla_latent_gate=True)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]   # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "manifest.json", "model.safetensors"]
     loaded = ElleciLM.from_pretrained(tmp_path)
     assert loaded.config == model.config
     a, b = model.state_dict(), loaded.state_dict()
@@ -38,6 +39,9 @@ def test_missing_file_is_named(tmp_path):
         ElleciLM.from_pretrained(tmp_path)
     tiny().save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="incomplete or inconsistent checkpoint: model.safetensors is missing"):
+        ElleciLM.from_pretrained(tmp_path)
+    (tmp_path / "manifest.json").unlink()                       # a directory written by hand: no manifest
     with pytest.raises(FileNotFoundError, match="missing model.safetensors"):
         ElleciLM.from_pretrained(tmp_path)
 
@@ -50,7 +54,10 @@ def test_wrong_keys_and_shapes_are_named(tmp_path):
     del state["norm_f.weight"]
     state["lm_head.weight"] = torch.zeros(3, 64)
     save_file(state, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(CheckpointError, match="model.safetensors has .* bytes, the manifest says"):
+        ElleciLM.from_pretrained(tmp_path)                      # the manifest catches the change first
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ValueError) as err, pytest.warns(UserWarning, match="no manifest.json"):
         ElleciLM.from_pretrained(tmp_path)
     msg = str(err.value)
     assert "missing keys (1): norm_f.weight" in msg and "unexpected keys (1): blocks.0.attn.extra" in msg
@@ -62,7 +69,8 @@ def test_bad_config_json_is_reported(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["n_heads"] = 5
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="n_heads=5 does not divide d_model"):
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(ValueError, match="n_heads=5 does not divide d_model"), pytest.warns(UserWarning):
         ElleciLM.from_pretrained(tmp_path)
 
 

@@ -197,7 +197,8 @@ def test_save_load_adapter_round_trip(tmp_path):
     ids = _ids()
     want = m(ids)
     save_adapter(m, tmp_path / "ad")
-    assert {p.name for p in (tmp_path / "ad").iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    assert {p.name for p in (tmp_path / "ad").iterdir()} == {"adapter_config.json", "adapter_model.safetensors",
+                                                           "manifest.json"}
     fresh = _model()
     load_adapter(fresh, tmp_path / "ad")
     assert torch.equal(fresh(ids), want)
