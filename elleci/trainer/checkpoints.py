@@ -22,12 +22,8 @@ from elleci.model.lora import lora_modules, save_adapter
 
 PREFIX = "checkpoint-"
 
-try:                                   # issue 18's format
-    from elleci.checkpointing import latest_checkpoint, publish_dir, remove_dir
-    from elleci.resume import ResumeMismatch, load_checkpoint, save_checkpoint, truncate_metrics
-except ImportError:                    # interim: the same signatures over elleci.train's files
-    from elleci.trainer._interim import (ResumeMismatch, latest_checkpoint, load_checkpoint, publish_dir,  # noqa
-                                         remove_dir, save_checkpoint, truncate_metrics)
+from elleci.checkpointing import latest_checkpoint, publish_dir, remove_dir
+from elleci.resume import ResumeMismatch, load_checkpoint, save_checkpoint, truncate_metrics
 
 __all__ = ["ResumeMismatch", "trainable_module", "save", "resume", "save_final", "checkpoint_dirs",
            "truncate_metrics", "publish_dir"]

@@ -268,6 +268,7 @@ class Trainer:
         if got is None:
             return 0
         step, extra, path = got
+        _recompute_lr(self.optimizer, self.scheduler)
         self.source.load_state_dict((extra or {}).get("source", {}))
         ckpt.truncate_metrics(self.out / "metrics.jsonl", step)
         self.print_fn(f"resuming from {path} (step {step} of {self.total_steps})")
@@ -334,6 +335,17 @@ class Trainer:
                 r.close()
         self.model.eval()
         return self.history
+
+
+def _recompute_lr(optimizer, scheduler) -> None:
+    """Set each group's LR to base_lr · λ(step), as the uninterrupted run computed it (a loaded LR rescaled by
+    new_base / old_base can be one ulp off even when the base did not change)."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        return
+    for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, lambdas):
+        g["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _run_eval_tasks(model, tokenizer, tasks) -> dict:
