@@ -18,7 +18,8 @@ weighs a token of a short micro-batch more than one of a long micro-batch: the a
 transformers shipped until 2024). Metrics are averaged with the same weights.
 
 `data` is a list of items (drawn in the (seed, step) order of `batching.ShuffledSource`) or a source with
-`step_items(step, batch_size)` (online stages); `collate(items) -> micro_batch`.
+`step_items(step, batch_size)` (online stages; optionally `step_metrics()`, logged with the step, and
+`state_dict()` / `load_state_dict()`, kept in checkpoints); `collate(items) -> micro_batch`.
 With `out_dir`: metrics.jsonl (+ reporters), checkpoint-<step>/ every `checkpoint_every` steps and at the
 end (the last `keep` kept), final/ (model or adapter, tokenizer). Re-running with the same out_dir resumes
 from the newest complete checkpoint; SIGINT / SIGTERM finish the current step, save, and raise
@@ -220,7 +221,8 @@ class Trainer:
         lr = self.scheduler.get_last_lr()[0]                          # the LR this update uses
         grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.max_grad_norm or None)
         loss = dist.all_reduce_sum(loss_sum) / total if total > 0 else math.nan
-        return {"loss": loss, **mean.result(), "lr": lr, "grad_norm": grad_norm}, n_tokens
+        extra = self.source.step_metrics() if hasattr(self.source, "step_metrics") else {}
+        return {"loss": loss, **mean.result(), **extra, "lr": lr, "grad_norm": grad_norm}, n_tokens
 
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
