@@ -3,7 +3,7 @@
 [loss] type: dpo (sigmoid, Rafailov et al. 2023), cdpo (dpo with label smoothing ε), ipo (Azar et al. 2023,
 on per-token MEAN log-probs, as IPO defines its target 1/(2β)), hinge (SLiC), robust (rDPO). The others use
 summed response log-probs. [reference] kind: precomputed (one pass before training, stored with the
-pairs; the small-GPU path), adapters (the model with its LoRA adapters off = the starting policy), copy (a
+pairs; the small-GPU path), adapters (the model with its LoRA adapters off = the starting policy), frozen (a
 frozen copy in memory). Eval: eval_loss and the implicit-reward metrics (`rewards/accuracies`,
 `rewards/margins` under TRL's names, beside ours).
 """
@@ -65,13 +65,13 @@ Config = DPOConfig
 
 def plan_shape(cfg) -> dict:
     return {"sequences_per_micro_batch": 2 * cfg.train.micro_batch_size,
-            "reference_copy": cfg.reference.kind == "copy"}
+            "reference_copy": cfg.reference.kind == "frozen"}
 
 
 def reference_for(kind: str, model, items_list, *, pad_id: int, batch_size: int, reduction: str):
     """The reference the step uses, from the STARTING model (call before attaching LoRA): a frozen copy,
     "adapters", or "precomputed" after filling every item's ref log-probs (those the file lacks)."""
-    if kind == "copy":
+    if kind == "frozen":
         return copy.deepcopy(model).eval().requires_grad_(False)
     if kind == "precomputed":
         todo = [it for items in items_list for it in items if "ref_chosen_logps" not in it and "ref_logps" not in it]

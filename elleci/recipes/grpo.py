@@ -40,8 +40,8 @@ class GRPORewardSection:
 @dataclass
 class GRPOReferenceSection:
     kind: str = setting("adapters", "the KL reference: adapters (the model with its fresh LoRA adapters off = the "
-                                    "starting policy), copy (a frozen copy), none (needs loss.beta = 0)",
-                        choices=("adapters", "copy", "none"))
+                                    "starting policy), frozen (a frozen copy), none (needs loss.beta = 0)",
+                        choices=("adapters", "frozen", "none"))
 
 
 @dataclass
@@ -73,7 +73,7 @@ Config = GRPOConfig
 
 
 def plan_shape(cfg) -> dict:
-    return {"sequences_per_micro_batch": cfg.train.micro_batch_size, "reference_copy": cfg.reference.kind == "copy"}
+    return {"sequences_per_micro_batch": cfg.train.micro_batch_size, "reference_copy": cfg.reference.kind == "frozen"}
 
 
 class Rollouts:
@@ -165,7 +165,7 @@ def run(cfg: GRPOConfig, *, allow_changes=()):
     verifier = load_verifier(cfg.reward.verifier)
     print(f"{d.train}: {len(prompts)} prompts; verifier {cfg.reward.verifier}")
     model = load_policy(cfg, lora=False)
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.reference.kind == "copy" else \
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.reference.kind == "frozen" else \
         cfg.reference.kind
     attach_lora(cfg, model)
     eval_fn = None

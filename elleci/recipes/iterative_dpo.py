@@ -46,8 +46,8 @@ class IterativeSection:
                                             "(max_random), the second best (max_max)",
                                  choices=("max_min", "max_random", "max_max"))
     length_penalty: float = setting(0.0, "rank by reward − length_penalty · characters", ge=0)
-    reference: str = setting("previous", "the reference of each round: the policy at its start (previous) or "
-                                         "the initial policy (initial)", choices=("previous", "initial"))
+    reference_policy: str = setting("previous", "the reference of each round: the policy at its start (previous) "
+                                                "or the initial policy (initial)", choices=("previous", "initial"))
 
 
 @dataclass
@@ -139,7 +139,7 @@ def run(cfg: IterativeDPOConfig, *, allow_changes=()):
     model = load_policy(cfg, lora=False)
     attach_lora(cfg, model)
     rounds = PairRounds(model, tok, make_round(cfg, model, tok, prompts, reward_fn(cfg, model, tok)),
-                        steps_per_round=cfg.train.steps // cfg.iterative.rounds, reference=cfg.iterative.reference,
+                        steps_per_round=cfg.train.steps // cfg.iterative.rounds, reference=cfg.iterative.reference_policy,
                         seed=cfg.train.seed, max_length=d.max_length, batch_size=cfg.train.micro_batch_size,
                         reduction=reduction(cfg.loss), out_dir=cfg.out_dir)
     return train_on_rounds(cfg, model, tok, rounds, evals, allow_changes)

@@ -17,12 +17,16 @@ import importlib
 import importlib.util
 import json
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from elleci.algos.preference import precompute_reference
+
+try:                                    # the one vocabulary of the reference (elleci.algos.reference)
+    from elleci.algos import swapped_parameters, trainable_state
+except ImportError:                     # before the layout move
+    from elleci.algos.iterative_dpo import swapped_parameters, trainable_state
 from elleci.trainer.batching import step_indices
 
 from .datasets import encode_turn
@@ -53,26 +57,6 @@ def load_verifier(spec: str) -> Callable[[dict, str], float]:
     return fn
 
 
-def trainable_snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-@contextmanager
-def swapped_in(model, state: dict[str, torch.Tensor]):
-    """Temporarily load `state` (a `trainable_snapshot`) into the model."""
-    params = dict(model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in state}
-    with torch.no_grad():
-        for n, t in state.items():
-            params[n].copy_(t)
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for n, t in saved.items():
-                params[n].copy_(t)
-
-
 class PairRounds:
     """A trainer source of preference pairs collected in rounds (module docstring)."""
 
@@ -84,7 +68,7 @@ class PairRounds:
         self.max_length, self.batch_size, self.print_fn = max_length, batch_size, print_fn
         self.reduction = reduction
         self.out_dir = Path(out_dir) if out_dir else None
-        self.initial = trainable_snapshot(model) if reference == "initial" else None
+        self.initial = trainable_state(model) if reference == "initial" else None
         self.round, self.records, self.items, self.stats, self._fresh = -1, [], [], {}, False
 
     def _encode(self, records: list[dict]) -> list[dict]:
@@ -108,7 +92,7 @@ class PairRounds:
         items = self._encode(records)
         if items:
             if self.initial is not None:
-                with swapped_in(self.model, self.initial):
+                with swapped_parameters(self.model, self.initial):
                     self._reference(items)
             else:
                 self._reference(items)

@@ -91,6 +91,6 @@ def run(cfg: RLAIFVConfig, *, allow_changes=()):
                                        batch_size=ro.batch_size)
         return records, {f"round/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
     rounds = PairRounds(model, tok, make_records, steps_per_round=cfg.train.steps // it.rounds,
-                        reference=it.reference, seed=cfg.train.seed, max_length=d.max_length,
+                        reference=it.reference_policy, seed=cfg.train.seed, max_length=d.max_length,
                         batch_size=cfg.train.micro_batch_size, reduction=reduction(cfg.loss), out_dir=cfg.out_dir)
     return train_on_rounds(cfg, model, tok, rounds, [], allow_changes)

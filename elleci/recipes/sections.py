@@ -107,8 +107,9 @@ class PairLossSection:
 class ReferenceSection:
     kind: str = setting("precomputed", "precomputed: the reference log-probs are computed once before training "
                                        "and stored with the data (no second model: the small-GPU path); "
-                                       "adapters: the model with its LoRA adapters off; copy: a frozen copy",
-                        choices=("precomputed", "adapters", "copy"))
+                                       "adapters: the model with its LoRA adapters off; frozen: a frozen copy "
+                                       "(the vocabulary of elleci.algos.reference)",
+                        choices=("precomputed", "adapters", "frozen"))
 
 
 @dataclass

@@ -50,7 +50,7 @@ Config = UNAConfig
 
 
 def plan_shape(cfg) -> dict:
-    return {"sequences_per_micro_batch": cfg.train.micro_batch_size, "reference_copy": cfg.reference.kind == "copy"}
+    return {"sequences_per_micro_batch": cfg.train.micro_batch_size, "reference_copy": cfg.reference.kind == "frozen"}
 
 
 def step_for(cfg, reference):
