@@ -101,6 +101,8 @@ def run_tool(name: str, argv) -> int:
         return _fail(name, RuntimeError(f"{TOOLS[name][0]} is not available in this installation ({e})"))
     try:
         return int(module.main(list(argv)) or 0)
+    except SystemExit as e:                               # argparse's --help and usage errors
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         return _fail(name, e)
 

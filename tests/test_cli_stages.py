@@ -169,3 +169,24 @@ def test_convert_refuses_a_tokenizer_larger_than_the_model(tmp_path, capsys):
     Tokenizer.train(tmp_path / "t.txt", vocab_size=1000, out_dir=big)
     assert main(["convert", "tiny", str(tmp_path / "m"), "--tokenizer", str(big)]) == 2
     assert "1000 ids" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_periodic_eval_runs_elleci_eval_task_files(sft, tmp_path):
+    """[eval] tasks = TOML files of [[tasks]] tables, run by elleci.eval.run_tasks at each evaluation."""
+    pytest.importorskip("elleci.eval")
+    (tmp_path / "t.txt").write_text("Roma è la capitale della Italia.\n\nParis is the capital of France.\n")
+    tasks = tmp_path / "tasks.toml"
+    tasks.write_text(f'[[tasks]]\ntype = "perplexity"\nname = "testo"\npath = "{tmp_path / "t.txt"}"\n')
+    out = tmp_path / "o"
+    assert main(["sft", str(TINY / "sft.toml"), f"model.path={sft}", f"out_dir={out}", "train.steps=2",
+                 "eval.every=1", f"eval.tasks={tasks}", *FAST]) == 0
+    evals = [r for r in _records(out) if "eval/testo/token_perplexity" in r]
+    assert [r["step"] for r in evals] == [1, 2] and all(r["eval/testo/token_perplexity"] > 1 for r in evals)
+
+
+def test_eval_task_file_errors_are_found_before_training(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[eval]\nx = 1\n")
+    assert main(["sft", str(TINY / "sft.toml"), f"out_dir={tmp_path / 'o'}", f"eval.tasks={bad}"]) == 2
+    assert f"[eval] tasks: {bad}: expected [[tasks]] tables" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -68,6 +68,11 @@ class TrainingConfig:
             check_reporters(self.log.report_to)
         except ValueError as e:
             fail("log.report_to", str(e))
+        if self.eval.tasks:
+            try:
+                eval_task_list(self.eval.tasks)
+            except ValueError as e:
+                fail("eval.tasks", str(e))
         if self.model.device != "auto":
             try:
                 resolve_device(self.model.device)
@@ -77,6 +82,22 @@ class TrainingConfig:
     @property
     def uses_lora(self) -> bool:
         return self.lora is not None and self.lora.r > 0
+
+
+def eval_task_list(files) -> list[dict]:
+    """The [[tasks]] tables of `elleci eval` TOML files (checked by elleci.eval when it is installed)."""
+    from elleci.config_schema import read_toml
+    tasks = []
+    for path in files:
+        table = read_toml(path).get("tasks")
+        if not isinstance(table, list) or not table or not all(isinstance(t, dict) for t in table):
+            raise ValueError(f"{path}: expected [[tasks]] tables (see configs/eval/)")
+        tasks += table
+    try:
+        from elleci.eval.tasks import check_task
+    except ImportError:
+        return tasks
+    return [check_task(t, f"{files}: task {i}") for i, t in enumerate(tasks)]
 
 
 def compared_settings(cfg) -> dict:
@@ -144,6 +165,7 @@ def run_trainer(cfg, model, step_fn, data, *, allow_changes=(), tokenizer=None, 
     def write_config(step):
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+    kw.setdefault("eval_tasks", eval_task_list(cfg.eval.tasks))
     trainer = Trainer(model, step_fn, data, tcfg, tokenizer=tokenizer, base=base_of(cfg), on_start=write_config, **kw)
     history = trainer.train()
     print(f"results: {out / 'final'} | config {out / 'config.toml'} | metrics {out / 'metrics.jsonl'}")

@@ -87,7 +87,8 @@ class LogSection:
 @dataclass
 class EvalSection:
     every: int = setting(0, "evaluate every N steps (0: only at the end); needs [data] eval or tasks", ge=0)
-    tasks: list[str] = setting([], "`elleci eval` tasks to run at each evaluation (needs elleci.eval)")
+    tasks: list[str] = setting([], "evaluation task files to run at each evaluation: TOML files of [[tasks]] "
+                                   "tables, as `elleci eval` reads (e.g. configs/eval/offline_it.toml)")
     max_new_tokens: int = setting(64, "online stages: tokens generated per eval prompt", ge=1)
     budget: int = setting(0, "grpo: thinking-token budget for budget forcing at evaluation (0: off)", ge=0)
 

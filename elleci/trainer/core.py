@@ -227,7 +227,8 @@ class Trainer:
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """eval_loss and the stage's metrics over eval_data (in order), eval_fn's and the eval tasks'."""
+        """eval_loss and the stage's metrics over eval_data (in order) and eval_fn's, all prefixed "eval_";
+        then the eval tasks' metrics under their own keys ("eval/<task>/<metric>", elleci.eval.run_tasks)."""
         out = {}
         was_training = self.model.training
         self.model.eval()
@@ -245,11 +246,12 @@ class Trainer:
                 out.update(mean.result())
             if self.eval_fn is not None:
                 out.update(self.eval_fn(self.model))
+            out = {f"eval_{k}": v for k, v in out.items()}
             if self.eval_tasks:
                 out.update(_run_eval_tasks(self.model, self.tokenizer, self.eval_tasks))
         finally:
             self.model.train(was_training)
-        return {f"eval_{k}": v for k, v in out.items()}
+        return out
 
     def _has_eval(self) -> bool:
         return bool(self.eval_data) or self.eval_fn is not None or bool(self.eval_tasks)
@@ -351,9 +353,10 @@ def _recompute_lr(optimizer, scheduler) -> None:
 
 
 def _run_eval_tasks(model, tokenizer, tasks) -> dict:
+    """`elleci.eval.run_tasks` on task dicts ({"type": "multiple_choice", "path": ...}), imported when used."""
     try:
         from elleci.eval import run_tasks
     except ImportError as e:
         raise RuntimeError(f"[eval] tasks = {list(tasks)} needs elleci.eval (the `elleci eval` subsystem), "
                            f"which is not available here ({e})") from None
-    return run_tasks(model, tokenizer, tasks)
+    return {k: float(v) for k, v in run_tasks(model, tokenizer, tasks).items()}

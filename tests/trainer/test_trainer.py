@@ -183,3 +183,40 @@ def test_sigterm_saves_a_resumable_checkpoint(tok, tmp_path):
     hist = Trainer(_model(), sft_step, data, _cfg(tmp_path, steps=5, checkpoint_every=0),
                    collate=sft_collate(tok.pad_id)).train()
     assert [r["step"] for r in hist] == [3, 4, 5]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "wsd"])
+def test_the_last_step_never_runs_at_lr_zero(kind):
+    """For every run length S and warmup W < S the LR multiplier of the last update (step S - 1) is > 0; the
+    LR the trainer logs for a step is the one that step used (not the next step's, which is 0 at step S)."""
+    from elleci.train import cosine_lr, wsd_lr
+    for S in range(1, 40):
+        for W in range(0, S):
+            m = cosine_lr(S - 1, total_steps=S, warmup_steps=W) if kind == "cosine" else \
+                wsd_lr(S - 1, total_steps=S, warmup_steps=W, decay_steps=max(1, S - W) if S > W else 0)
+            assert m > 0, (S, W)
+
+
+def test_reporters_and_progress_lines(tmp_path, capsys):
+    import importlib.util
+
+    from elleci.trainer.reporting import Progress, format_record
+    line = format_record({"step": 3, "loss": 0.5, "rewards/accuracies": 1.0, "tok_per_s": 310.4, "eta_s": 80.0}, 10)
+    assert line == "step 3/10 | loss 0.5000 | 310 tok/s | ETA 1m20s"
+    p = Progress(10, 0, "auto", print_fn=print)                   # pytest's stderr is not a terminal: lines
+    assert p.mode == "lines"
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ValueError, match="pip install tensorboard"):
+            TrainerConfig(steps=1, report_to=("tensorboard",))
+    with pytest.raises(ValueError, match="unknown reporter 'tb'"):
+        TrainerConfig(steps=1, report_to=("tb",))
+
+
+def test_eval_tasks_without_the_eval_package_say_so(tok):
+    import importlib.util
+    if importlib.util.find_spec("elleci.eval") is not None:
+        pytest.skip("elleci.eval is installed here")
+    cfg = TrainerConfig(steps=1, batch_size=2, micro_batch_size=2, progress="none", handle_signals=False)
+    t = Trainer(_model(), sft_step, _sft_examples(tok, 2), cfg, collate=sft_collate(tok.pad_id), eval_tasks=["x"])
+    with pytest.raises(RuntimeError, match=r"\[eval\] tasks = \['x'\] needs elleci.eval"):
+        t.train()
