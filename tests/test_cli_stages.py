@@ -190,3 +190,25 @@ def test_eval_task_file_errors_are_found_before_training(tmp_path, capsys):
     assert main(["sft", str(TINY / "sft.toml"), f"out_dir={tmp_path / 'o'}", f"eval.tasks={bad}"]) == 2
     assert f"[eval] tasks: {bad}: expected [[tasks]] tables" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("loss, reference", [("cdpo", "adapters"), ("hinge", "frozen"), ("robust", "precomputed")])
+def test_dpo_losses_and_references(sft, tmp_path, loss, reference):
+    smoothing = ["loss.label_smoothing=0.1"] if loss in ("cdpo", "robust") else []
+    out = tmp_path / loss
+    assert main(["dpo", str(TINY / "dpo.toml"), f"model.path={sft}", f"out_dir={out}", "train.steps=1",
+                 f"loss.type={loss}", f"reference.kind={reference}", "data.eval=", *smoothing, *FAST]) == 0
+    first = _records(out)[0]
+    # at the start the policy is the reference: every loss sits at its value for h = 0
+    expected = {"cdpo": 0.6931, "hinge": 1.0, "robust": 0.6931}[loss]
+    assert first["loss"] == pytest.approx(expected, abs=1e-3) and first["rewards/margin"] == pytest.approx(0, abs=1e-4)
+
+
+def test_bf16_weights_and_gradient_checkpointing(sft, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(["dpo", str(TINY / "dpo.toml"), f"model.path={sft}", f"out_dir={out}", "train.steps=2",
+                 "model.dtype=bfloat16", "model.gradient_checkpointing=true", "data.eval=", *FAST]) == 0
+    rec = _records(out)
+    assert all(r["loss"] == r["loss"] for r in rec) and rec[-1]["grad_norm"] > 0
+    adapter = load_file(out / "final" / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in adapter.values())          # LoRA weights stay fp32
