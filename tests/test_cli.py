@@ -140,27 +140,25 @@ def _deterministic(path):
     return [{k: v for k, v in r.items() if k not in ("tok_per_s", "eta_s")} for r in rows]
 
 
-def test_resume_after_sigkill_repeats_the_uninterrupted_run(base, tmp_path):
+def test_resume_after_sigkill_repeats_the_uninterrupted_run(base, tmp_path, capsys):
     args = ["sft", str(TINY / "sft.toml"), f"model.path={base}", "train.steps=8", "checkpoint.every=2",
             "model.device=cpu", "lora.r=4", "lora.dropout=0.1", *FAST]
     ref = tmp_path / "ref"
-    assert subprocess.run([sys.executable, "-m", "elleci", *args, f"out_dir={ref}"], cwd=ROOT, env=_env(),
-                          capture_output=True).returncode == 0
+    assert main([*args, f"out_dir={ref}"]) == 0
     run = tmp_path / "killed"
     proc = _launch([*args, f"out_dir={run}"])
     _wait_for(run / "checkpoint-4", proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run / "final").exists()
-    again = subprocess.run([sys.executable, "-m", "elleci", *args, f"out_dir={run}"], cwd=ROOT, env=_env(),
-                           capture_output=True, text=True)
-    assert again.returncode == 0 and "resuming from" in again.stdout
+    assert main([*args, f"out_dir={run}"]) == 0
+    assert "resuming from" in capsys.readouterr().out
     a, b = load_file(ref / "final" / "adapter_model.safetensors"), load_file(run / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _deterministic(ref / "metrics.jsonl") == _deterministic(run / "metrics.jsonl")
 
 
-def test_sigterm_leaves_a_resumable_checkpoint(base, tmp_path):
+def test_sigterm_leaves_a_resumable_checkpoint(base, tmp_path, capsys):
     run = tmp_path / "term"
     args = ["sft", str(TINY / "sft.toml"), f"model.path={base}", "train.steps=400", "checkpoint.every=0",
             "model.device=cpu", f"out_dir={run}", *FAST]
@@ -172,8 +170,6 @@ def test_sigterm_leaves_a_resumable_checkpoint(base, tmp_path):
     assert "SIGTERM received: stopped after step" in out
     (ckpt,) = [p for p in run.iterdir() if p.name.startswith("checkpoint-")]
     step = int(ckpt.name.split("-")[1])
-    again = subprocess.run([sys.executable, "-m", "elleci", *args[:-len(FAST) - 1], f"out_dir={run}",
-                            f"train.steps={step + 2}", "--allow-change", "train.steps", *FAST],
-                           cwd=ROOT, env=_env(), capture_output=True, text=True)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert f"resuming from {ckpt}" in again.stdout and (run / "final" / "model.safetensors").is_file()
+    assert main([*args[:-len(FAST) - 1], f"out_dir={run}", f"train.steps={step + 2}", "--allow-change",
+                 "train.steps", *FAST]) == 0
+    assert f"resuming from {ckpt}" in capsys.readouterr().out and (run / "final" / "model.safetensors").is_file()

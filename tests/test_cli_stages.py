@@ -1,4 +1,5 @@
 """Every other subcommand of `elleci` end to end on configs/tiny, with a couple of steps each."""
+import io
 import json
 import os
 import subprocess
@@ -106,7 +107,7 @@ def test_grpo_micro_batches_rollouts_and_backward(sft, tmp_path, length_verifier
     assert rec[0]["reward_std"] > 0 and "grpo/kl" in rec[0] and "eval_verifier_accuracy_budget4" in rec[-1]
 
 
-def test_merge_generate_and_python_m(sft, tmp_path):
+def test_merge_generate_and_python_m(sft, tmp_path, monkeypatch, capsys):
     dpo = tmp_path / "dpo"
     assert main(["dpo", str(TINY / "dpo.toml"), f"model.path={sft}", f"out_dir={dpo}", "train.steps=2", *FAST]) == 0
     cfg = tmp_path / "merge.toml"
@@ -123,9 +124,10 @@ def test_merge_generate_and_python_m(sft, tmp_path):
                           "--max-new-tokens", "5", "--temperature", "0"], cwd=ROOT, env=env, capture_output=True,
                          text=True)
     assert got.returncode == 0 and got.stdout.strip() != ""
-    chat = subprocess.run([sys.executable, "-m", "elleci", "generate", str(dpo / "final"), "--max-new-tokens", "4"],
-                          input="ciao\n/reset\nhello\n\n", cwd=ROOT, env=env, capture_output=True, text=True)
-    assert chat.returncode == 0 and chat.stdout.count("> ") == 4
+    monkeypatch.setattr("sys.stdin", io.StringIO("ciao\n/reset\nhello\n\n"))
+    capsys.readouterr()
+    assert main(["generate", str(dpo / "final"), "--max-new-tokens", "4"]) == 0   # chat: 2 answers, then quits
+    assert capsys.readouterr().out.count("> ") == 4                               # prompts: ciao, /reset, hello, ""
 
 
 def test_generate_chat_stops_at_im_end(sft):

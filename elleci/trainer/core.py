@@ -270,6 +270,7 @@ class Trainer:
         got = ckpt.resume(self.out, self.model, self.optimizer, self.scheduler,
                           run_config=self.config.compared_settings(), allow_changes=self.config.allow_changes)
         if got is None:
+            ckpt.truncate_metrics(self.out / "metrics.jsonl", 0)    # a run that died before its first checkpoint
             return 0
         step, extra, path = got
         _recompute_lr(self.optimizer, self.scheduler)

@@ -220,3 +220,11 @@ def test_eval_tasks_without_the_eval_package_say_so(tok):
     t = Trainer(_model(), sft_step, _sft_examples(tok, 2), cfg, collate=sft_collate(tok.pad_id), eval_tasks=["x"])
     with pytest.raises(RuntimeError, match=r"\[eval\] tasks = \['x'\] needs elleci.eval"):
         t.train()
+
+
+def test_a_fresh_start_drops_the_metrics_of_a_run_that_left_no_checkpoint(tok, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 8.0}\n')
+    Trainer(_model(), sft_step, _sft_examples(tok, 2), _cfg(tmp_path, steps=2, checkpoint_every=0),
+            collate=sft_collate(tok.pad_id)).train()
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]
