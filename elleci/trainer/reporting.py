@@ -122,7 +122,7 @@ class Progress:
             mode = "lines"
         self.mode, self.total, self.print_fn = mode, total, print_fn
         self.start_step, self.t0 = start, time.perf_counter()
-        self.bar = None
+        self.bar, self.postfix = None, {}
         if mode == "bar":
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=stream)
@@ -139,9 +139,10 @@ class Progress:
             self.bar.update(1)
 
     def show(self, record: dict) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix({k: format_value(k, v) for k, v in record.items()
-                                  if k in ("loss", "lr", "tok_per_s") or k.startswith("eval_")}, refresh=False)
+        if self.bar is not None:                   # the main metrics, eval's kept beside the last step's
+            self.postfix.update({k: format_value(k, v) for k, v in record.items() if k not in NOT_SHOWN and
+                                 (k in ("loss", "lr", "tok_per_s", "eval_loss") or "accuracy" in k)})
+            self.bar.set_postfix(self.postfix, refresh=False)
         elif self.mode == "lines":
             self.print_fn(format_record(record, self.total))
 
