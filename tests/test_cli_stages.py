@@ -119,6 +119,8 @@ def test_merge_generate_and_python_m(sft, tmp_path, monkeypatch, capsys):
     key = next(k for k in a if k.endswith("attn.in_proj.weight"))
     assert not torch.equal(merged[key], a[key])                    # the DPO adapter moved the merged weights
     assert not any(p.name.startswith(".merge-inputs") for p in tmp_path.iterdir())
+    recorded = json.loads((tmp_path / "merged" / "merge_config.json").read_text())
+    assert recorded["models"] == [str(sft), str(dpo / "final")]                  # as given, not the staged copies
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     got = subprocess.run([sys.executable, "-m", "elleci", "generate", str(tmp_path / "merged"), "--prompt", "Ciao",
                           "--max-new-tokens", "5", "--temperature", "0"], cwd=ROOT, env=env, capture_output=True,

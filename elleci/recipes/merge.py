@@ -15,11 +15,13 @@ deleted afterwards. Adapters on the BitLinear FFN (w1, w2, w3) cannot be merged 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import tempfile
 from pathlib import Path
 
+from elleci._io import write_json_atomic
 from elleci.config_schema import read_toml
 
 from ._algos import algo
@@ -70,6 +72,8 @@ def main(argv=None) -> int:
             if cfg.base:
                 raw["base"] = where.get(cfg.base, cfg.base)
         mc.run_merge(mc.MergeConfig.from_dict(raw))
+        if staged:                                        # record the inputs as given, not the temporary copies
+            write_json_atomic(Path(cfg.output) / "merge_config.json", dataclasses.asdict(cfg))
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
