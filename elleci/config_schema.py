@@ -193,6 +193,22 @@ def _fill(cls, data: dict, prefix: str):
     return cls(**kwargs)
 
 
+def check_fields(cfg, prefix: str = "") -> None:
+    """Check every setting of an instance (and of its sections) against its type and constraints, as
+    `load_config` does for a file: for configs built in Python (`__post_init__`)."""
+    hints = _hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if _is_section(f):
+            if value is not None:
+                check_fields(value, prefix + f.name + ".")
+            continue
+        try:
+            setattr(cfg, f.name, check_value(value, hints[f.name], f.metadata))
+        except ConfigError as e:
+            raise ConfigError(f"{_display(prefix + f.name)} {e}") from None
+
+
 def _check_required(cfg, prefix: str = ""):
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)

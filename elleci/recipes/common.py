@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from elleci.config_schema import ConfigError, fail, flatten, optional_section, section, setting, to_dict, to_toml
+from elleci.config_schema import ConfigError, check_fields, fail, flatten, optional_section, section, setting, to_dict, to_toml
 from elleci.train import seed_everything
 from elleci.trainer import Trainer, TrainerConfig
 from elleci.trainer.reporting import check_reporters
@@ -29,7 +29,7 @@ NOT_COMPARED = ("out_dir", "model.device", "model.gradient_checkpointing", "trai
 
 
 @dataclass
-class TrainingConfig:
+class TrainingSettings:
     out_dir: str = setting("", "directory for config.toml, metrics.jsonl, checkpoint-<step>/ and final/; "
                                "re-running with the same out_dir resumes", required=True)
     model: ModelSection = section(ModelSection)
@@ -41,6 +41,9 @@ class TrainingConfig:
     eval: EvalSection = section(EvalSection)
 
     data_formats = ("auto",)          # the [data] format values this stage reads
+
+    def __post_init__(self):
+        check_fields(self)            # types and ranges; `check` (required keys, files, rules across keys) follows
 
     def check(self) -> None:
         try:
@@ -172,5 +175,5 @@ def run_trainer(cfg, model, step_fn, data, *, allow_changes=(), tokenizer=None, 
     return trainer, history
 
 
-__all__ = ["TrainingConfig", "ConfigError", "compared_settings", "trainer_config", "load_policy", "run_trainer",
+__all__ = ["TrainingSettings", "ConfigError", "compared_settings", "trainer_config", "load_policy", "run_trainer",
            "tokenizer_for", "optional_section", "section", "setting", "fail"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from elleci.algos import dpo_loss, hinge_loss, ipo_loss, robust_dpo_loss
 from elleci.algos.preference import collate_fn, pairwise_step, precompute_reference
 
-from .common import TrainingConfig, attach_lora, fail, load_policy, run_trainer, section, tokenizer_for
+from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, tokenizer_for
 from .datasets import pair_items
 from .sections import PairLossSection, ReferenceSection
 
@@ -24,7 +24,7 @@ LOSSES = {"dpo": dpo_loss, "cdpo": dpo_loss, "ipo": ipo_loss, "hinge": hinge_los
 
 
 @dataclass
-class DPOConfig(TrainingConfig):
+class DPOSettings(TrainingSettings):
     loss: PairLossSection = section(PairLossSection)
     reference: ReferenceSection = section(ReferenceSection)
     data_formats = ("auto", "pairwise")
@@ -60,7 +60,7 @@ def reduction(loss) -> str:
     return "mean" if loss.type == "ipo" else "sum"
 
 
-Config = DPOConfig
+Config = DPOSettings
 
 
 def plan_shape(cfg) -> dict:
@@ -81,7 +81,7 @@ def reference_for(kind: str, model, items_list, *, pad_id: int, batch_size: int,
     return kind
 
 
-def run(cfg: DPOConfig, *, allow_changes=()):
+def run(cfg: DPOSettings, *, allow_changes=()):
     tok = tokenizer_for(cfg)
     d = cfg.data
     train, skipped = pair_items(d.train, tok, d.max_length, d.max_examples)

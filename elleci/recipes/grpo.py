@@ -23,7 +23,7 @@ from elleci.model.lora import disable_adapters
 from elleci.trainer.batching import scored_tokens, sequences, step_indices
 
 from ._algos import algo
-from .common import TrainingConfig, attach_lora, fail, load_policy, run_trainer, section, setting, tokenizer_for
+from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, setting, tokenizer_for
 from .datasets import prompt_records
 from .online import check_verifier_spec, load_verifier, verifier_accuracy
 from .sections import ReinforceLossSection, RolloutSection
@@ -45,7 +45,7 @@ class GRPOReferenceSection:
 
 
 @dataclass
-class GRPOConfig(TrainingConfig):
+class GRPOSettings(TrainingSettings):
     rollout: RolloutSection = section(RolloutSection)
     reward: GRPORewardSection = section(GRPORewardSection)
     loss: ReinforceLossSection = section(ReinforceLossSection)
@@ -69,7 +69,7 @@ class GRPOConfig(TrainingConfig):
             fail("loss.beta", "reference.kind = none has no KL term: set loss.beta = 0")
 
 
-Config = GRPOConfig
+Config = GRPOSettings
 
 
 def plan_shape(cfg) -> dict:
@@ -79,7 +79,7 @@ def plan_shape(cfg) -> dict:
 class Rollouts:
     """The trainer source of GRPO: each step's completions with their advantages (module docstring)."""
 
-    def __init__(self, model, tok, prompts: list[dict], verifier, cfg: GRPOConfig):
+    def __init__(self, model, tok, prompts: list[dict], verifier, cfg: GRPOSettings):
         self.model, self.tok, self.prompts, self.verifier, self.cfg = model, tok, prompts, verifier, cfg
         self.metrics: dict = {}
 
@@ -124,7 +124,7 @@ def make_collate(pad_id: int):
     return collate_rollouts
 
 
-def make_step(cfg: GRPOConfig, reference):
+def make_step(cfg: GRPOSettings, reference):
     aggregate = algo("grpo").aggregator(cfg.loss.aggregation, cfg.rollout.max_new_tokens)
 
     def ref_logps(model, ids, labels):
@@ -157,7 +157,7 @@ def budget_accuracy(model, tok, records, verifier, *, budget: int, max_new_token
             / len(records)}
 
 
-def run(cfg: GRPOConfig, *, allow_changes=()):
+def run(cfg: GRPOSettings, *, allow_changes=()):
     tok = tokenizer_for(cfg)
     d = cfg.data
     prompts = prompt_records(d.train, d.max_examples)

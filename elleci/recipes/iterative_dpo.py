@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from elleci.algos import PairwiseLabeler, build_pairs, round_robin_rewards, sample_responses
 from elleci.algos.preference import collate_fn, pairwise_step
 
-from .common import TrainingConfig, attach_lora, fail, load_policy, run_trainer, section, setting, tokenizer_for
+from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, setting, tokenizer_for
 from .datasets import prompt_records
 from .dpo import LOSSES, check_pair_loss, loss_kwargs, reduction
 from .loading import load_model, load_tokenizer, model_kind
@@ -51,7 +51,7 @@ class IterativeSection:
 
 
 @dataclass
-class IterativeDPOConfig(TrainingConfig):
+class IterativeDPOSettings(TrainingSettings):
     rollout: RolloutSection = section(RolloutSection)
     reward: RewardSection = section(RewardSection)
     iterative: IterativeSection = section(IterativeSection)
@@ -86,7 +86,7 @@ def check_online(cfg) -> None:
             fail("reward.verifier", str(e))
 
 
-Config = IterativeDPOConfig
+Config = IterativeDPOSettings
 
 
 def plan_shape(cfg) -> dict:
@@ -130,7 +130,7 @@ def make_round(cfg, model, tok, prompts: list[dict], rewards):
     return make_records
 
 
-def run(cfg: IterativeDPOConfig, *, allow_changes=()):
+def run(cfg: IterativeDPOSettings, *, allow_changes=()):
     tok = tokenizer_for(cfg)
     d = cfg.data
     prompts = prompt_records(d.train, d.max_examples)

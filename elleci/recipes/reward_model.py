@@ -20,7 +20,7 @@ from elleci.algos import RewardModel
 from elleci.trainer import checkpoints as ckpt
 
 from ._algos import algo
-from .common import TrainingConfig, base_of, load_policy, run_trainer, tokenizer_for
+from .common import TrainingSettings, base_of, load_policy, run_trainer, tokenizer_for
 from .datasets import preference_records
 from .loading import load_model, load_tokenizer
 
@@ -29,11 +29,11 @@ HEAD_FILE = "reward_head.safetensors"
 
 
 @dataclass
-class RewardModelConfig(TrainingConfig):
+class RewardModelSettings(TrainingSettings):
     data_formats = ("auto", "pairwise", "soft")
 
 
-Config = RewardModelConfig
+Config = RewardModelSettings
 
 
 def plan_shape(cfg) -> dict:
@@ -52,7 +52,7 @@ def load_reward_model(path: str, *, device=None, dtype=None) -> RewardModel:
     return rm.to(device) if device is not None else rm
 
 
-def run(cfg: RewardModelConfig, *, allow_changes=()):
+def run(cfg: RewardModelSettings, *, allow_changes=()):
     rm_algo = algo("reward_model")
     tok = tokenizer_for(cfg)
     d = cfg.data

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from elleci.algos import collect_pairs
 
 from ._algos import algo
-from .common import TrainingConfig, attach_lora, fail, load_policy, section, setting, tokenizer_for
+from .common import TrainingSettings, attach_lora, fail, load_policy, section, setting, tokenizer_for
 from .datasets import prompt_records
 from .dpo import check_pair_loss, reduction
 from .iterative_dpo import IterativeSection, train_on_rounds
@@ -38,7 +38,7 @@ class LabelerSection:
 
 
 @dataclass
-class RLAIFVConfig(TrainingConfig):
+class RLAIFVSettings(TrainingSettings):
     rollout: RolloutSection = section(RolloutSection)
     labeler: LabelerSection = section(LabelerSection)
     iterative: IterativeSection = section(IterativeSection)
@@ -61,7 +61,7 @@ class RLAIFVConfig(TrainingConfig):
         return self.labeler
 
 
-Config = RLAIFVConfig
+Config = RLAIFVSettings
 
 
 def plan_shape(cfg) -> dict:
@@ -69,7 +69,7 @@ def plan_shape(cfg) -> dict:
             "reference_copy": cfg.labeler.model != "self"}
 
 
-def run(cfg: RLAIFVConfig, *, allow_changes=()):
+def run(cfg: RLAIFVSettings, *, allow_changes=()):
     tok = tokenizer_for(cfg)
     d, lab, ro, it = cfg.data, cfg.labeler, cfg.rollout, cfg.iterative
     items = [{"prompt": rec["prompt"], "passage": rec[lab.passage_field], "question": rec["prompt"][-1]["content"]}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from elleci.algos.sft import sft_collate, sft_step
 
-from .common import TrainingConfig, load_policy, run_trainer, tokenizer_for
+from .common import TrainingSettings, load_policy, run_trainer, tokenizer_for
 from .datasets import sft_items
 from .sections import SFT_FORMATS
 
@@ -19,18 +19,18 @@ NAME, HELP = "sft", "supervised fine-tuning on chat / Alpaca / OpenOrca JSONL"
 
 
 @dataclass
-class SFTConfig(TrainingConfig):
+class SFTSettings(TrainingSettings):
     data_formats = SFT_FORMATS
 
 
-Config = SFTConfig
+Config = SFTSettings
 
 
 def plan_shape(cfg) -> dict:
     return {"sequences_per_micro_batch": cfg.train.micro_batch_size, "reference_copy": False}
 
 
-def run(cfg: SFTConfig, *, allow_changes=()):
+def run(cfg: SFTSettings, *, allow_changes=()):
     tok = tokenizer_for(cfg)
     d = cfg.data
     train, skipped = sft_items(d.train, d.format, tok, d.max_length, d.max_examples)

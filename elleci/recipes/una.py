@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from elleci.algos import una_binary_loss, una_score_loss
 from elleci.algos.preference import collate_fn, feedback_step
 
-from .common import TrainingConfig, attach_lora, fail, load_policy, run_trainer, section, setting, tokenizer_for
+from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, setting, tokenizer_for
 from .datasets import feedback_items
 from .dpo import check_reference, reference_for
 from .sections import ReferenceSection
@@ -31,7 +31,7 @@ class UNALossSection:
 
 
 @dataclass
-class UNAConfig(TrainingConfig):
+class UNASettings(TrainingSettings):
     loss: UNALossSection = section(UNALossSection)
     reference: ReferenceSection = section(ReferenceSection)
     data_formats = ("auto", "binary", "scored")
@@ -46,7 +46,7 @@ class UNAConfig(TrainingConfig):
         check_reference(self)
 
 
-Config = UNAConfig
+Config = UNASettings
 
 
 def plan_shape(cfg) -> dict:
@@ -61,7 +61,7 @@ def step_for(cfg, reference):
     return feedback_step(una_score_loss, reference=reference, nll_weight=l.nll_weight, beta=l.beta)
 
 
-def run(cfg: UNAConfig, *, allow_changes=()):
+def run(cfg: UNASettings, *, allow_changes=()):
     tok = tokenizer_for(cfg)
     d, l = cfg.data, cfg.loss
     read = lambda path: feedback_items(path, l.feedback, tok, d.max_length, d.max_examples,  # noqa: E731
