@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from elleci.algos import dpo_loss, hinge_loss, ipo_loss, robust_dpo_loss
 from elleci.algos.preference import collate_fn, pairwise_step, precompute_reference
 
+from ._algos import tokred
 from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, tokenizer_for
 from .datasets import pair_items
 from .sections import PairLossSection, ReferenceSection
@@ -56,7 +57,8 @@ def loss_kwargs(loss) -> dict:
     return kw
 
 
-def reduction(loss) -> str:
+def token_reduction(loss) -> str:
+    """Per-token mean log-probs for IPO (its target 1/(2β) is per token), sums for the others."""
     return "mean" if loss.type == "ipo" else "sum"
 
 
@@ -68,7 +70,7 @@ def plan_shape(cfg) -> dict:
             "reference_copy": cfg.reference.kind == "frozen"}
 
 
-def reference_for(kind: str, model, items_list, *, pad_id: int, batch_size: int, reduction: str):
+def reference_for(kind: str, model, items_list, *, pad_id: int, batch_size: int, token_reduction: str):
     """The reference the step uses, from the STARTING model (call before attaching LoRA): a frozen copy,
     "adapters", or "precomputed" after filling every item's ref log-probs (those the file lacks)."""
     if kind == "frozen":
@@ -77,7 +79,7 @@ def reference_for(kind: str, model, items_list, *, pad_id: int, batch_size: int,
         todo = [it for items in items_list for it in items if "ref_chosen_logps" not in it and "ref_logps" not in it]
         if todo:
             print(f"computing the reference log-probs of {len(todo)} examples (once, before training)")
-            precompute_reference(model, todo, pad_token_id=pad_id, batch_size=batch_size, reduction=reduction)
+            precompute_reference(model, todo, pad_token_id=pad_id, batch_size=batch_size, **tokred(token_reduction))
     return kind
 
 
@@ -87,13 +89,13 @@ def run(cfg: DPOSettings, *, allow_changes=()):
     train, skipped = pair_items(d.train, tok, d.max_length, d.max_examples)
     evals = pair_items(d.eval, tok, d.max_length, d.max_examples)[0] if d.eval else []
     print(f"{d.train}: {len(train)} pairs" + (f"; {skipped}" if skipped.count else ""))
-    if reduction(cfg.loss) == "mean" and any("ref_chosen_logps" in it for it in train + evals):
+    if token_reduction(cfg.loss) == "mean" and any("ref_chosen_logps" in it for it in train + evals):
         fail("data.train", "ipo uses per-token mean log-probs; the file's ref_*_logps are sums: remove them")
     model = load_policy(cfg, lora=False)
     ref = reference_for(cfg.reference.kind, model, [train, evals], pad_id=tok.pad_id,
-                        batch_size=cfg.train.micro_batch_size, reduction=reduction(cfg.loss))
+                        batch_size=cfg.train.micro_batch_size, token_reduction=token_reduction(cfg.loss))
     attach_lora(cfg, model)
-    step = pairwise_step(LOSSES[cfg.loss.type], reference=ref, reduction=reduction(cfg.loss),
+    step = pairwise_step(LOSSES[cfg.loss.type], reference=ref, **tokred(token_reduction(cfg.loss)),
                          nll_weight=cfg.loss.nll_weight, **loss_kwargs(cfg.loss))
     return run_trainer(cfg, model, step, train, collate=collate_fn("pairs", tok.pad_id), eval_data=evals or None,
                        tokenizer=tok, allow_changes=allow_changes)

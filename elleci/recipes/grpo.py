@@ -22,7 +22,7 @@ from elleci.algos.logprobs import IGNORE_INDEX, sequence_logprobs
 from elleci.model.lora import disable_adapters
 from elleci.trainer.batching import scored_tokens, sequences, step_indices
 
-from ._algos import algo
+from ._algos import algo, tokred
 from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, setting, tokenizer_for
 from .datasets import prompt_records
 from .online import check_verifier_spec, load_verifier, verifier_accuracy
@@ -133,13 +133,13 @@ def make_step(cfg: GRPOSettings, reference):
         with torch.no_grad():
             if reference == "adapters":
                 with disable_adapters(model):
-                    return sequence_logprobs(model, ids, labels, reduction="none")
-            return sequence_logprobs(reference, ids, labels, reduction="none")
+                    return sequence_logprobs(model, ids, labels, **tokred("none"))
+            return sequence_logprobs(reference, ids, labels, **tokred("none"))
 
     def step(model, batch):
         device = next(model.parameters()).device
         ids, labels, adv = (batch[k].to(device) for k in ("ids", "labels", "advantages"))
-        logps = sequence_logprobs(model, ids, labels, reduction="none")         # [B, L-1]
+        logps = sequence_logprobs(model, ids, labels, **tokred("none"))         # [B, L-1]
         mask = labels[:, 1:] != IGNORE_INDEX
         return grpo_loss(logps, logps.detach(), adv, mask, ref_logps=ref_logps(model, ids, labels),
                          epsilon=cfg.loss.epsilon, beta=cfg.loss.beta, aggregate=aggregate)
@@ -168,14 +168,13 @@ def run(cfg: GRPOSettings, *, allow_changes=()):
     reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.reference.kind == "frozen" else \
         cfg.reference.kind
     attach_lora(cfg, model)
-    eval_fn = None
-    if evals:
-        def eval_fn(m):
-            if cfg.eval.budget:
-                return budget_accuracy(m, tok, evals, verifier, budget=cfg.eval.budget,
-                                       max_new_tokens=cfg.eval.max_new_tokens)
-            return verifier_accuracy(m, tok, evals, verifier, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.rollout.batch_size)
+
+    def evaluate(m):
+        if cfg.eval.budget:
+            return budget_accuracy(m, tok, evals, verifier, budget=cfg.eval.budget, max_new_tokens=cfg.eval.max_new_tokens)
+        return verifier_accuracy(m, tok, evals, verifier, max_new_tokens=cfg.eval.max_new_tokens,
+                                 batch_size=cfg.rollout.batch_size)
+    eval_fn = evaluate if evals else None
     units = sequences if cfg.loss.aggregation in ("grpo", "dr_grpo") else scored_tokens
     return run_trainer(cfg, model, make_step(cfg, reference), Rollouts(model, tok, prompts, verifier, cfg),
                        collate=make_collate(tok.pad_id), units=units, eval_fn=eval_fn, tokenizer=tok,

@@ -20,7 +20,8 @@ from elleci.algos.preference import collate_fn, pairwise_step
 
 from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, setting, tokenizer_for
 from .datasets import prompt_records
-from .dpo import LOSSES, check_pair_loss, loss_kwargs, reduction
+from ._algos import tokred
+from .dpo import LOSSES, check_pair_loss, loss_kwargs, token_reduction
 from .loading import load_model, load_tokenizer, model_kind
 from .online import PairRounds, check_verifier_spec, load_verifier, verifier_accuracy
 from .sections import PairLossSection, RolloutSection
@@ -141,12 +142,12 @@ def run(cfg: IterativeDPOSettings, *, allow_changes=()):
     rounds = PairRounds(model, tok, make_round(cfg, model, tok, prompts, reward_fn(cfg, model, tok)),
                         steps_per_round=cfg.train.steps // cfg.iterative.rounds, reference=cfg.iterative.reference_policy,
                         seed=cfg.train.seed, max_length=d.max_length, batch_size=cfg.train.micro_batch_size,
-                        reduction=reduction(cfg.loss), out_dir=cfg.out_dir)
+                        token_reduction=token_reduction(cfg.loss), out_dir=cfg.out_dir)
     return train_on_rounds(cfg, model, tok, rounds, evals, allow_changes)
 
 
 def train_on_rounds(cfg, model, tok, rounds, evals, allow_changes):
-    step = pairwise_step(LOSSES[cfg.loss.type], reference="precomputed", reduction=reduction(cfg.loss),
+    step = pairwise_step(LOSSES[cfg.loss.type], reference="precomputed", **tokred(token_reduction(cfg.loss)),
                          nll_weight=cfg.loss.nll_weight, **loss_kwargs(cfg.loss))
     eval_fn = None
     if evals and cfg.reward.verifier:

@@ -19,8 +19,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
 from elleci.algos.preference import precompute_reference
 
 try:                                    # the one vocabulary of the reference (elleci.algos.reference)
@@ -28,6 +26,8 @@ try:                                    # the one vocabulary of the reference (e
 except ImportError:                     # before the layout move
     from elleci.algos.iterative_dpo import swapped_parameters, trainable_state
 from elleci.trainer.batching import step_indices
+
+from ._algos import tokred
 
 from .datasets import encode_turn
 
@@ -62,11 +62,11 @@ class PairRounds:
 
     def __init__(self, model, tokenizer, make_records: Callable[[int], tuple[list[dict], dict]], *,
                  steps_per_round: int, reference: str, seed: int, max_length: int, batch_size: int,
-                 reduction: str = "sum", out_dir=None, print_fn=print):
+                 token_reduction: str = "sum", out_dir=None, print_fn=print):
         self.model, self.tok, self.make_records = model, tokenizer, make_records
         self.steps_per_round, self.reference, self.seed = steps_per_round, reference, seed
         self.max_length, self.batch_size, self.print_fn = max_length, batch_size, print_fn
-        self.reduction = reduction
+        self.token_reduction = token_reduction
         self.out_dir = Path(out_dir) if out_dir else None
         self.initial = trainable_state(model) if reference == "initial" else None
         self.round, self.records, self.items, self.stats, self._fresh = -1, [], [], {}, False
@@ -85,7 +85,7 @@ class PairRounds:
 
     def _reference(self, items: list[dict]) -> None:
         precompute_reference(self.model, items, pad_token_id=self.tok.pad_id, batch_size=self.batch_size,
-                             reduction=self.reduction)
+                             **tokred(self.token_reduction))
 
     def _start_round(self, r: int) -> None:
         records, stats = self.make_records(r)

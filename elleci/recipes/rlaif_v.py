@@ -17,7 +17,7 @@ from elleci.algos import collect_pairs
 from ._algos import algo
 from .common import TrainingSettings, attach_lora, fail, load_policy, section, setting, tokenizer_for
 from .datasets import prompt_records
-from .dpo import check_pair_loss, reduction
+from .dpo import check_pair_loss, token_reduction
 from .iterative_dpo import IterativeSection, train_on_rounds
 from .loading import load_model, model_kind
 from .online import PairRounds
@@ -92,5 +92,5 @@ def run(cfg: RLAIFVSettings, *, allow_changes=()):
         return records, {f"round/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
     rounds = PairRounds(model, tok, make_records, steps_per_round=cfg.train.steps // it.rounds,
                         reference=it.reference_policy, seed=cfg.train.seed, max_length=d.max_length,
-                        batch_size=cfg.train.micro_batch_size, reduction=reduction(cfg.loss), out_dir=cfg.out_dir)
+                        batch_size=cfg.train.micro_batch_size, token_reduction=token_reduction(cfg.loss), out_dir=cfg.out_dir)
     return train_on_rounds(cfg, model, tok, rounds, [], allow_changes)

@@ -71,7 +71,7 @@ def run(cfg: UNASettings, *, allow_changes=()):
     print(f"{d.train}: {len(train)} {l.feedback} feedback records" + (f"; {skipped}" if skipped.count else ""))
     model = load_policy(cfg, lora=False)
     ref = reference_for(cfg.reference.kind, model, [train, evals], pad_id=tok.pad_id,
-                        batch_size=cfg.train.micro_batch_size, reduction="sum")
+                        batch_size=cfg.train.micro_batch_size, token_reduction="sum")
     attach_lora(cfg, model)
     return run_trainer(cfg, model, step_for(cfg, ref), train, collate=collate_fn("feedback", tok.pad_id),
                        eval_data=evals or None, tokenizer=tok, allow_changes=allow_changes)
