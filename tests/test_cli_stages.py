@@ -191,7 +191,8 @@ def test_periodic_eval_runs_elleci_eval_task_files(sft, tmp_path):
 def test_eval_task_file_errors_are_found_before_training(tmp_path, capsys):
     bad = tmp_path / "bad.toml"
     bad.write_text("[eval]\nx = 1\n")
-    assert main(["sft", str(TINY / "sft.toml"), f"out_dir={tmp_path / 'o'}", f"eval.tasks={bad}"]) == 2
+    assert main(["sft", str(TINY / "sft.toml"), "model.path=tiny", "model.tokenizer=configs/tiny/tokenizer.model",
+                 f"out_dir={tmp_path / 'o'}", f"eval.tasks={bad}"]) == 2
     assert f"[eval] tasks: {bad}: expected [[tasks]] tables" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
