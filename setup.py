@@ -17,5 +17,6 @@ setup(
         "eval": ["lm_eval>=0.4.13"],       # lm-evaluation-harness: `elleci eval` harness tasks, the "elleci" model
         "dev": ["pytest", "triton", "tokenizers", "lm_eval>=0.4.13"],
     },
+    entry_points={"console_scripts": ["elleci = elleci.cli:main"]},
     license="MIT",
 )

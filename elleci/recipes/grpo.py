@@ -1,0 +1,181 @@
+"""`elleci grpo CONFIG`: GRPO (DeepSeekMath, Shao et al. 2024) with rewards from a `module:function` verifier.
+
+Each optimizer step draws P = train.batch_size / rollout.group_size prompts (from (seed, step)), samples G
+completions per prompt in generate calls of at most rollout.batch_size sequences, scores each completion with
+fn(record, response), and turns the rewards into group-relative advantages (r − mean_g) / (std_g + 1e-4).
+The loss (clipped surrogate + β·k3 KL to the reference, `grpo_loss`) is then accumulated over micro-batches
+of train.micro_batch_size completions: the P×G sequences never go through one backward pass. With one update
+per batch of samples the ratio is 1 (π_old = π_θ), as in the paper's μ = 1.
+Eval: the verifier's mean reward on [data] eval with greedy decoding, or with budget forcing (s1:
+`eval.budget` thinking tokens, then "Final Answer:") when eval.budget > 0.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+from elleci.algos import grpo_loss
+from elleci.algos.chat import collate
+from elleci.algos.logprobs import IGNORE_INDEX, sequence_logprobs
+from elleci.model.lora import disable_adapters
+from elleci.trainer.batching import scored_tokens, sequences, step_indices
+
+from ._algos import algo, tokred
+from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, setting, tokenizer_for
+from .datasets import prompt_records
+from .online import check_verifier_spec, load_verifier, verifier_accuracy
+from .sections import ReinforceLossSection, RolloutSection
+
+NAME, HELP = "grpo", "GRPO with rewards from a module:function verifier"
+
+
+@dataclass
+class GRPORewardSection:
+    verifier: str = setting("", "module:function or file.py:function, fn(record, response) -> float",
+                            required=True)
+
+
+@dataclass
+class GRPOReferenceSection:
+    kind: str = setting("adapters", "the KL reference: adapters (the model with its fresh LoRA adapters off = the "
+                                    "starting policy), frozen (a frozen copy), none (needs loss.beta = 0)",
+                        choices=("adapters", "frozen", "none"))
+
+
+@dataclass
+class GRPOSettings(TrainingSettings):
+    rollout: RolloutSection = section(RolloutSection)
+    reward: GRPORewardSection = section(GRPORewardSection)
+    loss: ReinforceLossSection = section(ReinforceLossSection)
+    reference: GRPOReferenceSection = section(GRPOReferenceSection)
+    data_formats = ("auto",)
+
+    def check(self) -> None:
+        super().check()
+        if self.train.steps == 0:
+            fail("train.steps", "online stages need steps (their data is generated, so epochs are undefined)")
+        if self.train.batch_size % self.rollout.group_size:
+            fail("train.batch_size", f"{self.train.batch_size} completions per step must be a multiple of "
+                                     f"rollout.group_size ({self.rollout.group_size})")
+        try:
+            check_verifier_spec(self.reward.verifier)
+        except ValueError as e:
+            fail("reward.verifier", str(e))
+        if self.reference.kind == "adapters" and not self.uses_lora:
+            fail("reference.kind", "adapters needs a [lora] section")
+        if self.reference.kind == "none" and self.loss.beta:
+            fail("loss.beta", "reference.kind = none has no KL term: set loss.beta = 0")
+
+
+Config = GRPOSettings
+
+
+def plan_shape(cfg) -> dict:
+    return {"sequences_per_micro_batch": cfg.train.micro_batch_size, "reference_copy": cfg.reference.kind == "frozen"}
+
+
+class Rollouts:
+    """The trainer source of GRPO: each step's completions with their advantages (module docstring)."""
+
+    def __init__(self, model, tok, prompts: list[dict], verifier, cfg: GRPOSettings):
+        self.model, self.tok, self.prompts, self.verifier, self.cfg = model, tok, prompts, verifier, cfg
+        self.metrics: dict = {}
+
+    def step_items(self, step: int, batch_size: int) -> list[dict]:
+        ro, seed, G = self.cfg.rollout, self.cfg.train.seed, self.cfg.rollout.group_size
+        P = batch_size // G
+        records = [self.prompts[i] for i in step_indices(len(self.prompts), P, step, seed)]
+        device = next(self.model.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
+        chunk = max(1, ro.batch_size // G)
+        sample_groups = algo("grpo").sample_groups
+        rows, comps, stopped = [], [], []
+        for i in range(0, P, chunk):                                       # rollouts in micro-batches too
+            r, c, s = sample_groups(self.model, self.tok, [rec["prompt"] for rec in records[i:i + chunk]], G,
+                                    max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
+                                    top_p=ro.top_p if ro.top_p < 1 else None, generator=gen)
+            rows, comps, stopped = rows + r, comps + c, stopped + s
+        texts = [self.tok.decode([t for t in (c[:-1] if s else c) if t < self.tok.vocab_size],
+                                 skip_special_tokens=True) for c, s in zip(comps, stopped)]
+        rewards = torch.tensor([float(self.verifier(records[n // G], t)) for n, t in enumerate(texts)])
+        adv = algo("grpo").group_advantages(rewards.view(P, G), scale=self.cfg.loss.scale).flatten()
+        self.metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1
+                        else 0.0, "completion_length": sum(map(len, comps)) / len(comps),
+                        "stopped": sum(stopped) / len(stopped)}
+        return [{"ids": r + c, "labels": [IGNORE_INDEX] * len(r) + c, "advantage": float(a)}
+                for r, c, a in zip(rows, comps, adv.tolist())]
+
+    def step_metrics(self) -> dict:
+        return self.metrics
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def make_collate(pad_id: int):
+    def collate_rollouts(items):
+        ids, labels = collate([(it["ids"], it["labels"]) for it in items], pad_id)
+        return {"ids": ids, "labels": labels, "advantages": torch.tensor([it["advantage"] for it in items])}
+    return collate_rollouts
+
+
+def make_step(cfg: GRPOSettings, reference):
+    aggregate = algo("grpo").aggregator(cfg.loss.aggregation, cfg.rollout.max_new_tokens)
+
+    def ref_logps(model, ids, labels):
+        if cfg.loss.beta == 0:
+            return None
+        with torch.no_grad():
+            if reference == "adapters":
+                with disable_adapters(model):
+                    return sequence_logprobs(model, ids, labels, **tokred("none"))
+            return sequence_logprobs(reference, ids, labels, **tokred("none"))
+
+    def step(model, batch):
+        device = next(model.parameters()).device
+        ids, labels, adv = (batch[k].to(device) for k in ("ids", "labels", "advantages"))
+        logps = sequence_logprobs(model, ids, labels, **tokred("none"))         # [B, L-1]
+        mask = labels[:, 1:] != IGNORE_INDEX
+        return grpo_loss(logps, logps.detach(), adv, mask, ref_logps=ref_logps(model, ids, labels),
+                         epsilon=cfg.loss.epsilon, beta=cfg.loss.beta, aggregate=aggregate)
+    return step
+
+
+def budget_accuracy(model, tok, records, verifier, *, budget: int, max_new_tokens: int) -> dict:
+    """Mean verifier reward with budget forcing at `budget` thinking tokens (s1)."""
+    lc = algo("long_cot")
+    from elleci.algos.sampling import prompt_ids
+    rows = lc.budget_forcing(lc.model_generator(model), prompt_ids(tok, [r["prompt"] for r in records]),
+                             lc.BudgetTokens.from_tokenizer(tok), budget=budget, max_answer_tokens=max_new_tokens)
+    texts = [tok.decode([t for t in row.response if t < tok.vocab_size], skip_special_tokens=True) for row in rows]
+    return {f"verifier_accuracy_budget{budget}": sum(float(verifier(r, t)) for r, t in zip(records, texts))
+            / len(records)}
+
+
+def run(cfg: GRPOSettings, *, allow_changes=()):
+    tok = tokenizer_for(cfg)
+    d = cfg.data
+    prompts = prompt_records(d.train, d.max_examples)
+    evals = prompt_records(d.eval, d.max_examples) if d.eval else []
+    verifier = load_verifier(cfg.reward.verifier)
+    print(f"{d.train}: {len(prompts)} prompts; verifier {cfg.reward.verifier}")
+    model = load_policy(cfg, lora=False)
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.reference.kind == "frozen" else \
+        cfg.reference.kind
+    attach_lora(cfg, model)
+
+    def evaluate(m):
+        if cfg.eval.budget:
+            return budget_accuracy(m, tok, evals, verifier, budget=cfg.eval.budget, max_new_tokens=cfg.eval.max_new_tokens)
+        return verifier_accuracy(m, tok, evals, verifier, max_new_tokens=cfg.eval.max_new_tokens,
+                                 batch_size=cfg.rollout.batch_size)
+    eval_fn = evaluate if evals else None
+    units = sequences if cfg.loss.aggregation in ("grpo", "dr_grpo") else scored_tokens
+    return run_trainer(cfg, model, make_step(cfg, reference), Rollouts(model, tok, prompts, verifier, cfg),
+                       collate=make_collate(tok.pad_id), units=units, eval_fn=eval_fn, tokenizer=tok,
+                       allow_changes=allow_changes)

@@ -1,0 +1,132 @@
+"""The config sections every training stage of the `elleci` command shares ([model], [lora], [data], [train],
+[checkpoint], [log], [eval]) and the stage-specific ones ([loss], [reference], [rollout], [reward],
+[iterative]). See `elleci.config_schema` for how they are read and checked; `elleci <stage> --help`
+prints every setting with its default.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from elleci.config_schema import setting
+
+# LoRA targets that are plain nn.Linear (mergeable into the weights); the BitLinear FFN (w1, w2, w3) is not
+MERGEABLE_TARGETS = ["in_proj", "out_proj", "w_q", "w_kv_down", "w_kv_up", "w_out"]
+SFT_FORMATS = ("auto", "chat", "alpaca", "openorca")
+
+
+@dataclass
+class ModelSection:
+    path: str = setting("", "a saved elleci directory, an adapter directory written by a LoRA stage (its base is "
+                            "loaded and the adapter merged in), an original .pth, or a preset name (tiny, small, "
+                            "elleci-v1, elleci-v2) for a freshly initialised model", required=True)
+    tokenizer: str = setting("", "tokenizer file or directory (empty: the one saved with the model)")
+    dtype: str = setting("float32", "dtype of the weights (bfloat16 halves their memory; LoRA weights stay "
+                                    "float32)", choices=("float32", "bfloat16"))
+    autocast: bool = setting(True, "bf16 autocast of the forward pass on CUDA")
+    gradient_checkpointing: bool = setting(False, "recompute each block's activations in the backward pass "
+                                                  "(less memory, ~30% more compute)")
+    device: str = setting("auto", "auto (cuda when available, else cpu), cpu, cuda or cuda:N")
+    n_heads: int = setting(0, "MLA heads of an original .pth (0: the original code's rule)", ge=0)
+
+
+@dataclass
+class LoraSection:
+    r: int = setting(16, "adapter rank (0: full fine-tuning, as without this section)", ge=0)
+    alpha: float = setting(32.0, "lora_alpha: the adapter output is scaled by alpha / r", gt=0)
+    dropout: float = setting(0.0, "dropout on the adapter input", ge=0.0, lt=1.0)
+    target_modules: list[str] = setting(MERGEABLE_TARGETS, "layer-name suffixes to adapt (w1, w2, w3 are the "
+                                                           "BitLinear FFN: trainable, but not mergeable)")
+    use_rslora: bool = setting(False, "scale by alpha / sqrt(r) (rsLoRA)")
+
+
+@dataclass
+class DataSection:
+    train: str = setting("", "training JSONL file", required=True)
+    eval: str = setting("", "evaluation JSONL file (empty: none)")
+    format: str = setting("auto", "record format (SFT: auto, chat, alpaca, openorca; the other stages have one)")
+    max_length: int = setting(1024, "tokens per sequence (prompt + response); longer responses are cut, "
+                                    "records whose prompt alone is too long are skipped", ge=8)
+    max_examples: int = setting(0, "use only the first N records of each file (0: all)", ge=0)
+
+
+@dataclass
+class TrainSection:
+    steps: int = setting(0, "optimizer steps (0: from epochs)", ge=0)
+    epochs: float = setting(1.0, "passes over the training data when steps = 0", ge=0)
+    batch_size: int = setting(16, "sequences (pairs, rollouts) per optimizer step, over all processes", ge=1)
+    micro_batch_size: int = setting(4, "sequences per forward pass; gradient accumulation makes up the batch",
+                                    ge=1)
+    lr: float = setting(1e-4, "peak learning rate", gt=0)
+    schedule: str = setting("cosine", "learning-rate schedule (linear warmup first)",
+                            choices=("cosine", "wsd", "constant"))
+    warmup_steps: int = setting(0, "linear warmup steps", ge=0)
+    decay_steps: int = setting(0, "wsd only: decay steps (0: the last 20%)", ge=0)
+    min_lr_ratio: float = setting(0.0, "final LR / peak LR of cosine and wsd", ge=0, le=1)
+    weight_decay: float = setting(0.0, "AdamW weight decay (never on norms, biases, embeddings)", ge=0)
+    max_grad_norm: float = setting(1.0, "gradient clipping (0: none)", ge=0)
+    optimizer: str = setting("adamw", "adamw, or sgd (plain SGD: tests and references)", choices=("adamw", "sgd"))
+    seed: int = setting(0, "seed of the data order, initialisation, dropout and sampling", ge=0)
+
+
+@dataclass
+class CheckpointSection:
+    every: int = setting(0, "write out_dir/checkpoint-<step>/ every N steps (0: only at the end and on "
+                            "SIGINT/SIGTERM)", ge=0)
+    keep: int = setting(2, "checkpoints kept (the newest)", ge=1)
+
+
+@dataclass
+class LogSection:
+    every: int = setting(10, "log every N steps (metrics.jsonl, reporters, progress lines)", ge=1)
+    report_to: list[str] = setting([], "also report to these (metrics.jsonl is always written)",
+                                   choices=("tensorboard", "wandb"))
+    progress: str = setting("auto", "auto (a bar on a terminal, lines otherwise), bar, lines, none",
+                            choices=("auto", "bar", "lines", "none"))
+
+
+@dataclass
+class EvalSection:
+    every: int = setting(0, "evaluate every N steps (0: only at the end); needs [data] eval or tasks", ge=0)
+    tasks: list[str] = setting([], "evaluation task files to run at each evaluation: TOML files of [[tasks]] "
+                                   "tables, as `elleci eval` reads (e.g. configs/eval/offline_it.toml)")
+    max_new_tokens: int = setting(64, "online stages: tokens generated per eval prompt", ge=1)
+    budget: int = setting(0, "grpo: thinking-token budget for budget forcing at evaluation (0: off)", ge=0)
+
+
+# ---- stage-specific ---------------------------------------------------------------------------
+
+@dataclass
+class PairLossSection:
+    type: str = setting("dpo", "dpo (sigmoid), cdpo (dpo with label smoothing), ipo (per-token mean log-probs), "
+                               "hinge, robust (rDPO)", choices=("dpo", "cdpo", "ipo", "hinge", "robust"))
+    beta: float = setting(0.1, "KL strength beta (ipo: the target margin is 1 / (2 beta))", gt=0)
+    label_smoothing: float = setting(0.0, "cdpo / robust: assumed label-flip rate", ge=0, lt=0.5)
+    nll_weight: float = setting(0.0, "adds nll_weight * NLL(chosen) (RPO); 0: off", ge=0)
+
+
+@dataclass
+class ReferenceSection:
+    kind: str = setting("precomputed", "precomputed: the reference log-probs are computed once before training "
+                                       "and stored with the data (no second model: the small-GPU path); "
+                                       "adapters: the model with its LoRA adapters off; frozen: a frozen copy "
+                                       "(the vocabulary of elleci.algos.reference)",
+                        choices=("precomputed", "adapters", "frozen"))
+
+
+@dataclass
+class RolloutSection:
+    k: int = setting(4, "iterative-dpo / rlaif-v: responses sampled per prompt", ge=2)
+    group_size: int = setting(4, "grpo: completions per prompt (G)", ge=2)
+    temperature: float = setting(1.0, "sampling temperature", gt=0)
+    top_p: float = setting(1.0, "nucleus sampling (1: off)", gt=0, le=1)
+    max_new_tokens: int = setting(64, "tokens generated per response", ge=1)
+    batch_size: int = setting(16, "sequences per generate call (rollouts are generated in these chunks)", ge=1)
+
+
+@dataclass
+class ReinforceLossSection:
+    beta: float = setting(0.04, "grpo: weight of the k3 KL to the reference (0: no reference)", ge=0)
+    epsilon: float = setting(0.2, "grpo: clip range of the ratio", gt=0)
+    aggregation: str = setting("grpo", "grpo (mean of per-sequence token means), bnpo (token mean), dr_grpo",
+                               choices=("grpo", "bnpo", "dr_grpo"))
+    scale: str = setting("group", "advantage scaling: group std, batch std, none", choices=("group", "batch", "none"))
