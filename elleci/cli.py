@@ -77,7 +77,12 @@ def run_stage(name: str, argv) -> int:
             from elleci.plan import plan_for_stage
             return plan_for_stage(cfg, module.plan_shape(cfg))
         _refuse_what_cannot_fit(cfg, module)
-        module.run(cfg, allow_changes=args.allow_change)
+        from elleci.trainer import distributed
+        distributed.init_from_env(cfg.model.device)      # under torchrun: join the group (gloo / NCCL)
+        try:
+            module.run(cfg, allow_changes=args.allow_change)
+        finally:
+            distributed.shutdown()
     except TrainingInterrupted as e:
         print(f"elleci {name}: {e}", file=sys.stderr)
         return 128 + e.signum
