@@ -62,7 +62,8 @@ def stage_parser(name: str, module) -> argparse.ArgumentParser:
 def _fail(cmd: str, e: BaseException) -> int:
     if os.environ.get("ELLECI_DEBUG"):
         raise e
-    print(f"elleci {cmd}: error: {e}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":                # under torchrun: the error once, from rank 0
+        print(f"elleci {cmd}: error: {e}", file=sys.stderr)
     return 2
 
 
