@@ -133,6 +133,32 @@ def test_resume_after_sigkill_of_both_and_in_one_process(tok_dir, tmp_path):
     assert _max_diff(ref, {k: p.detach() for k, p in final.named_parameters()}) < TOL
 
 
+def test_the_elleci_command_under_torchrun(tmp_path, monkeypatch):
+    """`torchrun --nproc_per_node 2 -m elleci sft CONFIG` = `elleci sft CONFIG` (fp32, SGD, 2 steps, no
+    clipping, lr 0.1). Only the order of the gradient sum differs (see above): per element
+    |Δg| <= 3 · 2^-24 · Σ|m_i| ~ 2e-7 · |g|, so after 2 steps |Δw| ~ 2 · 0.1 · 2e-7 · O(10): 1e-5 leaves a margin
+    of ~100 while a wrong normalisation moves weights by ~0.1 · |g| ~ 1e-2."""
+    from elleci.cli import main
+    from elleci.model import from_pretrained
+    monkeypatch.chdir(ROOT)
+    tiny = ROOT / "configs" / "tiny"
+    assert main(["convert", "tiny", str(tmp_path / "base"), "--tokenizer", str(tiny / "tokenizer.model")]) == 0
+    args = ["sft", str(tiny / "sft.toml"), f"model.path={tmp_path / 'base'}", "train.steps=2", "train.warmup_steps=0",
+            "train.optimizer=sgd", "train.lr=0.1", "train.max_grad_norm=0", "train.batch_size=8",
+            "train.micro_batch_size=2", "data.eval=", "log.every=1", "log.progress=none"]
+    assert main(args + [f"out_dir={tmp_path / 'one'}"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "elleci", *args, f"out_dir={tmp_path / 'two'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=180)
+    _check(proc)
+    one = from_pretrained(tmp_path / "one" / "final").state_dict()
+    two = from_pretrained(tmp_path / "two" / "final").state_dict()
+    assert _max_diff(one, two) < 1e-5
+    base = from_pretrained(tmp_path / "base").state_dict()
+    assert _max_diff(one, base) > 1e-3                             # the run did move the weights
+
+
 if __name__ == "__main__":                                         # a torchrun worker
     kind, tok_arg, out_arg, *rest = sys.argv[1:]
     opts = {k: int(v) for k, v in (a.split("=") for a in rest)}
