@@ -28,6 +28,7 @@ try:                                    # the one vocabulary of the reference (e
 except ImportError:                     # before the layout move
     from elleci.algos.iterative_dpo import swapped_parameters, trainable_state
 from elleci.trainer.batching import step_indices
+from elleci.trainer.distributed import from_main, is_main
 
 from .datasets import encode_turn
 
@@ -88,7 +89,7 @@ class PairRounds:
                              reduction=self.reduction)
 
     def _start_round(self, r: int) -> None:
-        records, stats = self.make_records(r)
+        records, stats = from_main(lambda: self.make_records(r))   # one round for all processes: rank 0's
         items = self._encode(records)
         if items:
             if self.initial is not None:
@@ -108,7 +109,7 @@ class PairRounds:
         self.round, self.stats, self._fresh = r, {"round": r + 1, **stats, "round/train_pairs": len(items)}, True
         self.print_fn("round {} | {}".format(r + 1, " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                                 for k, v in self.stats.items() if k != "round")))
-        if self.out_dir is not None:
+        if self.out_dir is not None and is_main():
             (self.out_dir / "rounds").mkdir(parents=True, exist_ok=True)
             with open(self.out_dir / "rounds" / f"round-{r + 1}.jsonl", "w", encoding="utf-8") as f:
                 for rec in self.records:

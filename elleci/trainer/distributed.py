@@ -150,6 +150,16 @@ def gather_objects(obj) -> list:
     return out
 
 
+def from_main(make):
+    """`make()` run on rank 0 only, its (picklable) result sent to every process; `make()` in one process."""
+    d = _dist()
+    if d is None:
+        return make()
+    box = [make() if d.get_rank() == 0 else None]
+    d.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier() -> None:
     d = _dist()
     if d is not None:
