@@ -133,6 +133,21 @@ def test_resume_after_sigkill_of_both_and_in_one_process(tok_dir, tmp_path):
     assert _max_diff(ref, {k: p.detach() for k, p in final.named_parameters()}) < TOL
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=6", "[train] batch_size: 6 must be a multiple of micro_batch_size 2 × world size 2 = 4"),
+    ("distributed.strategy=fsdp", "[distributed] strategy: distributed.strategy = 'fsdp' is not implemented"),
+    ("distributed.strategy=zero3", "[distributed] strategy must be one of"),
+])
+def test_distributed_settings_are_checked_with_the_world_size(monkeypatch, override, message):
+    from elleci.config_schema import ConfigError, load_config
+    from elleci.recipes import sft
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError) as e:
+        load_config(sft.Config, "configs/tiny/sft.toml", ["model.path=tiny", "train.micro_batch_size=2", override])
+    assert message in str(e.value)
+
+
 def test_the_elleci_command_under_torchrun(tmp_path, monkeypatch):
     """`torchrun --nproc_per_node 2 -m elleci sft CONFIG` = `elleci sft CONFIG` (fp32, SGD, 2 steps, no
     clipping, lr 0.1). Only the order of the gradient sum differs (see above): per element
