@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from elleci.algos.preference import precompute_reference
 
 try:                                    # the one vocabulary of the reference (elleci.algos.reference)
     from elleci.algos import swapped_parameters, trainable_state
@@ -31,6 +30,7 @@ from elleci.trainer.batching import step_indices
 from elleci.trainer.distributed import from_main, is_main
 
 from .datasets import encode_turn
+from .reference_pass import precompute_sharded
 
 
 def check_verifier_spec(spec: str) -> None:
@@ -85,7 +85,7 @@ class PairRounds:
         return items
 
     def _reference(self, items: list[dict]) -> None:
-        precompute_reference(self.model, items, pad_token_id=self.tok.pad_id, batch_size=self.batch_size,
+        precompute_sharded(self.model, items, pad_token_id=self.tok.pad_id, batch_size=self.batch_size,
                              reduction=self.reduction)
 
     def _start_round(self, r: int) -> None:

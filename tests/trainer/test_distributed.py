@@ -70,6 +70,17 @@ def run(kind, tok_dir, out_dir, *, steps=3, batch_size=4, kill_at_call=0):
     return model
 
 
+def reference_values(tok_dir, n=7):
+    """The sharded reference pass (float64, 7 pairs: the shards have 4 and 3) -> [(chosen, rejected)]."""
+    from elleci.recipes.reference_pass import precompute_sharded
+    tok = Tokenizer.load(tok_dir)
+    torch.manual_seed(0)
+    model = ElleciLM(ElleciConfig.from_name("tiny", vocab_size=300)).double()
+    items = [{k: v for k, v in it.items() if not k.startswith("ref_")} for it in _items("dpo", tok)[:n]]
+    precompute_sharded(model, items, pad_token_id=tok.pad_id, batch_size=2)
+    return [(it["ref_chosen_logps"], it["ref_rejected_logps"]) for it in items]
+
+
 def _torchrun(kind, tok_dir, out_dir, **kw):
     args = [f"{k}={v}" for k, v in kw.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -133,6 +144,16 @@ def test_resume_after_sigkill_of_both_and_in_one_process(tok_dir, tmp_path):
     assert _max_diff(ref, {k: p.detach() for k, p in final.named_parameters()}) < TOL
 
 
+def test_the_reference_pass_is_sharded_and_gathered(tok_dir, tmp_path):
+    """2 processes each compute half of the reference log-probs; every item ends with the 1-process value
+    (float64; only the batch composition, i.e. the padding after a causal sequence, differs: 1e-9)."""
+    _check(_torchrun("ref", tok_dir, tmp_path))
+    two = torch.load(tmp_path / "ref.pt", weights_only=True)
+    one = torch.tensor(reference_values(tok_dir), dtype=torch.float64)
+    assert two.shape == (7, 2) and float((one - two).abs().max()) < 1e-9
+    assert float(one.abs().min()) > 1.0                           # real sums of log-probs, not defaults
+
+
 @pytest.mark.parametrize("override, message", [
     ("train.batch_size=6", "[train] batch_size: 6 must be a multiple of micro_batch_size 2 × world size 2 = 4"),
     ("distributed.strategy=fsdp", "[distributed] strategy: distributed.strategy = 'fsdp' is not implemented"),
@@ -179,7 +200,13 @@ if __name__ == "__main__":                                         # a torchrun 
     opts = {k: int(v) for k, v in (a.split("=") for a in rest)}
     from elleci.trainer import distributed
     distributed.init_from_env("cpu")
-    model = run(kind, tok_arg, Path(out_arg), **opts)
-    if distributed.is_main():
-        torch.save(_trainable(model), Path(out_arg) / "weights.pt")
+    if kind == "ref":
+        values = reference_values(tok_arg)
+        if distributed.is_main():
+            Path(out_arg).mkdir(parents=True, exist_ok=True)
+            torch.save(torch.tensor(values, dtype=torch.float64), Path(out_arg) / "ref.pt")
+    else:
+        model = run(kind, tok_arg, Path(out_arg), **opts)
+        if distributed.is_main():
+            torch.save(_trainable(model), Path(out_arg) / "weights.pt")
     distributed.shutdown()
