@@ -62,7 +62,8 @@ def stage_parser(name: str, module) -> argparse.ArgumentParser:
 def _fail(cmd: str, e: BaseException) -> int:
     if os.environ.get("ELLECI_DEBUG"):
         raise e
-    print(f"elleci {cmd}: error: {e}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":                # under torchrun: the error once, from rank 0
+        print(f"elleci {cmd}: error: {e}", file=sys.stderr)
     return 2
 
 
@@ -77,7 +78,12 @@ def run_stage(name: str, argv) -> int:
             from elleci.plan import plan_for_stage
             return plan_for_stage(cfg, module.plan_shape(cfg))
         _refuse_what_cannot_fit(cfg, module)
-        module.run(cfg, allow_changes=args.allow_change)
+        from elleci.trainer import distributed
+        distributed.init_from_env(cfg.model.device)      # under torchrun: join the group (gloo / NCCL)
+        try:
+            module.run(cfg, allow_changes=args.allow_change)
+        finally:
+            distributed.shutdown()
     except TrainingInterrupted as e:
         print(f"elleci {name}: {e}", file=sys.stderr)
         return 128 + e.signum

@@ -17,15 +17,17 @@ import torch
 from elleci.config_schema import ConfigError, check_fields, fail, flatten, optional_section, section, setting, to_dict, to_toml
 from elleci.train import seed_everything
 from elleci.trainer import Trainer, TrainerConfig
+from elleci.trainer.distributed import resolve_strategy
 from elleci.trainer.reporting import check_reporters
 
 from .loading import add_lora, base_reference, load_model, load_tokenizer, model_config, model_kind, resolve_device
-from .sections import CheckpointSection, DataSection, EvalSection, LogSection, LoraSection, ModelSection, \
+from .sections import CheckpointSection, DataSection, DistributedSection, EvalSection, LogSection, LoraSection, ModelSection, \
     TrainSection
 
 # settings that never change what a run computes: not compared when it resumes
 NOT_COMPARED = ("out_dir", "model.device", "model.gradient_checkpointing", "train.micro_batch_size",
-                "checkpoint.", "log.", "eval.", "data.eval")
+                "checkpoint.", "log.", "eval.", "data.eval",
+                "distributed.")
 
 
 @dataclass
@@ -39,6 +41,7 @@ class TrainingSettings:
     checkpoint: CheckpointSection = section(CheckpointSection)
     log: LogSection = section(LogSection)
     eval: EvalSection = section(EvalSection)
+    distributed: DistributedSection = section(DistributedSection)
 
     data_formats = ("auto",)          # the [data] format values this stage reads
 
@@ -63,6 +66,10 @@ class TrainingSettings:
         if t.batch_size % (t.micro_batch_size * world):
             fail("train.batch_size", f"{t.batch_size} must be a multiple of micro_batch_size {t.micro_batch_size} "
                                      f"× world size {world} = {t.micro_batch_size * world}")
+        try:
+            resolve_strategy(self.distributed.strategy, self.uses_lora)
+        except ValueError as e:
+            fail("distributed.strategy", str(e))
         if t.steps == 0 and t.epochs == 0:
             fail("train.steps", "give steps >= 1, or epochs > 0")
         if t.steps and t.schedule != "constant" and t.warmup_steps >= t.steps:

@@ -13,11 +13,12 @@ import copy
 from dataclasses import dataclass
 
 from elleci.algos import dpo_loss, hinge_loss, ipo_loss, robust_dpo_loss
-from elleci.algos.preference import collate_fn, pairwise_step, precompute_reference
+from elleci.algos.preference import collate_fn, pairwise_step
 
 from ._algos import tokred
 from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, tokenizer_for
 from .datasets import pair_items
+from .reference_pass import precompute_sharded
 from .sections import PairLossSection, ReferenceSection
 
 NAME, HELP = "dpo", "preference optimisation (dpo, cdpo, ipo, hinge, robust) on chosen/rejected pairs"
@@ -79,7 +80,8 @@ def reference_for(kind: str, model, items_list, *, pad_id: int, batch_size: int,
         todo = [it for items in items_list for it in items if "ref_chosen_logps" not in it and "ref_logps" not in it]
         if todo:
             print(f"computing the reference log-probs of {len(todo)} examples (once, before training)")
-            precompute_reference(model, todo, pad_token_id=pad_id, batch_size=batch_size, **tokred(token_reduction))
+            precompute_sharded(model, todo, pad_token_id=pad_id, batch_size=batch_size,
+                               token_reduction=token_reduction)
     return kind
 
 

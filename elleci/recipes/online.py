@@ -19,17 +19,20 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from elleci.algos.preference import precompute_reference
+import torch
+
 
 try:                                    # the one vocabulary of the reference (elleci.algos.reference)
     from elleci.algos import swapped_parameters, trainable_state
 except ImportError:                     # before the layout move
     from elleci.algos.iterative_dpo import swapped_parameters, trainable_state
 from elleci.trainer.batching import step_indices
+from elleci.trainer.distributed import from_main, is_main
 
 from ._algos import tokred
 
 from .datasets import encode_turn
+from .reference_pass import precompute_sharded
 
 
 def check_verifier_spec(spec: str) -> None:
@@ -84,11 +87,11 @@ class PairRounds:
         return items
 
     def _reference(self, items: list[dict]) -> None:
-        precompute_reference(self.model, items, pad_token_id=self.tok.pad_id, batch_size=self.batch_size,
-                             **tokred(self.token_reduction))
+        precompute_sharded(self.model, items, pad_token_id=self.tok.pad_id, batch_size=self.batch_size,
+                           token_reduction=self.token_reduction)
 
     def _start_round(self, r: int) -> None:
-        records, stats = self.make_records(r)
+        records, stats = from_main(lambda: self.make_records(r))   # one round for all processes: rank 0's
         items = self._encode(records)
         if items:
             if self.initial is not None:
@@ -108,7 +111,7 @@ class PairRounds:
         self.round, self.stats, self._fresh = r, {"round": r + 1, **stats, "round/train_pairs": len(items)}, True
         self.print_fn("round {} | {}".format(r + 1, " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                                 for k, v in self.stats.items() if k != "round")))
-        if self.out_dir is not None:
+        if self.out_dir is not None and is_main():
             (self.out_dir / "rounds").mkdir(parents=True, exist_ok=True)
             with open(self.out_dir / "rounds" / f"round-{r + 1}.jsonl", "w", encoding="utf-8") as f:
                 for rec in self.records:

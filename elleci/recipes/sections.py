@@ -76,6 +76,13 @@ class CheckpointSection:
 
 
 @dataclass
+class DistributedSection:
+    strategy: str = setting("auto", "under torchrun: ddp (each process holds the model; gradients all-reduced "
+                                    "once per step), fsdp (not implemented yet), auto (ddp)",
+                            choices=("auto", "ddp", "fsdp"))
+
+
+@dataclass
 class LogSection:
     every: int = setting(10, "log every N steps (metrics.jsonl, reporters, progress lines)", ge=1)
     report_to: list[str] = setting([], "also report to these (metrics.jsonl is always written)",

@@ -134,6 +134,17 @@ class _Mean:
             if k.endswith("/tokens"):
                 self.counts[k] = self.counts.get(k, 0.0) + float(v.item() if hasattr(v, "item") else v)
 
+    def merge_across_processes(self) -> "_Mean":
+        """Σ over processes of every numerator, denominator and count (a weighted mean of the whole step)."""
+        if dist.world_size() == 1:
+            return self
+        merged = _Mean()
+        for num, den, counts in dist.gather_objects((self.num, self.den, self.counts)):
+            for mine, theirs in ((merged.num, num), (merged.den, den), (merged.counts, counts)):
+                for k, v in theirs.items():
+                    mine[k] = mine.get(k, 0.0) + v
+        return merged
+
     def result(self) -> dict:
         out = {k: self.num[k] / self.den[k] for k in self.num if self.den[k] > 0 and k not in self.counts}
         return {**out, **self.counts}
@@ -154,6 +165,7 @@ class Trainer:
         self._save_final, self.on_start = save_final, on_start
         self.rank, self.world = dist.rank(), dist.world_size()
         self.accumulation = accumulation_steps(config.batch_size, config.micro_batch_size, self.world)
+        dist.broadcast_params(model)                     # all processes start from rank 0's weights
         if config.steps:
             self.total_steps = config.steps
         elif hasattr(self.source, "__len__"):
@@ -218,6 +230,8 @@ class Trainer:
             loss_sum += float(loss.detach()) * n
             mean.add(metrics, n)
             n_tokens += self.tokens(b)
+        dist.all_reduce_grads(self.model)                             # Σ over processes: the global gradient
+        mean = mean.merge_across_processes()
         lr = self.scheduler.get_last_lr()[0]                          # the LR this update uses
         grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.max_grad_norm or None)
         loss = dist.all_reduce_sum(loss_sum) / total if total > 0 else math.nan
@@ -235,15 +249,17 @@ class Trainer:
         try:
             if self.eval_data:
                 mean, loss_sum, total = _Mean(), 0.0, 0.0
-                step = self.config.micro_batch_size
-                for i in range(0, len(self.eval_data), step):
+                step = self.config.micro_batch_size          # process r takes micro-batches r, r + W, ...
+                for i in range(self.rank * step, len(self.eval_data), step * self.world):
                     b = self.collate(list(self.eval_data[i: i + step]))
                     n = float(self.units(b))
                     loss, metrics = self.step_fn(self.model, b)
                     loss_sum, total = loss_sum + float(loss) * n, total + n
                     mean.add(metrics, n)
-                out["loss"] = loss_sum / total if total else math.nan
-                out.update(mean.result())
+                mean.num["__loss"], mean.den["__loss"] = loss_sum, total
+                merged = mean.merge_across_processes().result()
+                out["loss"] = merged.pop("__loss", math.nan)
+                out.update(merged)
             if self.eval_fn is not None:
                 out.update(self.eval_fn(self.model))
             out = {f"eval_{k}": v for k, v in out.items()}
@@ -258,15 +274,20 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def checkpoint(self, done: int) -> Path | None:
-        if self.out is None or not dist.is_main():
+        if self.out is None:
             return None
-        extra = {"source": self.source.state_dict(), "samples_seen": done * self.config.batch_size}
-        return ckpt.save(self.out, done, self.model, self.optimizer, self.scheduler, extra=extra,
-                         run_config=self.config.compared_settings(), keep=self.config.keep)
+        path = None
+        if dist.is_main():                    # DDP: every process holds the same weights and optimizer state
+            extra = {"source": self.source.state_dict(), "samples_seen": done * self.config.batch_size}
+            path = ckpt.save(self.out, done, self.model, self.optimizer, self.scheduler, extra=extra,
+                             run_config=self.config.compared_settings(), keep=self.config.keep)
+        dist.barrier()                        # no process runs ahead of a checkpoint being published
+        return path if dist.is_main() else self.out / f"{ckpt.PREFIX}{done}"
 
     def _resume(self) -> int:
         if self.out is None:
             return 0
+        dist.barrier()                        # every process sees the same newest checkpoint
         got = ckpt.resume(self.out, self.model, self.optimizer, self.scheduler,
                           run_config=self.config.compared_settings(), allow_changes=self.config.allow_changes)
         if got is None:
@@ -275,7 +296,8 @@ class Trainer:
         step, extra, path = got
         _recompute_lr(self.optimizer, self.scheduler)
         self.source.load_state_dict((extra or {}).get("source", {}))
-        ckpt.truncate_metrics(self.out / "metrics.jsonl", step)
+        if dist.is_main():
+            ckpt.truncate_metrics(self.out / "metrics.jsonl", step)
         self.print_fn(f"resuming from {path} (step {step} of {self.total_steps})")
         return step
 
@@ -324,7 +346,9 @@ class Trainer:
                               reporters, progress)
                 if self._has_eval() and ((c.eval_every and done % c.eval_every == 0) or done == total):
                     self._log({"step": done, **self.evaluate()}, reporters, progress)
-                if self._stop is not None:
+                stop = int(dist.all_reduce_max(self._stop or 0))   # a signal on any process stops all here
+                if stop:
+                    self._stop = self._stop or stop
                     path = self.checkpoint(done)
                     raise TrainingInterrupted(self._stop, done, path)
                 if done == total or (c.checkpoint_every and done % c.checkpoint_every == 0):

@@ -1,13 +1,27 @@
-"""The one place that knows about processes: rank, world size and the sums across them.
+"""The one place that knows about processes: rank, world size, set-up from torchrun, and the sums across them.
 
 Without `torch.distributed` initialised (one process, the default) every function is the identity, so the
 trainer's arithmetic is written once for both cases: `batch_size` is the global number of sequences per
 optimizer step, each process runs `accumulation_steps(...)` micro-batches of its share, and the loss
 normaliser is the global sum of units (tokens or sequences) over all processes.
+
+Data parallelism (strategy "ddp"). Each process r back-propagates Σ_{i∈r} (n_i / N) l_i with N the units of
+the WHOLE step (all-reduced), so the global gradient is the SUM over processes of the local ones:
+
+    g = Σ_r Σ_{i∈r} (n_i / N) ∇l_i = ∇ (Σ_i n_i l_i / N)
+
+`all_reduce_grads` does that sum once per optimizer step (one flat all-reduce of the trainable gradients,
+what `DistributedDataParallel` does with `no_sync()` on all but the last micro-batch; the wrapper itself is
+not used because the step functions call the bare model and its methods). Parameters start equal on every
+rank (`broadcast_params` from rank 0) and, receiving the same gradient, stay equal.
 """
 from __future__ import annotations
 
+import os
+
 import torch
+
+STRATEGIES = ("auto", "ddp", "fsdp")
 
 
 def _dist():
@@ -29,14 +43,121 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def launched() -> bool:
+    """True under torchrun (or any launcher that sets WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init_from_env(device: str = "cpu") -> bool:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR/PORT, LOCAL_RANK): NCCL for
+    CUDA, gloo for CPU; on CUDA each process uses GPU LOCAL_RANK. Returns True when a group is (now) set up."""
+    if _dist() is not None:
+        return True
+    if not launched():
+        return False
+    cuda = str(device).startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    return True
+
+
+def shutdown() -> None:
+    if _dist() is not None:
+        torch.distributed.destroy_process_group()
+
+
+def resolve_strategy(strategy: str, uses_lora: bool) -> str:
+    """"auto": ddp for LoRA; for full fine-tuning too in this version ("fsdp" is refused, see the README)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"distributed.strategy = {strategy!r}; choose one of {STRATEGIES}")
+    if strategy == "fsdp":
+        raise ValueError("distributed.strategy = 'fsdp' is not implemented yet (issue 20, point 3); "
+                         "use 'ddp' (every process holds the whole model)")
+    return "ddp"
+
+
+def _tensor_device(model: torch.nn.Module):
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _collective_device(device):
+    """gloo reduces CPU tensors; NCCL needs them on the GPU."""
+    d = _dist()
+    if d is not None and d.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(value: float, device=None) -> float:
     """Σ over processes of a Python number (the identity in one process)."""
     d = _dist()
     if d is None:
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device(device))
     d.all_reduce(t)
     return float(t.item())
+
+
+def all_reduce_max(value: float) -> float:
+    d = _dist()
+    if d is None:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device(None))
+    d.all_reduce(t, op=d.ReduceOp.MAX)
+    return float(t.item())
+
+
+def broadcast_params(model: torch.nn.Module) -> None:
+    """Every parameter and buffer := rank 0's (what DDP does when it wraps a model)."""
+    d = _dist()
+    if d is None:
+        return
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            d.broadcast(t.data, src=0)
+
+
+def all_reduce_grads(model: torch.nn.Module) -> None:
+    """grad := Σ_r grad_r for every trainable parameter, as one flat all-reduce per dtype (missing grads
+    count as zero and are created, so every rank reduces the same tensors in the same order)."""
+    d = _dist()
+    if d is None:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    for dtype in sorted({p.grad.dtype for p in params}, key=str):
+        group = [p for p in params if p.grad.dtype == dtype]
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        d.all_reduce(flat)
+        offset = 0
+        for p in group:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
+            offset += n
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] (a one-element list in one process)."""
+    d = _dist()
+    if d is None:
+        return [obj]
+    out = [None] * d.get_world_size()
+    d.all_gather_object(out, obj)
+    return out
+
+
+def from_main(make):
+    """`make()` run on rank 0 only, its (picklable) result sent to every process; `make()` in one process."""
+    d = _dist()
+    if d is None:
+        return make()
+    box = [make() if d.get_rank() == 0 else None]
+    d.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:
