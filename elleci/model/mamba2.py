@@ -136,7 +136,8 @@ class Mamba2Mixer(nn.Module):
         if seq_idx is None:
             x_conv = F.silu(F.conv1d(xc, self.conv1d.weight, self.conv1d.bias, groups=Di)).transpose(1, 2)
         else:
-            x_conv = F.silu(conv_within_documents(xc, self.conv1d.weight, self.conv1d.bias, seq_idx)).transpose(1, 2)
+            x_conv = conv_within_documents(xc, self.conv1d.weight, self.conv1d.bias, seq_idx)
+            x_conv = F.silu(x_conv).transpose(1, 2)
 
         if self.input_gate:                                          # V2: per-head gain in [1, 1.5]
             prev = cache.prev_u if cache is not None else u.new_zeros(Bsz, u.shape[-1])
