@@ -10,7 +10,8 @@
            so the same peak memory. Tokens/s counts real (non-pad) tokens only.
 2. groups: G completions of `--new` tokens for P prompts of `--prompt-len` tokens (sampling T = 1, no EOS),
            one prefill per prompt (cache cloned G times) vs G prefills of every prompt. Prefill = a call with
-           one new token; total = the full call.
+           one new token; total = the full call. `--decoder`: `generate` (dynamic cache: MLA re-expands every
+           cached latent at every step) or `static-kv` (`generate(..., static=True)`: K/V expanded once).
 3. grpo:   one GRPO policy update (loss + backward) over P·G completions: one backward over all rows vs
            micro-batches of `--grpo-micro` rows (`grpo_step.grpo_backward`, the same gradient). Peak memory of
            the tensors alive during the update (`elleci.bench.live_tensor_peak_mib`; weights not counted).
@@ -144,17 +145,19 @@ def bench_groups(preset: str, args) -> None:
     P, G = args.prompts, args.group
     ids = torch.randint(4, model.config.vocab_size, (P, args.prompt_len), generator=g)
 
+    static = args.decoder == "static-kv"
+
     def call(share: bool, n: int):
         return lambda: model.generate(ids, n, temperature=1.0, num_return_sequences=G, share_prefill=share,
-                                      generator=torch.Generator().manual_seed(1))
+                                      generator=torch.Generator().manual_seed(1), static=static)
 
     times = repeat_alternating({"shared prefill": call(True, 1), f"{G} prefills": call(False, 1),
                                 "shared total": call(True, args.new), f"{G} prefills total": call(False, args.new)},
                                args.repeats, warmups={"shared total": call(True, 2), f"{G} prefills total": lambda: None})
     mn = {k: min(v) for k, v in times.items()}
     md = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\nGroups, {preset}: G={G} completions of {args.new} tokens for {P} prompts of {args.prompt_len} "
-          f"tokens ({P * G} rows decoded)")
+    print(f"\nGroups, {preset}, {args.decoder}: G={G} completions of {args.new} tokens for {P} prompts of "
+          f"{args.prompt_len} tokens ({P * G} rows decoded)")
     print("| arm | prefill s (min / median) | total s (min / median) | decode s (total − prefill, min) |")
     print("|---|---|---|---|")
     for arm, pre, tot in (("one prefill per prompt", "shared prefill", "shared total"),
@@ -226,6 +229,8 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--decoder", default="generate", choices=["generate", "static-kv"],
+                    help="groups: the dynamic-cache generate, or the static-cache decoder with expanded K/V")
     ap.add_argument("--grpo-prompts", type=int, default=8)
     ap.add_argument("--grpo-prompt-len", type=int, default=128)
     ap.add_argument("--grpo-micro", type=int, default=8)

@@ -59,9 +59,9 @@ def complete(model, tokenizer, ids: Sequence[Sequence[int]], *, max_new_tokens: 
                          f"{max_new_tokens}, {num_return_sequences}")
     if not ids:
         return []
-    k = num_return_sequences
-    extra_group = dict(num_return_sequences=k, share_prefill=share_prefill) if k > 1 else {}
-    per_batch = max(1, batch_size // k)
+    G = num_return_sequences
+    extra_group = dict(num_return_sequences=G, share_prefill=share_prefill) if G > 1 else {}
+    per_batch = max(1, batch_size // G)
     stops = stop_ids(tokenizer)
     extra = {k: v for k, v in (("top_k", top_k), ("top_p", top_p), ("generator", generator)) if v is not None}
     vocab = getattr(tokenizer, "vocab_size", None)       # the model's embedding may be padded beyond it
