@@ -92,7 +92,7 @@ SHAPES = [(5, 9), (3, 2), (8, 14), (2, 1), (6, 5), (4, 12), (7, 3)]
 def test_packed_logprobs_equal_each_example_alone(model):
     """Sums (means) of each example's token log-probs. The log-prob kernel returns fp32 per token whatever
     the model's dtype, and the two sides add them in different orders: 1e-6 relative (the hidden states
-    themselves agree to 1e-10: tests/model/test_documents.py)."""
+    themselves agree to 1e-10: tests/model/test_packed_documents.py)."""
     exs = examples(SHAPES)
     bins = ffd_bins([len(i) for i, _ in exs], 24)
     assert len(bins) < len(exs)                                      # several examples share a row
@@ -111,7 +111,7 @@ def test_packed_sft_step_equals_the_padded_one_loss_and_gradients(model):
     """The token-mean NLL of the batch and its gradient, packed (4 rows of 24) vs padded (7 rows). The loss is
     a sum of fp32 token log-probs (the kernel's output dtype): 1e-6 relative. Gradients: 1e-10 relative,
     except two that are fp32 sums over tokens by design, 1e-6: lm_head's (the log-prob kernel accumulates
-    it in fp32, DESIGN §4) and BitLinear's internal norm weights (tests/model/test_documents.py)."""
+    it in fp32, DESIGN §4) and BitLinear's internal norm weights (tests/model/test_packed_documents.py)."""
     exs = examples(SHAPES, seed=1)
     padded, packed = collate(exs, pad_token_id=1), pack_and_collate(exs, pad_token_id=1, max_length=24)
     assert int((packed.labels != IGNORE_INDEX).sum()) == int((padded[1][:, 1:] != IGNORE_INDEX).sum())
