@@ -11,6 +11,8 @@ What each one measures (`device` is a string such as "cuda" / "cpu" or a `torch.
                                          elsewhere
     extra_mib(device, fn)                MiB of CUDA memory allocated at the peak of one fn() call above what was
                                          allocated before it; NaN off CUDA
+    live_tensor_peak_mib(fn)             MiB at the peak of the tensor storages created during one fn() call and
+                                         still alive (any device; a Python hook per op: slow, never time it)
     copy_bandwidth(device, mib)          bytes/s of a device-to-device copy of `mib` MiB of float32, counting the
                                          bytes read plus the bytes written (2 x size / best time of 10)
     matmul_rate(device, dtype, n)        FLOP/s of an n x n x n matmul in `dtype` (2 n^3 / best time of 10)
@@ -20,10 +22,12 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["sync", "best_seconds", "median_ms", "extra_mib", "copy_bandwidth", "matmul_rate"]
+__all__ = ["sync", "best_seconds", "median_ms", "extra_mib", "live_tensor_peak_mib", "copy_bandwidth", "matmul_rate"]
 
 
 def _is_cuda(device) -> bool:
@@ -84,6 +88,41 @@ def extra_mib(device, fn) -> float:
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+class _LiveStorages(TorchDispatchMode):
+    """Counts the bytes of every storage an op creates, until the storage is freed (autograd's backward runs
+    under the mode too); `peak` is the largest total seen. Storages that existed before are not counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes: dict[int, int] = {}
+
+    def _freed(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not t.is_meta:
+                storage = t.untyped_storage()
+                key, n = storage.data_ptr(), storage.nbytes()
+                if n and key not in self._sizes:
+                    self._sizes[key] = n
+                    self.live += n
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self._freed, key)
+        return out
+
+
+def live_tensor_peak_mib(fn) -> float:
+    """MiB at the peak of the memory held by tensors created during one fn() call (activations, gradients,
+    temporaries; not the tensors that existed before, such as the weights). Works on any device, CPU
+    included, where no allocator statistics exist; adds Python work to every op, so never time that call."""
+    with _LiveStorages() as mode:
+        fn()
+    return mode.peak / 2**20
 
 
 def copy_bandwidth(device, mib: int) -> float:

@@ -3,7 +3,7 @@ import time
 
 import torch
 
-from elleci.bench import best_seconds, copy_bandwidth, extra_mib, matmul_rate, median_ms, sync
+from elleci.bench import best_seconds, copy_bandwidth, extra_mib, live_tensor_peak_mib, matmul_rate, median_ms, sync
 
 
 def test_median_ms_of_a_5ms_sleep_is_about_5ms():
@@ -37,3 +37,18 @@ def test_rates_are_positive_and_finite_on_small_cpu_sizes():
     flops = matmul_rate(torch.device("cpu"), torch.float32, 64)
     assert math.isfinite(bw) and bw > 0
     assert math.isfinite(flops) and flops > 0
+
+
+def test_live_tensor_peak_counts_what_is_alive_at_once():
+    """Two 4 MiB tensors alive together, then freed, then one 2 MiB: the peak is 8 MiB (+ a scalar)."""
+    def fn():
+        a = torch.zeros(2**20)                    # 4 MiB of float32
+        b = a + 1                                 # 4 MiB more, both alive
+        del a, b
+        c = torch.zeros(2**19)                    # 2 MiB after the others were freed
+        return c.sum()
+    assert 8.0 <= live_tensor_peak_mib(fn) < 8.01
+    w = torch.randn(256, 256, requires_grad=True)               # existed before: not counted
+    x = torch.randn(1024, 256)
+    peak = live_tensor_peak_mib(lambda: (x @ w).relu().sum().backward())
+    assert 1.0 <= peak < 3.0                      # [1024, 256] activations (1 MiB each) and w's 0.25 MiB grad

@@ -44,15 +44,20 @@ def reduce_token_logps(token_logps: torch.Tensor, mask: torch.Tensor, token_redu
 
 
 def sequence_logprobs(model, input_ids: torch.Tensor, labels: torch.Tensor, *, token_reduction: str = "sum",
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None
+                      ) -> torch.Tensor:
     """log π(labels | prefix) per sequence ([B]) or per token ([B, L-1] with token_reduction="none").
 
     `model` is an ElleciLM (anything with `hidden_states(ids, attention_mask)` and `lm_head`). Right
-    padding needs no attention mask (the model is causal; padded labels are -100).
+    padding needs no attention mask (the model is causal; padded labels are -100). seq_idx [B, L]: packed
+    documents (`elleci.algos.packing`); a row's sum then runs over all its documents.
     """
     if input_ids.shape != labels.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and labels {tuple(labels.shape)} must have one shape")
-    h = model.hidden_states(input_ids, attention_mask)                   # [B, L, d]
+    if seq_idx is None:
+        h = model.hidden_states(input_ids, attention_mask)               # [B, L, d]
+    else:
+        h = model.hidden_states(input_ids, attention_mask, seq_idx=seq_idx)
     tok = token_logps_from_hidden(h, model.lm_head.weight, labels)        # [B, L-1]
     return reduce_token_logps(tok, labels[:, 1:] != IGNORE_INDEX, token_reduction)
 

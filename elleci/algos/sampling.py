@@ -10,9 +10,11 @@ Any object with ElleciLM's small interface works as the model (DESIGN §5): `gen
 checkpoint. Prompts are a chat message list or a string (one user turn) rendered with the chat
 template plus the generation prompt, or raw text (`chat=False`) for base-model prompting.
 
-Sampling K responses per prompt repeats each prompt K times in one batch and draws every row from one
+Sampling K responses per prompt decodes each prompt K times in one batch and draws every row from one
 seeded `torch.Generator`: the rows are independent samples under the same decoding settings (the
-"different seeds" of the RLHFlow/RLAIF-V recipes), reproducible from `seed`.
+"different seeds" of the RLHFlow/RLAIF-V recipes), reproducible from `seed`. Each prompt is prefilled
+once and its state cloned K times (`share_prefill=True`, `generate(..., num_return_sequences=K)`); the
+decoding batches and so the draws are those of K separate prefills, and the texts are the same.
 """
 from __future__ import annotations
 
@@ -44,15 +46,22 @@ def _device(model) -> torch.device:
 @torch.no_grad()
 def complete(model, tokenizer, ids: Sequence[Sequence[int]], *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None, batch_size: int = 64) -> list[str]:
-    """One completion per prompt (new tokens only, cut at the first stop token, specials dropped).
+             generator: torch.Generator | None = None, batch_size: int = 64, num_return_sequences: int = 1,
+             share_prefill: bool = True) -> list[str]:
+    """One completion per prompt (new tokens only, cut at the first stop token, specials dropped), or
+    `num_return_sequences` (K) per prompt, prompt-major ([p0 × K, p1 × K, ...]).
 
-    temperature=0.0 is greedy. The model's train/eval mode is restored.
+    temperature=0.0 is greedy. The model's train/eval mode is restored. A batch decodes about `batch_size`
+    rows: batch_size // K prompts (at least one), each prefilled once (or K times: `share_prefill=False`).
     """
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    if batch_size < 1 or max_new_tokens < 1 or num_return_sequences < 1:
+        raise ValueError(f"batch_size, max_new_tokens and num_return_sequences must be >= 1, got {batch_size}, "
+                         f"{max_new_tokens}, {num_return_sequences}")
     if not ids:
         return []
+    G = num_return_sequences
+    extra_group = dict(num_return_sequences=G, share_prefill=share_prefill) if G > 1 else {}
+    per_batch = max(1, batch_size // G)
     stops = stop_ids(tokenizer)
     extra = {k: v for k, v in (("top_k", top_k), ("top_p", top_p), ("generator", generator)) if v is not None}
     vocab = getattr(tokenizer, "vocab_size", None)       # the model's embedding may be padded beyond it
@@ -60,10 +69,10 @@ def complete(model, tokenizer, ids: Sequence[Sequence[int]], *, max_new_tokens: 
     model.eval()
     texts = []
     try:
-        for start in range(0, len(ids), batch_size):
-            batch = [list(p) for p in ids[start:start + batch_size]]
+        for start in range(0, len(ids), per_batch):
+            batch = [list(p) for p in ids[start:start + per_batch]]
             out = model.generate(batch, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=stops,
-                                 **extra)
+                                 **extra, **extra_group)
             width = max(map(len, batch))
             for row in out[:, width:].tolist():
                 cut = next((i for i, t in enumerate(row) if t in stops), len(row))
@@ -76,17 +85,21 @@ def complete(model, tokenizer, ids: Sequence[Sequence[int]], *, max_new_tokens: 
 
 def sample_responses(model, tokenizer, prompts: Sequence, k: int = 4, *, temperature: float = 1.0,
                      top_p: float | None = None, top_k: int | None = None, max_new_tokens: int = 64,
-                     seed: int = 0, batch_size: int = 64, chat: bool = True) -> list[list[str]]:
-    """K sampled responses per prompt → [len(prompts)][k] strings (same settings, independent draws)."""
+                     seed: int = 0, batch_size: int = 64, chat: bool = True, share_prefill: bool = True
+                     ) -> list[list[str]]:
+    """K sampled responses per prompt → [len(prompts)][k] strings (same settings, independent draws).
+
+    Each prompt is prefilled once and its cache cloned k times (`share_prefill=False`: k prefills, the
+    same texts); batches of batch_size // k prompts (module docstring)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if temperature <= 0:
         raise ValueError("sample_responses needs temperature > 0 (use complete(..., temperature=0) for greedy)")
     ids = prompt_ids(tokenizer, prompts, chat=chat)
-    repeated = [p for p in ids for _ in range(k)]                      # prompt-major: rows i*k .. i*k+k-1
     gen = torch.Generator(device=_device(model)).manual_seed(seed)
-    flat = complete(model, tokenizer, repeated, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_k=top_k, top_p=top_p, generator=gen, batch_size=batch_size)
+    flat = complete(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                    top_p=top_p, generator=gen, batch_size=batch_size, num_return_sequences=k,
+                    share_prefill=share_prefill)   # prompt-major: rows i*k .. i*k+k-1
     return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 

@@ -33,11 +33,14 @@ def sft_loss(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tenso
 
 
 def sft_step(model, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-    """The loss of one (input_ids, labels) batch, for `train_loop`."""
-    ids, labels = batch
+    """The loss of one (input_ids, labels) batch, for `train_loop`; a `PackedBatch` (`elleci.algos.packing`)
+    also passes its seq_idx, so packed examples do not see each other."""
+    ids, labels = batch[0], batch[1]
+    seq_idx = getattr(batch, "seq_idx", None)
     device = next(model.parameters()).device
     ids, labels = ids.to(device), labels.to(device)
-    tok = sequence_logprobs(model, ids, labels, token_reduction="none")      # [B, L-1]
+    tok = sequence_logprobs(model, ids, labels, token_reduction="none",
+                            seq_idx=None if seq_idx is None else seq_idx.to(device))      # [B, L-1]
     return sft_loss(tok, labels[:, 1:] != IGNORE_INDEX)
 
 

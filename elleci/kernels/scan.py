@@ -1,16 +1,21 @@
 """The Mamba mixer's selective scan (Elleci form) as a Triton kernel, forward and backward.
 
-    y, h_final = selective_scan(x, dt, A, B, C, D, h0=None)        # Triton kernel or reference (dispatch)
-    y, h_final = selective_scan_ref(x, dt, A, B, C, D, h0=None)    # the sequential PyTorch reference
+    y, h_final = selective_scan(x, dt, A, B, C, D, h0=None, seq_idx=None)   # Triton kernel or reference
+    y, h_final = selective_scan_ref(x, dt, A, B, C, D, h0=None)             # the sequential PyTorch reference
 
 Shapes: x, dt [b, L, c]; A, D [c] (A < 0, one value per channel: the per-head A repeated); B, C [b, L, N]
-(one group shared by all channels); h0 [b, c, N] or None (zeros). Returns y [b, L, c] in x's dtype and the
-final state h_L [b, c, N] in fp32. x, dt, B, C may be bf16 / fp16 / fp32; the state and every sum are fp32.
+(one group shared by all channels); h0 [b, c, N] or None (zeros); seq_idx [b, L] integer document indices
+or None (packed documents: the state restarts at zero where seq_idx changes, see `scan_ref`). Returns
+y [b, L, c] in x's dtype and the final state h_L [b, c, N] in fp32. x, dt, B, C may be bf16 / fp16 / fp32;
+the state and every sum are fp32.
 
 Maths. With the log-decay a_t = A dt_t and the input u_t = dt_t x_t (both [c]),
 
     h_t = exp(a_t) h_{t-1} + u_t B_t              # h_t[c, n] = exp(a_t[c]) h_{t-1}[c, n] + u_t[c] B_t[n]
     y_t = C_t · h_t + D x_t                       # y_t[c] = Σ_n C_t[n] h_t[c, n] + D[c] x_t[c]
+
+With `seq_idx` the decay exp(a_t) is multiplied by s_t = [seq_idx_t == seq_idx_{t-1}] (1 at t = 0) in the
+forward, the recompute and every formula below (g's recursion and da_t alike), so nothing crosses a start.
 
 Backward, with upstream gradients dy_t [c] and dh_L [b, c, N] (0 when h_final is unused): the adjoint of
 the state g_t = dLoss/dh_t runs backwards,
@@ -83,10 +88,18 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
-    def _scan_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, y_ptr, hL_ptr, ckpt_ptr,
+    def _same_doc(seq_ptr, t, L, t_c):
+        """s_t as a [BLOCK_C] vector: 0.0 where a document starts at step t (0 < t < L), else 1.0."""
+        inside = (t_c + t < L) & (t_c + t > 0)
+        cur = tl.load(seq_ptr + t + t_c, mask=inside, other=0)
+        prev = tl.load(seq_ptr + t - 1 + t_c, mask=inside, other=0)
+        return tl.where(cur != prev, 0.0, 1.0)
+
+    @triton.jit
+    def _scan_fwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, h0_ptr, seq_ptr, y_ptr, hL_ptr, ckpt_ptr,
                          L, c, N, n_chunks,
                          BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
-                         HAS_H0: tl.constexpr, SAVE: tl.constexpr):
+                         HAS_H0: tl.constexpr, SAVE: tl.constexpr, HAS_SEQ: tl.constexpr):
         """y, h_L and (SAVE) the state entering every chunk of K steps for channels [pid_c*BLOCK_C, +BLOCK_C)."""
         pid_c = tl.program_id(0)
         pid_b = tl.program_id(1).to(tl.int64)
@@ -117,17 +130,20 @@ if triton_available():
                 dt = tl.load(dt_ptr + xb + t * c + cc, mask=mc, other=0.0).to(tl.float32)
                 Bt = tl.load(B_ptr + bb + t * N + nn, mask=mn, other=0.0).to(tl.float32)
                 Ct = tl.load(C_ptr + bb + t * N + nn, mask=mn, other=0.0).to(tl.float32)
-                h = tl.exp(A * dt)[:, None] * h + (dt * x)[:, None] * Bt[None, :]
+                decay = tl.exp(A * dt)
+                if HAS_SEQ:
+                    decay = decay * _same_doc(seq_ptr + pid_b * L, t, L, t_c)
+                h = decay[:, None] * h + (dt * x)[:, None] * Bt[None, :]
                 y = tl.sum(h * Ct[None, :], axis=1) + D * x
                 tl.store(y_ptr + xb + t * c + cc, y.to(y_ptr.dtype.element_ty), mask=mc)
         tl.store(hL_ptr + pid_b * c * N + cn, h, mask=cn_ok)
 
     @triton.jit
-    def _scan_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, ckpt_ptr, dy_ptr, dhL_ptr, scratch_ptr,
-                         dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dh0_ptr,
+    def _scan_bwd_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, seq_ptr, ckpt_ptr, dy_ptr, dhL_ptr,
+                         scratch_ptr, dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dh0_ptr,
                          L, c, N, n_chunks,
                          BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
-                         HAS_DHL: tl.constexpr):
+                         HAS_DHL: tl.constexpr, HAS_SEQ: tl.constexpr):
         """Gradients for channels [pid_c*BLOCK_C, +BLOCK_C) of sequence pid_b, chunks of K steps in reverse.
 
         dB, dC are partials [b, L, n_cblocks, N] (this channel block's share); dA, dD partials [b, c]."""
@@ -168,7 +184,10 @@ if triton_available():
                 x = tl.load(x_ptr + xb + t * c + cc, mask=mc, other=0.0).to(tl.float32)
                 dt = tl.load(dt_ptr + xb + t * c + cc, mask=mc, other=0.0).to(tl.float32)
                 Bt = tl.load(B_ptr + bb + t * N + nn, mask=mn, other=0.0).to(tl.float32)
-                h = tl.exp(A * dt)[:, None] * h + (dt * x)[:, None] * Bt[None, :]
+                decay = tl.exp(A * dt)
+                if HAS_SEQ:
+                    decay = decay * _same_doc(seq_ptr + pid_b * L, t, L, t_c)
+                h = decay[:, None] * h + (dt * x)[:, None] * Bt[None, :]
             tl.debug_barrier()
             # reverse walk; h is h_t, loaded h_prev is h_{t-1}
             for j in range(0, K):
@@ -183,6 +202,8 @@ if triton_available():
                 Bt = tl.load(B_ptr + bb + t * N + nn, mask=mn, other=0.0).to(tl.float32)
                 Ct = tl.load(C_ptr + bb + t * N + nn, mask=mn, other=0.0).to(tl.float32)
                 decay = tl.exp(A * dt)
+                if HAS_SEQ:
+                    decay = decay * _same_doc(seq_ptr + pid_b * L, t, L, t_c)
                 u = dt * x
                 g = g + dy[:, None] * Ct[None, :]                        # g_t
                 dC = tl.sum(dy[:, None] * h, axis=0)                     # [BLOCK_N], this block's share
@@ -222,7 +243,7 @@ def _config(x: torch.Tensor, c: int, N: int, backward: bool) -> tuple[int, int, 
     return block_c, block_n, _CUDA_CHUNK, warps
 
 
-def _forward(x, dt, A, B, C, D, h0, save: bool):
+def _forward(x, dt, A, B, C, D, h0, seq, save: bool):
     b, L, c = x.shape
     N = B.shape[-1]
     block_c, block_n, K, warps = _config(x, c, N, backward=False)
@@ -231,12 +252,13 @@ def _forward(x, dt, A, B, C, D, h0, save: bool):
     hL = torch.empty(b, c, N, dtype=torch.float32, device=x.device)
     ckpt = torch.empty(b, n_chunks, c, N, dtype=torch.float32, device=x.device) if save else hL
     _scan_fwd_kernel[(triton.cdiv(c, block_c), b)](
-        x, dt, A, B, C, D, h0 if h0 is not None else hL, y, hL, ckpt, L, c, N, n_chunks,
-        BLOCK_C=block_c, BLOCK_N=block_n, K=K, HAS_H0=h0 is not None, SAVE=save, num_warps=warps)
+        x, dt, A, B, C, D, h0 if h0 is not None else hL, seq if seq is not None else hL, y, hL, ckpt,
+        L, c, N, n_chunks, BLOCK_C=block_c, BLOCK_N=block_n, K=K, HAS_H0=h0 is not None, SAVE=save,
+        HAS_SEQ=seq is not None, num_warps=warps)
     return y, hL, (ckpt if save else None)
 
 
-def _backward(x, dt, A, B, C, D, ckpt, dy, dhL):
+def _backward(x, dt, A, B, C, D, seq, ckpt, dy, dhL):
     b, L, c = x.shape
     N = B.shape[-1]
     block_c, block_n, K, warps = _config(x, c, N, backward=True)
@@ -248,36 +270,36 @@ def _backward(x, dt, A, B, C, D, ckpt, dy, dhL):
     dA_part, dD_part = torch.empty(b, c, **f32), torch.empty(b, c, **f32)
     dh0 = torch.empty(b, c, N, **f32)
     _scan_bwd_kernel[(n_cb, b)](
-        x, dt, A, B, C, D, ckpt, dy, dhL if dhL is not None else dh0, scratch,
+        x, dt, A, B, C, D, seq if seq is not None else dh0, ckpt, dy, dhL if dhL is not None else dh0, scratch,
         dx, ddt, dB_part, dC_part, dA_part, dD_part, dh0, L, c, N, n_chunks,
-        BLOCK_C=block_c, BLOCK_N=block_n, K=K, HAS_DHL=dhL is not None, num_warps=warps)
+        BLOCK_C=block_c, BLOCK_N=block_n, K=K, HAS_DHL=dhL is not None, HAS_SEQ=seq is not None, num_warps=warps)
     return dx, ddt, dA_part.sum(0), dB_part.sum(2), dC_part.sum(2), dD_part.sum(0), dh0
 
 
 class _TritonScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, D, h0, save):
-        y, hL, ckpt = _forward(x, dt, A, B, C, D, h0, save)
+    def forward(ctx, x, dt, A, B, C, D, h0, seq, save):
+        y, hL, ckpt = _forward(x, dt, A, B, C, D, h0, seq, save)
         if save:
-            ctx.save_for_backward(x, dt, A, B, C, D, ckpt)
+            ctx.save_for_backward(x, dt, A, B, C, D, ckpt, seq)
             ctx.h0_dtype = None if h0 is None else h0.dtype
         return y, hL
 
     @staticmethod
     def backward(ctx, dy, dhL):
-        x, dt, A, B, C, D, ckpt = ctx.saved_tensors
+        x, dt, A, B, C, D, ckpt, seq = ctx.saved_tensors
         dy = torch.zeros_like(x) if dy is None else dy.contiguous()
         dhL = None if dhL is None else dhL.contiguous()
-        dx, ddt, dA, dB, dC, dD, dh0 = _backward(x, dt, A, B, C, D, ckpt, dy, dhL)
+        dx, ddt, dA, dB, dC, dD, dh0 = _backward(x, dt, A, B, C, D, seq, ckpt, dy, dhL)
         need = ctx.needs_input_grad
         grads = (dx, ddt, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype),
                  None if ctx.h0_dtype is None else dh0.to(ctx.h0_dtype))
-        return tuple(gr if n else None for gr, n in zip(grads, need)) + (None,)
+        return tuple(gr if n else None for gr, n in zip(grads, need)) + (None, None)
 
 
 # ------------------------------------------------------------------------------------------- public API
 
-def _check(x, dt, A, B, C, D, h0) -> None:
+def _check(x, dt, A, B, C, D, h0, seq_idx=None) -> None:
     named = dict(x=x, dt=dt, A=A, B=B, C=C, D=D) | ({} if h0 is None else dict(h0=h0))
     for name, t in named.items():
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -299,6 +321,11 @@ def _check(x, dt, A, B, C, D, h0) -> None:
         raise ValueError(f"C {tuple(C.shape)} must have B's shape {tuple(B.shape)}")
     if h0 is not None and h0.shape != (b, c, B.shape[-1]):
         raise ValueError(f"h0 must be [b, c, N] = [{b}, {c}, {B.shape[-1]}], got shape {tuple(h0.shape)}")
+    if seq_idx is not None and (not isinstance(seq_idx, torch.Tensor) or seq_idx.is_floating_point()
+                                or seq_idx.is_complex() or seq_idx.shape != (b, L) or seq_idx.device != x.device):
+        raise ValueError(f"seq_idx must be an integer tensor [b, L] = [{b}, {L}] on {x.device}, got "
+                         + (f"{seq_idx.dtype} {tuple(seq_idx.shape)} on {seq_idx.device}"
+                            if isinstance(seq_idx, torch.Tensor) else type(seq_idx).__name__))
 
 
 def _empty_length(x, B, h0, state_dtype):
@@ -308,37 +335,39 @@ def _empty_length(x, B, h0, state_dtype):
     return x.new_empty(b, 0, c), h
 
 
-def selective_scan_ref(x, dt, A, B, C, D, h0=None):
+def selective_scan_ref(x, dt, A, B, C, D, h0=None, seq_idx=None):
     """Pure-PyTorch `selective_scan` (same contract): `scan_ref.ssm_scan_ref` on upcast inputs.
 
     Runs the sequential definition in fp32 (fp64 for fp64 inputs), with PyTorch autograd (which stores every
     state: memory b·L·c·N, it is the reference). Returns y in x's dtype and the final state in fp32 (fp64).
     """
-    _check(x, dt, A, B, C, D, h0)
+    _check(x, dt, A, B, C, D, h0, seq_idx)
     f = torch.promote_types(x.dtype, torch.float32)
     if x.shape[1] == 0:
         return _empty_length(x, B, h0, f)
-    y, h = ssm_scan_ref(*(t.to(f) for t in (x, dt, A, B, C, D)), None if h0 is None else h0.to(f))
+    y, h = ssm_scan_ref(*(t.to(f) for t in (x, dt, A, B, C, D)), None if h0 is None else h0.to(f), seq_idx)
     return y.to(x.dtype), h
 
 
 def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
-                   D: torch.Tensor, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   D: torch.Tensor, h0: torch.Tensor | None = None, seq_idx: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """The Elleci selective scan h_t = exp(A dt_t) h_{t-1} + dt_t x_t B_t, y_t = C_t·h_t + D x_t.
 
-    x, dt [b, L, c]; A, D [c]; B, C [b, L, N]; h0 [b, c, N] or None. Returns (y [b, L, c] in x's dtype,
+    x, dt [b, L, c]; A, D [c]; B, C [b, L, N]; h0 [b, c, N] or None; seq_idx [b, L] integer document
+    indices or None (the state restarts at zero where seq_idx changes). Returns (y [b, L, c] in x's dtype,
     h_L [b, c, N] fp32). Gradients flow to every input that requires one, including h0, and an upstream
     gradient on h_L is honoured. Runs the Triton kernel (memory linear in b·L·c, see the module docstring)
     or `selective_scan_ref` following `elleci.kernels.dispatch.resolve_backend(x)` ("auto": the kernel for
     CUDA tensors). Shapes that disagree raise ValueError.
     """
     if resolve_backend(x) != "triton":
-        return selective_scan_ref(x, dt, A, B, C, D, h0)
-    _check(x, dt, A, B, C, D, h0)
+        return selective_scan_ref(x, dt, A, B, C, D, h0, seq_idx)
+    _check(x, dt, A, B, C, D, h0, seq_idx)
     if x.shape[1] == 0:
         return _empty_length(x, B, h0, torch.float32)
     if x.numel() == 0 or B.shape[-1] == 0:               # nothing for a kernel to do: b = 0, c = 0 or N = 0
-        return selective_scan_ref(x, dt, A, B, C, D, h0)
+        return selective_scan_ref(x, dt, A, B, C, D, h0, seq_idx)
     _, L, c = x.shape
     span = L * max(c, (c // 4 + 1) * B.shape[-1])       # offsets in a sequence: t·c (x, y), t·n_cblocks·N (dB)
     if span >= 2**31:
@@ -346,18 +375,20 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
                          f"are int32; use the 'torch' backend or split the sequence (h0 carries the state)")
     args = [t.contiguous() for t in (x, dt, A, B, C, D)] + [None if h0 is None else h0.contiguous()]
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args)   # checkpoints
-    return _TritonScan.apply(*args, save)
+    seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+    return _TritonScan.apply(*args, seq, save)
 
 
-def ssm_scan(x, dt, A, B, C, D, h0=None, *, chunk_size: int = 16):
+def ssm_scan(x, dt, A, B, C, D, h0=None, *, chunk_size: int = 16, seq_idx=None):
     """The Mamba mixer's scan, one dispatcher: x, dt [b, L, c]; A, D [c] (fp32 or fp64); B, C [b, L, N];
-    h0 [b, c, N] or None -> (y [b, L, c], h_L [b, c, N]).
+    h0 [b, c, N] or None; seq_idx [b, L] document indices or None -> (y [b, L, c], h_L [b, c, N]).
 
     Under `resolve_backend(x) == "triton"` (the default for CUDA tensors) the Triton kernel reads the
     operands in their dtype (bf16 included) with an fp32 state; otherwise the chunked PyTorch form runs on
     fp32 copies (fp64 stays fp64), chunks of `chunk_size`. y comes back in fp32 (fp64); the caller casts.
     """
     if resolve_backend(x) == "triton":
-        return selective_scan(x, dt, A, B, C, D, None if h0 is None else h0.float())
+        return selective_scan(x, dt, A, B, C, D, None if h0 is None else h0.float(), seq_idx)
     f = torch.promote_types(x.dtype, torch.float32)
-    return ssm_scan_chunked(x.to(f), dt.to(f), A, B.to(f), C.to(f), D, h0, chunk_size=chunk_size)
+    return ssm_scan_chunked(x.to(f), dt.to(f), A, B.to(f), C.to(f), D, h0, chunk_size=chunk_size,
+                            seq_idx=seq_idx)

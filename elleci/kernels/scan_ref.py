@@ -5,6 +5,14 @@ With the log-decay a_t = A dt_t and the input u_t = dt_t x_t (per channel c; one
     h_t = exp(a_t) h_{t-1} + u_t B_t          # h: [b, c, N]
     y_t = C_t · h_t + D x_t
 
+Packed documents (`seq_idx`, mamba_ssm's name and convention: [b, L] integers, the document index of each
+position). A document starts at t > 0 where seq_idx[t] != seq_idx[t-1]; there the state restarts at zero:
+
+    h_t = exp(a_t) h_{t-1} [seq_idx_t == seq_idx_{t-1}] + u_t B_t
+
+so each document's outputs are those of its own scan from a zero state (h0, when given, enters the first
+document of each row only). `seq_idx=None` is one document per row.
+
 * `ssm_scan_ref`: the definition, one step at a time (`ssm_step`), also used for cached decoding;
 * `ssm_scan_chunked`: the chunked parallel (SSD) form. Within a chunk of length Q,
       y_t = Σ_{s≤t} (C_t·B_s) exp(Σ_{k=s+1..t} a_k) u_s + C_t·(exp(Σ_{k≤t} a_k) h_in),
@@ -29,15 +37,26 @@ def ssm_step(h, x, dt, A, B, C, D):
     return y, h
 
 
-def ssm_scan_ref(x, dt, A, B, C, D, h0=None):
-    """Sequential reference scan. x, dt: [b, L, c]; A, D: [c]; B, C: [b, L, N]; h0: [b, c, N] or None.
+def document_starts(seq_idx: torch.Tensor) -> torch.Tensor:
+    """[b, L] document indices -> [b, L] bool, True at t > 0 where a new document starts (seq_idx changes)."""
+    starts = torch.zeros(seq_idx.shape, dtype=torch.bool, device=seq_idx.device)
+    starts[:, 1:] = seq_idx[:, 1:] != seq_idx[:, :-1]
+    return starts
+
+
+def ssm_scan_ref(x, dt, A, B, C, D, h0=None, seq_idx=None):
+    """Sequential reference scan. x, dt: [b, L, c]; A, D: [c]; B, C: [b, L, N]; h0: [b, c, N] or None;
+    seq_idx: [b, L] document indices or None (the state restarts at zero where a document starts).
 
     Returns y [b, L, c] and the final state [b, c, N], in the inputs' dtype (the mixer passes fp32 or fp64).
     """
     b, L, c = x.shape
     h = x.new_zeros(b, c, B.shape[-1]) if h0 is None else h0
+    same = None if seq_idx is None else ~document_starts(seq_idx)
     ys = []
     for t in range(L):
+        if same is not None:                                        # [same document] · h_{t-1}
+            h = h * same[:, t, None, None].to(h.dtype)
         y, h = ssm_step(h, x[:, t], dt[:, t], A, B[:, t], C[:, t], D)
         ys.append(y)
     return torch.stack(ys, dim=1), h
@@ -72,8 +91,13 @@ def _intra_chunk(a, u, CB):
     return torch.einsum("bzts,bzcts,bzcs->bztc", CB, decay, u)
 
 
-def ssm_scan_chunked(x, dt, A, B, C, D, h0=None, chunk_size: int = 64, block_bytes: int | None = None):
+def ssm_scan_chunked(x, dt, A, B, C, D, h0=None, chunk_size: int = 64, block_bytes: int | None = None,
+                     seq_idx=None):
     """Chunked parallel scan, same contract and result as `ssm_scan_ref`.
+
+    Documents (`seq_idx`): the log-decay is -inf where a document starts, so exp(a_t) = 0 cuts every
+    product of decays across the start (no other change: every term below is a sum of a's, never a
+    difference, so -inf never meets +inf).
 
     The sequence is right-padded with dt = x = 0 to a multiple of Q (a padded step leaves the state
     unchanged: decay exp(0) = 1, input 0), split into chunks, and each chunk solved in closed form.
@@ -96,8 +120,11 @@ def ssm_scan_chunked(x, dt, A, B, C, D, h0=None, chunk_size: int = 64, block_byt
         x, dt = F.pad(x, (0, 0, 0, pad)), F.pad(dt, (0, 0, 0, pad))
         B, C = F.pad(B, (0, 0, 0, pad)), F.pad(C, (0, 0, 0, pad))
     nc = (L + pad) // Q
+    a = dt * A                                                      # [b, L + pad, c]
+    if seq_idx is not None:                                         # a document start: exp(a_t) = 0
+        a = a.masked_fill(F.pad(document_starts(seq_idx), (0, pad))[..., None], -math.inf)
     # chunked views, channels before time: a, u: [b, nc, c, Q]; B, C: [b, nc, Q, N]
-    a = (dt * A).view(b, nc, Q, c).transpose(-1, -2)
+    a = a.view(b, nc, Q, c).transpose(-1, -2)
     u = (dt * x).view(b, nc, Q, c).transpose(-1, -2)
     Bc, Cc = B.view(b, nc, Q, N), C.view(b, nc, Q, N)
 

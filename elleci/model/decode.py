@@ -66,9 +66,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .generation import check_generation, eos_and_pad, left_pad, sample_next
+from .generation import check_generation, check_group_size, eos_and_pad, left_pad, sample_next
 from .static_cache import (KV_MODES, StaticCache, _autocast, _check_kv_mode, decode_hidden, decode_step,  # noqa: F401
-                           prompt_positions, prompt_state, stop_column)
+                           prompt_positions, prompt_state, select_state_rows, stop_column)
 
 WARMUP_STEPS = 2
 """Eager steps run on a side stream before a CUDA graph capture (lazy initialisation, cuBLAS workspaces)."""
@@ -104,23 +104,31 @@ class StaticDecoder:
 
     # ---- the two phases ---------------------------------------------------------------------------
     @torch.no_grad()
-    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Left-padded prompts ids, mask [B, P] -> logits [B, V] fp32 of each row's last token.
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor, *, seq_idx: torch.Tensor | None = None,
+                num_return_sequences: int = 1) -> torch.Tensor:
+        """Left-padded prompts ids, mask [B, P] -> logits [B·G, V] fp32 of each row's last token.
 
         Runs `model.hidden_states` with the dynamic cache (the reference code) and copies its state into
-        the buffers, allocating them (and dropping the graph) only when they do not fit.
+        the buffers, allocating them (and dropping the graph) only when they do not fit. seq_idx [B, P]:
+        packed documents, decoding continues each row's last one (`elleci.model.documents`).
+        num_return_sequences G: each prompt's state is prefilled once and cloned into G rows (prompt-major).
         """
+        G = check_group_size(num_return_sequences)
         P = ids.shape[1]
         if P > self.max_len:
             raise ValueError(f"a prompt of {P} tokens does not fit the static cache (max_len={self.max_len})")
         model = self.model
         self._drop_stale_graph()             # before the forward, so that a pinned old weight cache is freed
         prefill = model.new_cache(ids.shape[0])
-        h = model.hidden_states(ids, attention_mask=None if bool(mask.all()) else mask, cache=prefill)
+        h = model.hidden_states(ids, attention_mask=None if bool(mask.all()) else mask, cache=prefill,
+                                seq_idx=seq_idx)
         logits = model.lm_head(h[:, -1]).float()
-        layers = prompt_state(model, prefill, self.kv_mode)
+        layers, mask = prompt_state(model, prefill, self.kv_mode), prefill.mask   # (seq_idx masks earlier documents)
+        if G > 1:                                                            # one prefill, G copies of the state
+            group = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(G)
+            layers, mask, logits = select_state_rows(layers, group), mask[group], logits[group]
         if self.cache is None or not self.cache.fits(layers, mask):
-            self.cache = StaticCache.like(layers, ids.shape[0], self.max_len, self.kv_mode, self.device)
+            self.cache = StaticCache.like(layers, mask.shape[0], self.max_len, self.kv_mode, self.device)
             self._graph = self._pinned = None
         self._drop_stale_graph()
         self.cache.load_(layers, mask)
@@ -191,7 +199,8 @@ class StaticDecoder:
     def generate(self, input_ids, max_new_tokens: int = 32, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
                  pad_token_id: int | None = None, generator: torch.Generator | None = None,
-                 attention_mask: torch.Tensor | None = None, eos_check_every: int = 16) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, eos_check_every: int = 16, num_return_sequences: int = 1,
+                 share_prefill: bool = True) -> torch.Tensor:
         """`elleci.model.generation.generate`'s contract and output, with the static cache.
 
         eos_check_every: the host checks whether every row has stopped every this many tokens (the only
@@ -201,11 +210,16 @@ class StaticDecoder:
         eos, pad = eos_and_pad(eos_token_id, pad_token_id)
         ids, mask = left_pad(input_ids, attention_mask, pad, self.device)
         return self._generate(ids, mask, max_new_tokens, temperature, top_k, top_p, eos, pad, generator,
-                              eos_check_every)
+                              eos_check_every, num_return_sequences, share_prefill)
 
     def _generate(self, ids, mask, max_new_tokens, temperature, top_k, top_p, eos: list[int], pad: int,
-                  generator, eos_check_every: int) -> torch.Tensor:
+                  generator, eos_check_every: int, num_return_sequences: int = 1,
+                  share_prefill: bool = True) -> torch.Tensor:
         """`generate` on left-padded ids, mask [B, P] with resolved EOS ids and pad id."""
+        G = check_group_size(num_return_sequences)
+        if G > 1 and not share_prefill:                                      # G separate prefills
+            group = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(G)
+            ids, mask, G = ids[group], mask[group], 1
         if not isinstance(eos_check_every, int) or eos_check_every < 1:
             raise ValueError(f"eos_check_every must be a positive int, got {eos_check_every!r}")
         check_generation(self.model, ids, mask, max_new_tokens, temperature, top_k, top_p, pad)
@@ -218,7 +232,9 @@ class StaticDecoder:
         was_training = model.training
         model.eval()
         try:
-            logits = self.prefill(ids, mask)
+            logits = self.prefill(ids, mask, num_return_sequences=G)
+            if G > 1:
+                ids = ids.repeat_interleave(G, dim=0)
             finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=self.device)
             new_tokens = []
             for step in range(max_new_tokens):
@@ -246,7 +262,8 @@ def generate_static(model, input_ids, max_new_tokens: int = 32, temperature: flo
                     top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
                     pad_token_id: int | None = None, generator: torch.Generator | None = None,
                     attention_mask: torch.Tensor | None = None, kv_mode: str = "kv",
-                    cuda_graph: bool | None = None, eos_check_every: int = 16) -> torch.Tensor:
+                    cuda_graph: bool | None = None, eos_check_every: int = 16, num_return_sequences: int = 1,
+                    share_prefill: bool = True) -> torch.Tensor:
     """`generate` with a static cache of prompt + max_new_tokens columns (see the module docstring).
 
     A new `StaticDecoder` per call: on CUDA each call captures its graph again; keep a `StaticDecoder`
@@ -257,4 +274,4 @@ def generate_static(model, input_ids, max_new_tokens: int = 32, temperature: flo
     ids, mask = left_pad(input_ids, attention_mask, pad, next(model.parameters()).device)
     decoder = StaticDecoder(model, ids.shape[1] + max(max_new_tokens, 0), kv_mode, cuda_graph)
     return decoder._generate(ids, mask, max_new_tokens, temperature, top_k, top_p, eos, pad, generator,
-                             eos_check_every)
+                             eos_check_every, num_return_sequences, share_prefill)

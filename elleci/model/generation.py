@@ -8,6 +8,12 @@ what it would get alone (up to float rounding).
     # out: [2, 3 + n] = left-padded prompts followed by the n ≤ 20 new tokens; after a row's EOS,
     # its remaining positions hold pad_token_id.
 
+Groups (`num_return_sequences=G`): each prompt is prefilled ONCE and its cache (SSM state, conv window,
+previous input, MLA latents) cloned G times; the P·G rows (prompt-major: rows i·G .. i·G+G-1 continue
+prompt i) then decode as one batch. The decoding batch, its row order and so every draw from `generator`
+are those of prefilling the G copies separately (`share_prefill=False`), so the tokens are the same (up
+to float rounding of the prefill, which the float64 tests show to be exact).
+
 `elleci.model.decode` has the same contract with a static cache (preallocated buffers, CUDA graphs) for
 fast decoding; this dynamic-cache loop stays the reference (`ElleciLM.generate(..., static=True)` switches).
 
@@ -49,6 +55,12 @@ def left_pad(input_ids, attention_mask=None, pad_token_id: int = 0, device=None)
         ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
         mask[i, T - len(r):] = True
     return ids.to(device), mask.to(device)
+
+
+def check_group_size(num_return_sequences) -> int:
+    if not isinstance(num_return_sequences, int) or isinstance(num_return_sequences, bool) or num_return_sequences < 1:
+        raise ValueError(f"num_return_sequences must be a positive int, got {num_return_sequences!r}")
+    return num_return_sequences
 
 
 def eos_and_pad(eos_token_id: int | Sequence[int] | None, pad_token_id: int | None) -> tuple[list[int], int]:
@@ -125,7 +137,8 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id: int | Sequence[int] | None = None,
              pad_token_id: int | None = None, generator: torch.Generator | None = None,
-             attention_mask: torch.Tensor | None = None, stop_fn=None) -> torch.Tensor:
+             attention_mask: torch.Tensor | None = None, stop_fn=None, num_return_sequences: int = 1,
+             share_prefill: bool = True) -> torch.Tensor:
     """Generate up to `max_new_tokens` per prompt with the model's inference cache.
 
     input_ids: list of token-id lists (any lengths) or a [B, T] tensor (+ attention_mask, any padding side).
@@ -134,18 +147,27 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 1.
     generator: a torch.Generator on the model's device, for reproducible sampling.
     stop_fn: optional callable(new_tokens [B, n]) -> [B] bool, called after each step: True stops that row
     as EOS would (e.g. when a stop string appears in its decoded text).
-    Returns [B, T_prompt + n] (left-padded prompts, then new tokens), n ≤ max_new_tokens.
+    num_return_sequences: G continuations per prompt (module docstring); share_prefill=False prefills
+    the G copies of each prompt separately (the same tokens; for comparisons).
+    Returns [B·G, T_prompt + n] (left-padded prompts, each repeated G times, then new tokens), n ≤ max_new_tokens.
     """
     device = next(model.parameters()).device
     eos, pad = eos_and_pad(eos_token_id, pad_token_id)
     ids, mask = left_pad(input_ids, attention_mask, pad, device)
     check_generation(model, ids, mask, max_new_tokens, temperature, top_k, top_p, pad)
+    G = check_group_size(num_return_sequences)
+    group = torch.arange(ids.shape[0], device=device).repeat_interleave(G)      # row -> its prompt
+    if not share_prefill:
+        ids, mask = ids[group], mask[group]
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
     try:
         cache = model.new_cache(ids.shape[0])
-        h = model.hidden_states(ids, attention_mask=None if bool(mask.all()) else mask, cache=cache)
+        h = model.hidden_states(ids, attention_mask=None if bool(mask.all()) else mask, cache=cache)[:, -1:]
+        if share_prefill and G > 1:                                  # clone each prompt's state G times
+            cache.select_rows(group)
+            ids, h = ids[group], h[group]
         finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
         new_tokens = []
         for step in range(max_new_tokens):

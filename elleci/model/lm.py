@@ -17,14 +17,18 @@ Differences from the original (besides those in `mamba2.py` and `mla.py`):
    `thinking_loop.layer.*` are dropped on load.
 4. No loss inside `forward` (the original shifted targets internally and always label-smoothed 0.1):
    losses live in `elleci.algos` and the examples.
+5. `seq_idx` (packed documents, `elleci.model.documents`): every document is computed as if alone in its row.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import ElleciConfig
+from .documents import check_seq_idx, document_positions, last_document
 from .layers import RMSNorm, SwiGLU
 from .mamba2 import Mamba2Mixer
 from .mla import MLAMixer
@@ -42,12 +46,12 @@ class Block(nn.Module):
         self.ffn = SwiGLU(config.d_model, config.ffn_dim)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, pad_mask=None, positions=None, key_mask=None, cache=None):
+    def forward(self, x, pad_mask=None, positions=None, key_mask=None, cache=None, seq_idx=None):
         h = self.norm1(x)
         if self.kind == "M":
-            h = self.attn(h, pad_mask=pad_mask, cache=cache)
+            h = self.attn(h, pad_mask=pad_mask, cache=cache, seq_idx=seq_idx)
         else:
-            h = self.attn(h, positions=positions, key_mask=key_mask, cache=cache)
+            h = self.attn(h, positions=positions, key_mask=key_mask, cache=cache, seq_idx=seq_idx)
         x = x + self.dropout(h)
         return x + self.dropout(self.ffn(self.norm2(x)))
 
@@ -78,6 +82,17 @@ class InferenceCache:
     def seen_tokens(self) -> int:
         return self.mask.shape[1]
 
+    def select_rows(self, index: torch.Tensor) -> "InferenceCache":
+        """Keep rows `index` ([B'] long), in place: row i becomes a copy of old row index[i].
+
+        `index = arange(P).repeat_interleave(G)` clones each of P prefilled prompts G times (one prefill per
+        group); a subset of the rows drops finished sequences. Every tensor is [B, ...] in its first dim."""
+        for layer in self.layers:
+            for f in dataclasses.fields(layer):
+                setattr(layer, f.name, getattr(layer, f.name).index_select(0, index))
+        self.mask = self.mask.index_select(0, index)
+        return self
+
 
 class ElleciLM(nn.Module):
     def __init__(self, config: ElleciConfig):
@@ -106,11 +121,14 @@ class ElleciLM(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      cache: InferenceCache | None = None) -> torch.Tensor:
+                      cache: InferenceCache | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states [B, L, d] (what the log-prob kernels consume with lm_head.weight).
 
         attention_mask: [B, L] (1/True = real token) for left-padded batches; None = all real.
         cache: an `InferenceCache` that this call extends (prefill or decode).
+        seq_idx: [B, L] integer document indices, non-decreasing along each row, for packed documents
+        (`elleci.model.documents`): each document is computed as if alone. With a cache only on the
+        prefill (an empty cache); later calls continue each row's last document.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -122,12 +140,20 @@ class ElleciLM(nn.Module):
             if cache is not None and bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
                 raise ValueError("with a cache, padding must be on the left (a real token is followed by "
                                  "padding in attention_mask); generate() left-pads for you")
+        if seq_idx is not None:
+            seq_idx = check_seq_idx(seq_idx, (B, L), input_ids.device)
+            if cache is not None and cache.seen_tokens:
+                raise ValueError("seq_idx with a cache is for the prefill only (an empty cache); decoding then "
+                                 "continues each row's last document without it")
         full_mask = attention_mask
         if cache is not None:
             new = attention_mask if attention_mask is not None else input_ids.new_ones(B, L, dtype=torch.bool)
             cache.mask = full_mask = torch.cat([cache.mask, new], dim=1)
         padded = full_mask is not None and not bool(full_mask.all())
-        if padded:
+        if seq_idx is not None:                                             # per-document positions
+            positions = document_positions(seq_idx, full_mask if padded else None)
+            key_mask, pad_mask = (full_mask, full_mask) if padded else (None, None)
+        elif padded:
             positions = (full_mask.long().cumsum(1) - 1).clamp(min=0)       # [B, T] per-sequence positions
             key_mask, pad_mask = full_mask, full_mask[:, -L:]
         else:
@@ -141,15 +167,17 @@ class ElleciLM(nn.Module):
             for i, blk in enumerate(self.blocks):
                 layer_cache = cache.layers[i] if cache is not None else None
                 if use_ckpt:
-                    x = checkpoint(blk, x, pad_mask, positions, key_mask, None, use_reentrant=False)
+                    x = checkpoint(blk, x, pad_mask, positions, key_mask, None, seq_idx, use_reentrant=False)
                 else:
-                    x = blk(x, pad_mask, positions, key_mask, layer_cache)
+                    x = blk(x, pad_mask, positions, key_mask, layer_cache, seq_idx)
+            if cache is not None and seq_idx is not None:   # decoding continues the last document of each row
+                cache.mask = cache.mask & last_document(seq_idx)
             return self.norm_f(x)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                cache: InferenceCache | None = None) -> torch.Tensor:
-        """Logits [B, L, vocab]."""
-        h = self.hidden_states(input_ids, attention_mask, cache)
+                cache: InferenceCache | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, L, vocab] (arguments as in `hidden_states`)."""
+        h = self.hidden_states(input_ids, attention_mask, cache, seq_idx)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=input_ids.is_cuda and self.config.autocast):
             return self.lm_head(h)
 

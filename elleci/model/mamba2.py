@@ -25,6 +25,9 @@ Differences from the original, each deliberate:
    `step` is the same one-token update written into preallocated state tensors (static-cache decoding).
 2. `pad_mask` (True = real token) keeps left padding out of the state, the conv window and u_{t-1}:
    a padded prompt gives exactly the state of the unpadded one.
+4. `seq_idx` ([B, L] document indices, see `elleci.model.documents`) packs several documents in a row: at a
+   document start the SSM state restarts at zero, the conv taps reach no input of the previous document and
+   u_{t-1} = 0 (mamba_ssm resets the state and the conv; the input gate is Elleci's own).
 3. New models get the intended special inits after the generic init (see `ElleciLM.reset_parameters`):
    dt_proj W = 0 and bias = softplus⁻¹(dt₀) with dt₀ ~ logU[1e-3, 0.1] per head; diff_gate xavier (gain 0.1), zero bias.
 """
@@ -38,7 +41,30 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.scan import ssm_scan
-from ..kernels.scan_ref import BLOCK_BYTES, segsum, ssm_scan_chunked, ssm_scan_ref, ssm_step  # noqa: F401
+from ..kernels.scan_ref import (BLOCK_BYTES, document_starts, segsum, ssm_scan_chunked, ssm_scan_ref,  # noqa: F401
+                                ssm_step)
+
+
+def _window_docs(seq_idx: torch.Tensor, K: int) -> torch.Tensor:
+    """Document index of every column of the conv input [past window | x]: [B, L] -> [B, K-1+L]; the K-1
+    past columns (zeros, or the cache) count as the first position's document."""
+    return torch.cat([seq_idx[:, :1].expand(-1, K - 1), seq_idx], dim=1)
+
+
+def conv_within_documents(xc: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          seq_idx: torch.Tensor) -> torch.Tensor:
+    """The causal depthwise conv with no tap across a document start.
+
+    xc [B, Di, K-1+L] (past window, then the L inputs), weight [Di, 1, K], bias [Di], seq_idx [B, L] ->
+    [B, Di, L]:  out_t = bias + Σ_j w_j xc_{t+j} [doc(t+j) == doc(t)]   (tap j reaches K-1-j steps back).
+    """
+    K, L = weight.shape[-1], seq_idx.shape[1]
+    docs = _window_docs(seq_idx, K)                                  # [B, K-1+L]
+    out = bias[None, :, None].to(xc.dtype)
+    for j in range(K):
+        same = (docs[:, j:j + L] == seq_idx)[:, None, :]             # [B, 1, L]
+        out = out + weight[None, :, 0, j, None] * xc[..., j:j + L] * same
+    return out
 
 
 # ---- the mixer --------------------------------------------------------------------------------
@@ -92,8 +118,9 @@ class Mamba2Mixer(nn.Module):
                           prev_u=torch.zeros(batch, self.d_model, device=device, dtype=dtype))
 
     def forward(self, u: torch.Tensor, pad_mask: torch.Tensor | None = None,
-                cache: MambaCache | None = None) -> torch.Tensor:
-        """u: [B, L, d] -> [B, L, d]. pad_mask: [B, L] bool, True = real token. `cache` is updated in place."""
+                cache: MambaCache | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """u: [B, L, d] -> [B, L, d]. pad_mask: [B, L] bool, True = real token. `cache` is updated in place.
+        seq_idx: [B, L] document indices (difference 4); the cache then continues each row's last document."""
         Bsz, L, _ = u.shape
         Hm, N, Di, K = self.n_heads, self.d_state, self.d_inner, self.d_conv
         keep = None if pad_mask is None else pad_mask[..., None]
@@ -106,11 +133,18 @@ class Mamba2Mixer(nn.Module):
         # causal depthwise conv over [past window | x]
         past = cache.conv if cache is not None else x.new_zeros(Bsz, Di, K - 1)
         xc = torch.cat([past.to(x.dtype), x.transpose(1, 2)], dim=-1)           # [B, Di, K-1+L]
-        x_conv = F.silu(F.conv1d(xc, self.conv1d.weight, self.conv1d.bias, groups=Di)).transpose(1, 2)
+        if seq_idx is None:
+            x_conv = F.silu(F.conv1d(xc, self.conv1d.weight, self.conv1d.bias, groups=Di)).transpose(1, 2)
+        else:
+            x_conv = conv_within_documents(xc, self.conv1d.weight, self.conv1d.bias, seq_idx)
+            x_conv = F.silu(x_conv).transpose(1, 2)
 
         if self.input_gate:                                          # V2: per-head gain in [1, 1.5]
             prev = cache.prev_u if cache is not None else u.new_zeros(Bsz, u.shape[-1])
-            du = u - torch.cat([prev[:, None].to(u.dtype), u[:, :-1]], dim=1)   # u_t - u_{t-1}
+            u_prev = torch.cat([prev[:, None].to(u.dtype), u[:, :-1]], dim=1)
+            if seq_idx is not None:                                  # u_{t-1} = 0 at a document start
+                u_prev = u_prev.masked_fill(document_starts(seq_idx)[..., None], 0.0)
+            du = u - u_prev                                          # u_t - u_{t-1}
             g = torch.sigmoid(self.diff_gate(du) / self.gate_temperature)      # [B, L, Hm]
             x_conv = x_conv * (1 + 0.5 * g.repeat_interleave(Di // Hm, dim=-1))
         if keep is not None:
@@ -127,12 +161,14 @@ class Mamba2Mixer(nn.Module):
                 y, h = ssm_step(h0, x_conv[:, 0].to(f), dt[:, 0].to(f), A, Bm[:, 0].to(f), Cm[:, 0].to(f), D)
                 y = y[:, None]
             else:                                                    # the kernel dispatcher (one place)
-                y, h = ssm_scan(x_conv, dt, A, Bm, Cm, D, h0, chunk_size=self.chunk_size)
+                y, h = ssm_scan(x_conv, dt, A, Bm, Cm, D, h0, chunk_size=self.chunk_size, seq_idx=seq_idx)
         y = y.to(x_conv.dtype)
 
         if cache is not None:                                        # advance the decoding state
             cache.ssm = h
             cache.conv = xc[..., xc.shape[-1] - (K - 1):]          # last K-1 inputs (none if K = 1)
+            if seq_idx is not None and K > 1:                        # ... of the last document only
+                cache.conv = cache.conv * _window_docs(seq_idx, K).eq(seq_idx[:, -1:])[:, None, -(K - 1):]
             cache.prev_u = u[:, -1]                                  # the last position is real (left padding)
         return self.out_proj(self.norm(y * F.silu(z)))
 

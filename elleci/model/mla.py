@@ -20,6 +20,8 @@ Differences from the original:
 2. `importance_threshold` (EG-MLA) is a dead parameter in the original: it is kept, frozen
    (requires_grad=False), only so that state dicts and parameter counts match.
 3. New models get the intended xavier (gain 0.5) init of the latent gate after the generic init.
+4. `seq_idx` ([B, L] document indices, `elleci.model.documents`): a query attends only to the keys of its
+   own document (block-diagonal causal mask through SDPA); the caller restarts `positions` per document.
 """
 from __future__ import annotations
 
@@ -118,9 +120,10 @@ class MLAMixer(nn.Module):
         return self.w_out(o.transpose(1, 2).reshape(Bsz, 1, d))
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None = None,
-                cache: MLACache | None = None) -> torch.Tensor:
+                cache: MLACache | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """x: [B, L, d]; positions: [B, T] of all keys (past + new, the last L are the queries');
-        key_mask: [B, T] bool, True = real token, or None. `cache` is extended in place."""
+        key_mask: [B, T] bool, True = real token, or None; seq_idx: [B, L] document indices (needs T = L:
+        an empty cache) or None. `cache` is extended in place."""
         Bsz, L, d = x.shape
         H, hd = self.n_heads, self.head_dim
         c = self.w_kv_down(x)                                               # [B, L, r]
@@ -135,23 +138,29 @@ class MLAMixer(nn.Module):
         cos, sin = rope_cos_sin(positions, hd, self.rope_base)             # [B, T, hd]
         q = apply_rope(q, cos[:, T - L:], sin[:, T - L:])
         k = apply_rope(k, cos, sin)
-        mask = attention_mask(L, T, key_mask, x.device)
+        mask = attention_mask(L, T, key_mask, x.device, seq_idx)
         scale = 1.0 / math.sqrt(hd)                 # passed explicitly, as the original did (same bits)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
         return self.w_out(o.transpose(1, 2).reshape(Bsz, L, d))
 
 
-def attention_mask(L: int, T: int, key_mask: torch.Tensor | None, device) -> torch.Tensor | None:
+def attention_mask(L: int, T: int, key_mask: torch.Tensor | None, device,
+                   seq_idx: torch.Tensor | None = None) -> torch.Tensor | None:
     """Boolean [B|1, 1, L, T] mask (True = attend) for L queries that are the last L of T keys.
 
-    None when plain causal attention (L == T, no padding) suffices. A query always sees its own key,
-    so a padding query never has an empty row (which would give NaN).
+    None when plain causal attention (L == T, no padding, one document) suffices. With `seq_idx` [B, L]
+    (T = L) a query sees only the keys of its own document (block-diagonal causal). A query always sees
+    its own key, so a padding query never has an empty row (which would give NaN).
     """
-    if key_mask is None and L == T:
+    if key_mask is None and L == T and seq_idx is None:
         return None
     q_pos = torch.arange(T - L, T, device=device)[:, None]
     k_pos = torch.arange(T, device=device)[None, :]
-    causal = k_pos <= q_pos                                                 # [L, T]
-    if key_mask is None:
-        return causal[None, None]
-    return (causal[None] & key_mask[:, None, :] | (k_pos == q_pos)[None])[:, None]
+    allowed = (k_pos <= q_pos)[None]                                        # [1, L, T] causal
+    if seq_idx is not None:
+        if T != L:
+            raise ValueError(f"seq_idx needs the queries to be all the keys (L = T), got L = {L}, T = {T}")
+        allowed = allowed & (seq_idx[:, :, None] == seq_idx[:, None, :])    # [B, L, L] same document
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, :] | (k_pos == q_pos)[None]
+    return allowed[:, None]

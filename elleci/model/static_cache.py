@@ -64,6 +64,11 @@ def prompt_state(model, prefill, kv_mode: str) -> list:
     return out
 
 
+def select_state_rows(layers: list, index: torch.Tensor) -> list:
+    """`prompt_state` layers with row i a copy of row index[i] (arange(P).repeat_interleave(G): G clones)."""
+    return [type(layer)(**{name: t.index_select(0, index) for name, t in _fields(layer).items()}) for layer in layers]
+
+
 class StaticCache:
     """Preallocated decoding state for T_max columns, updated in place by `decode_step`.
 

@@ -287,6 +287,19 @@ def test_run_grpo_end_to_end(tok, tmp_path):
                      render=arithmetic.prompt_messages)
 
 
+def test_run_grpo_micro_batched_backward_same_first_step(tok):
+    """micro_batch_size: the same samples (seeded) and, before any update, the same loss and KL."""
+    train = arithmetic.make_problems(20, seed=0, levels=(1,))
+    parity = lambda p, text, stopped: (sum(map(ord, text)) % 2 == 0, stopped)   # noqa: E731 - varied rewards
+    hists = []
+    for mb in (None, 2):
+        cfg = GRPOConfig(steps=1, prompts_per_step=2, group_size=3, max_new_tokens=6, micro_batch_size=mb)
+        hists.append(run_grpo(tiny(tok), tok, train, cfg, reward_fn=parity, render=arithmetic.prompt_messages,
+                              print_fn=None)[0])
+    assert hists[0]["reward"] == hists[1]["reward"] and hists[0]["length"] == hists[1]["length"]
+    assert hists[1]["loss"] == pytest.approx(hists[0]["loss"], rel=1e-5, abs=1e-6)
+
+
 def test_example_quick_run(load_example, tmp_path):
     with contextlib.redirect_stdout(io.StringIO()) as out:
         results = load_example("grpo").main(["--quick", "--out", str(tmp_path), "--cache", ""])

@@ -207,6 +207,7 @@ class GRPOConfig:
     format_weight: float = 0.1
     length_weight: float = 0.0           # Kimi length reward weight (0: off; outcome advantages only)
     length_warmup: int = 0               # steps before the length reward switches on
+    micro_batch_size: int | None = None  # completions per backward (`grpo_step.grpo_backward`); None: all P·G
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -230,6 +231,10 @@ class GRPOConfig:
         if self.reference == "none" and self.beta != 0:
             raise ValueError(f"GRPOConfig.beta must be 0 with reference='none' (the KL term has no reference), "
                              f"got {self.beta!r}")
+        if self.micro_batch_size is not None and (not isinstance(self.micro_batch_size, int)
+                                                  or isinstance(self.micro_batch_size, bool)
+                                                  or self.micro_batch_size < 1):
+            raise ValueError(f"GRPOConfig.micro_batch_size must be None or an int >= 1, got {self.micro_batch_size!r}")
 
 
 def reference_logps_fn(model, reference: str) -> Callable | None:
@@ -253,12 +258,15 @@ def reference_logps_fn(model, reference: str) -> Callable | None:
 def sample_groups(model, tokenizer, prompts: Sequence, group_size: int, *, max_new_tokens: int,
                   temperature: float = 1.0, top_p=None, top_k=None, generator=None
                   ) -> tuple[list[list[int]], list[list[int]], list[bool]]:
-    """G completions per prompt in one cached batch: (prompt ids, completion ids with their stop id when
-    stopped, stopped flags), prompt-major (rows i·G .. i·G+G−1 belong to prompt i)."""
+    """G completions per prompt in one cached batch, each prompt prefilled once: (prompt ids, completion ids
+    with their stop id when stopped, stopped flags), prompt-major (rows i·G .. i·G+G−1 belong to prompt i)."""
     stops = stop_ids(tokenizer)
-    rows = [p for p in prompt_ids(tokenizer, prompts) for _ in range(group_size)]
+    ids = prompt_ids(tokenizer, prompts)
+    rows = [p for p in ids for _ in range(group_size)]
     kw = {k: v for k, v in (("top_p", top_p), ("top_k", top_k), ("generator", generator)) if v is not None}
-    out = model.generate(rows, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=stops, **kw)
+    if group_size > 1:
+        kw["num_return_sequences"] = group_size
+    out = model.generate(ids, max_new_tokens=max_new_tokens, temperature=temperature, eos_token_id=stops, **kw)
     width, completions, stopped = max(map(len, rows)), [], []
     for new in out[:, width:].tolist():
         cut = next((i for i, t in enumerate(new) if t in stops), None)
@@ -325,15 +333,29 @@ def run_grpo(model, tokenizer, problems: Sequence, cfg: GRPOConfig, *, reward_fn
             adv = process_grid(tokenizer, rows, comps, steps, G, mask.shape[1], std=cfg.std, eps=cfg.eps)
         adv = adv.to(device)
         with torch.no_grad():
-            ref = ref_fn(ids, labels) if ref_fn is not None and cfg.beta != 0 else None
+            ref = None
+            if ref_fn is not None and cfg.beta != 0:
+                if cfg.micro_batch_size:
+                    from .grpo_step import micro_batched_logps
+                    ref = micro_batched_logps(ref_fn, ids, labels, cfg.micro_batch_size)
+                else:
+                    ref = ref_fn(ids, labels)
         old = None
         model.train()
         for _ in range(cfg.mu):
-            logps = sequence_logprobs(model, ids, labels, token_reduction="none")      # [N, L-1]
-            old = logps.detach() if old is None else old                         # π_old = the sampling policy
-            loss, metrics = grpo_loss(logps, old, adv, mask, ref_logps=ref, epsilon=cfg.epsilon, beta=cfg.beta,
-                                      aggregate=aggregate)
-            loss.backward()
+            if cfg.micro_batch_size:                                             # same gradient, bounded memory
+                from .grpo_step import grpo_backward
+                loss, metrics, logps = grpo_backward(
+                    model, ids, labels, adv, micro_batch_size=cfg.micro_batch_size, old_logps=old, ref_logps=ref,
+                    epsilon=cfg.epsilon, beta=cfg.beta, aggregation=cfg.aggregation,
+                    max_completion_len=cfg.max_new_tokens)
+                old = logps if old is None else old
+            else:
+                logps = sequence_logprobs(model, ids, labels, token_reduction="none")      # [N, L-1]
+                old = logps.detach() if old is None else old                     # π_old = the sampling policy
+                loss, metrics = grpo_loss(logps, old, adv, mask, ref_logps=ref, epsilon=cfg.epsilon,
+                                          beta=cfg.beta, aggregate=aggregate)
+                loss.backward()
             grad_norm = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
         history.append(logger.log(step, loss=loss.item(), reward=rewards.mean().item(),
                                   accuracy=correct.mean().item(), format=fmt.mean().item(),
