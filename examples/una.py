@@ -3,10 +3,13 @@
     python examples/una.py                                 # CPU, a few minutes: base -> SFT -> UNA (binary, MSE)
     python examples/una.py --kind score                    # scalar scores in [0, 1] (MSE on σ(r))
     python examples/una.py --kind binary --bce             # BCE instead of MSE for thumbs up/down
+    python examples/una.py --kind kto                      # the same thumbs up/down with KTO (arXiv 2402.01306)
     python examples/una.py --sft out/sft --data fb.jsonl   # {"prompt", "completion", "label"|"score"} records
 
 The implicit reward is r = β·log π/π_ref with π_ref the SFT model (log-probs precomputed once); the loss
-pulls σ(r) towards the feedback (1/0 or the score). Prints held-out accuracy before and after.
+pulls σ(r) towards the feedback (1/0 or the score). `--kind kto` trains the binary feedback with KTO instead:
+each record's prompt is also paired with the previous record's completion for KTO's KL baseline (reference
+log-probs of both precomputed). Prints held-out accuracy before and after.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from elleci.algos import read_binary, read_scored, una_binary_loss, una_score_loss
+from elleci.algos import kto_loss, read_binary, read_scored, una_binary_loss, una_score_loss
 from elleci.algos.loop import sample_batches, train_loop
 from elleci.algos.preference import collate_fn, encode_feedback, feedback_step, precompute_reference
 from elleci.model.lora import save_adapter
@@ -26,9 +29,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sft", default=None, help="output directory of examples/sft.py (default: build base + SFT)")
     ap.add_argument("--data", default=None, help="feedback JSONL (default: generated from the arithmetic task)")
-    ap.add_argument("--kind", default="binary", choices=["binary", "score"])
+    ap.add_argument("--kind", default="binary", choices=["binary", "score", "kto"])
     ap.add_argument("--bce", action="store_true", help="binary feedback with BCE instead of MSE")
-    ap.add_argument("--beta", type=float, default=PipelineConfig.una_beta)
+    ap.add_argument("--beta", type=float, default=None, help=f"default: {PipelineConfig.una_beta} (KTO: 0.1)")
     ap.add_argument("--steps", type=int, default=PipelineConfig.pref_steps)
     ap.add_argument("--lr", type=float, default=PipelineConfig.pref_lr)
     ap.add_argument("--seed", type=int, default=0)
@@ -40,7 +43,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = PipelineConfig(seed=args.seed, una_beta=args.beta, pref_steps=args.steps, pref_lr=args.lr,
+    beta = (0.1 if args.kind == "kto" else PipelineConfig.una_beta) if args.beta is None else args.beta
+    cfg = PipelineConfig(seed=args.seed, una_beta=beta, pref_steps=args.steps, pref_lr=args.lr,
                          device=args.device)
     cfg = replace(cfg, **QUICK) if args.quick else cfg
     out = Path(args.out)
@@ -55,6 +59,10 @@ def main(argv=None):
         records = read_binary(args.data) if args.data else arithmetic.binary_feedback(train, seed=cfg.seed)
         items, step = encode_feedback(tok, records, "label"), feedback_step(
             una_binary_loss, beta=cfg.una_beta, kind="bce" if args.bce else "mse")
+    elif args.kind == "kto":
+        records = read_binary(args.data) if args.data else arithmetic.binary_feedback(train, seed=cfg.seed)
+        items = encode_feedback(tok, records, "label", kl_pairs=True)
+        step = feedback_step(kto_loss, kl_baseline=True, beta=cfg.una_beta)
     else:
         records = read_scored(args.data) if args.data else arithmetic.scored_feedback(train, seed=cfg.seed)
         items, step = encode_feedback(tok, records, "score"), feedback_step(una_score_loss, beta=cfg.una_beta)
@@ -63,7 +71,8 @@ def main(argv=None):
                step, steps=cfg.pref_steps, lr=cfg.pref_lr, log_every=cfg.log_every, jsonl_path=out / "metrics.jsonl")
     save_adapter(model, out / "adapter")
     after = evaluate(cfg, model, tok, test)["accuracy"]
-    print(f"held-out accuracy ({len(test)} problems): SFT {before:.3f} -> UNA-{args.kind} {after:.3f}")
+    name = "KTO" if args.kind == "kto" else f"UNA-{args.kind}"
+    print(f"held-out accuracy ({len(test)} problems): SFT {before:.3f} -> {name} {after:.3f}")
     return {"before": before, "after": after}
 
 
