@@ -143,11 +143,11 @@ class GRPOConfig:
                              "cap is objective_kw={'epsilon_max': ...})")
         if self.objective == "vespo" and self.importance_sampling_level != "token":
             raise ValueError("objective 'vespo' computes its own sequence ratio: keep importance_sampling_level='token'")
-        own = set(inspect.signature(OBJECTIVES[self.objective]).parameters) - _MANAGED
-        unknown = sorted(set(self.objective_kw) - own)
-        if unknown or set(self.objective_kw) & _MANAGED:
+        params = inspect.signature(OBJECTIVES[self.objective]).parameters
+        own = {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY} - _MANAGED
+        if set(self.objective_kw) - own:
             raise ValueError(f"objective_kw {sorted(self.objective_kw)}: objective {self.objective!r} takes "
-                             f"{sorted(k for k in own if k not in ('logps', 'old_logps', 'advantages', 'mask'))}")
+                             f"{sorted(own)} (the config sets {sorted(_MANAGED - {'ref_logps', 'aggregate'})})")
         if self.filter_groups and self.advantage != "outcome":
             raise ValueError("filter_groups drops groups with all-equal outcome rewards: it needs advantage='outcome'")
 
