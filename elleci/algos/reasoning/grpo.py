@@ -60,12 +60,20 @@ from elleci.algos.chat import collate
 from elleci.algos.reference import resolve_reference
 from elleci.algos.logprobs import IGNORE_INDEX, sequence_logprobs
 from elleci.algos.sampling import prompt_ids, stop_ids
-from elleci.algos.reasoning.grpo_advantages import (SCALES, STDS, group_advantages, informative_groups,  # noqa: F401
+from elleci.algos.reasoning.grpo_advantages import (SCALES, STDS, group_advantages, informative_groups,
                                                     kimi_length_reward, process_advantages)
-from elleci.algos.reasoning.grpo_loss import (AGGREGATIONS, IMPORTANCE_LEVELS, OBJECTIVES,  # noqa: F401
+from elleci.algos.reasoning.grpo_loss import (AGGREGATIONS, IMPORTANCE_LEVELS, OBJECTIVES,
                                               accumulation_weight, aggregator, cispo_loss, dr_grpo_sum, grpo_loss,
                                               k3_kl, sapo_loss, seq_mean_token_mean, seq_sum_mean,
                                               step_token_mean, token_mean, vespo_loss)
+
+__all__ = ["GRPOConfig", "run_grpo", "draw_step", "sample_round", "sample_groups", "Groups", "reference_logps_fn",
+           "process_grid", "token_ends",
+           # re-exported: `from elleci.algos.reasoning.grpo import ...` keeps working after the split
+           "group_advantages", "process_advantages", "kimi_length_reward", "informative_groups", "STDS", "SCALES",
+           "grpo_loss", "cispo_loss", "sapo_loss", "vespo_loss", "k3_kl", "aggregator", "accumulation_weight",
+           "seq_mean_token_mean", "token_mean", "dr_grpo_sum", "step_token_mean", "seq_sum_mean", "AGGREGATIONS",
+           "IMPORTANCE_LEVELS", "OBJECTIVES"]
 
 ADVANTAGES = ("outcome", "process")
 REFERENCES = ("frozen", "snapshot", "adapters", "none")
