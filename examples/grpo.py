@@ -4,6 +4,7 @@
     python examples/grpo.py                         # one seed, CPU (the pipeline's base, cached under --cache)
     python examples/grpo.py --seeds 0 1 2           # the README's table
     python examples/grpo.py --quick                 # seconds-long smoke run (tests)
+    python examples/grpo.py --seeds 0 1 2 --filter-groups --aggregation dapo --out out/grpo_dapo_filter
 
 Per seed:
   base     the pipeline's pretrained base (`elleci.testbed.pipeline.cached_base`, default fields: levels 1 and 3).
@@ -17,6 +18,10 @@ Per seed:
            = 1 for a right final answer + `--format-weight` for the exact think/answer format; group-normalised
            advantages (Bessel std + 1e-4), k3 KL to the SFT model (β 0.04, a frozen copy), μ = 1, eq. 3's
            per-sequence mean, lr 1e-4. One line per step: reward, accuracy, format, mean response length, KL.
+           `--filter-groups --aggregation dapo`: DAPO's dynamic sampling (groups whose G rewards are all equal are
+           dropped and refilled with fresh prompts, at most `--max-sample-rounds` rounds per step; see
+           `elleci.algos.reasoning.grpo`) with token-level normalisation over the step. `zero_variance` in the
+           history is the share of each step's first-round groups with all-equal rewards (zero advantage).
            (Scratch study on seed 0, 150 held-out problems, which makes seed 0 not a clean test: lr 5e-4 kept
            KL ≈ 0.15/token and went 0.060 → 0.033; lr 1e-4 went 0.060 → 0.147 after 30 steps.)
   eval     on the first `--n-eval` held-out problems, greedy: accuracy, format rate and mean response length after
@@ -38,7 +43,7 @@ import torch
 from safetensors.torch import save_file
 
 from elleci._io import atomic_path, write_json_atomic
-from elleci.algos.reasoning.grpo import GRPOConfig, run_grpo, sample_groups
+from elleci.algos.reasoning.grpo import AGGREGATIONS, IMPORTANCE_LEVELS, GRPOConfig, run_grpo, sample_groups
 from elleci.testbed.arithmetic_rewards import arithmetic_reward, arithmetic_steps
 from elleci.algos.reasoning.long_cot import BudgetTokens, budget_forcing, long_cot_examples, model_generator
 from elleci.algos.loop import sample_batches, train_loop
@@ -68,7 +73,13 @@ def parse_args(argv=None):
     ap.add_argument("--beta", type=float, default=0.04)
     ap.add_argument("--epsilon", type=float, default=0.2)
     ap.add_argument("--mu", type=int, default=1, help="policy updates per batch of samples")
-    ap.add_argument("--aggregation", default="grpo", choices=("grpo", "bnpo", "dr_grpo"))
+    ap.add_argument("--aggregation", default="grpo", choices=AGGREGATIONS, help="dapo: TRL 1.16's default")
+    ap.add_argument("--epsilon-high", type=float, default=None, help="clip-higher ε_high (DAPO: 0.28; default ε)")
+    ap.add_argument("--importance-sampling-level", default="token", choices=IMPORTANCE_LEVELS,
+                    help="sequence: GSPO's sequence-level ratio")
+    ap.add_argument("--filter-groups", action="store_true",
+                    help="DAPO dynamic sampling: drop groups whose G rewards are all equal, refill with new prompts")
+    ap.add_argument("--max-sample-rounds", type=int, default=3, help="sampling rounds per step with --filter-groups")
     ap.add_argument("--std", default="bessel", choices=("bessel", "population"))
     ap.add_argument("--format-weight", type=float, default=0.1)
     ap.add_argument("--length-weight", type=float, default=0.0, help="Kimi length reward weight (0: off)")
@@ -151,8 +162,11 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
         if stage == "GRPO":
             gcfg = GRPOConfig(steps=args.grpo_steps, prompts_per_step=args.prompts, group_size=args.group,
                               temperature=args.temperature, max_new_tokens=args.max_new_tokens, lr=args.lr,
-                              mu=args.mu, epsilon=args.epsilon, beta=args.beta, std=args.std,
-                              aggregation=args.aggregation, format_weight=args.format_weight,
+                              mu=args.mu, epsilon=args.epsilon, epsilon_high=args.epsilon_high, beta=args.beta,
+                              std=args.std, aggregation=args.aggregation,
+                              importance_sampling_level=args.importance_sampling_level,
+                              filter_groups=args.filter_groups, max_sample_rounds=args.max_sample_rounds,
+                              format_weight=args.format_weight,
                               length_weight=args.length_weight, reference="frozen", seed=seed)
             t1 = time.time()
             result["grpo_history"] = run_grpo(model, tok, train, gcfg, reward_fn=arithmetic_reward, step_fn=arithmetic_steps,
@@ -167,9 +181,12 @@ def run_seed(args, seed: int, print_fn=print) -> dict:
         scaling_curve(args, model, tok, test, stage, result, print_fn)
     hist = result["grpo_history"]
     n = max(1, len(hist) // 5)
-    for key in ("accuracy", "length", "reward"):
+    for key in ("accuracy", "length", "reward", "zero_variance"):
         result[f"train/{key} first {n} steps"] = sum(h[key] for h in hist[:n]) / n
         result[f"train/{key} last {n} steps"] = sum(h[key] for h in hist[-n:]) / n
+    if args.filter_groups:
+        result["train/sampling rounds per step"] = sum(h["rounds"] for h in hist) / len(hist)
+        result["train/groups trained per step"] = sum(h["groups"] for h in hist) / len(hist)
     result["seconds"] = time.time() - t0
     print_fn(f"seed {seed} | done in {result['seconds']:.0f}s")
     return result

@@ -57,6 +57,26 @@ def test_sft_then_dpo_and_una_from_the_saved_stage(load_example, tmp_path, capsy
     assert "rewards/margin" in out and "SFT" in out and "UNA-score" in out
 
 
+def test_dpo_example_feeds_each_loss_the_log_probs_it_is_defined_on(load_example, tmp_path, capsys):
+    """IPO, SimPO and ORPO get per-token MEAN log-probs (policy and reference alike); SimPO/ORPO no reference."""
+    sft = tmp_path / "sft"
+    load_example("sft").main(["--quick", "--out", str(sft)])
+    for loss, reduction, reference in (("ipo", "mean", "precomputed"), ("dpo", "sum", "precomputed"),
+                                       ("simpo", "mean", "none"), ("orpo", "mean", "none")):
+        mod, calls = load_example("dpo"), {}
+        real_pre, real_step = mod.precompute_reference, mod.pairwise_step
+        mod.precompute_reference = lambda *a, **k: calls.setdefault("pre", k["token_reduction"]) and real_pre(*a, **k)
+        mod.pairwise_step = lambda fn, **k: calls.setdefault("step", k) and real_step(fn, **k)
+        mod.main(["--quick", "--sft", str(sft), "--out", str(tmp_path / loss), "--loss", loss])
+        assert calls["step"]["token_reduction"] == reduction and calls["step"]["reference"] == reference
+        if reference == "precomputed":
+            assert calls["pre"] == reduction                       # the reference's log-probs reduced alike
+        else:
+            assert "pre" not in calls                              # no reference pass at all
+    una = load_example("una").main(["--quick", "--sft", str(sft), "--out", str(tmp_path / "kto"), "--kind", "kto"])
+    assert 0.0 <= una["after"] <= 1.0 and "-> KTO" in capsys.readouterr().out
+
+
 def test_bench_logprobs_dpo_step_smoke(load_example, capsys):
     load_example("bench_logprobs").main(["--dpo-step", "--tiny"])
     assert "one DPO step of tiny + LoRA r=16" in capsys.readouterr().out

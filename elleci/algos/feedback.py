@@ -4,7 +4,7 @@ One record per line; the prompt is a string (read as one user message) or a list
 ending with a user turn, and is always returned as messages:
 
     pairwise  {"prompt": ..., "chosen": "...", "rejected": "..."}            -> DPO, IPO, UNA-pairwise
-    binary    {"prompt": ..., "completion": "...", "label": true | 1 | 0}     -> UNA-binary (KTO-style data)
+    binary    {"prompt": ..., "completion": "...", "label": true | 1 | 0}     -> UNA-binary, KTO
     scored    {"prompt": ..., "completion": "...", "score": 7.5}             -> UNA-score
 
 Optional precomputed reference log-probs travel with the data (DESIGN.md §5: the reference may be

@@ -12,13 +12,20 @@ The reference model is explicit (DESIGN §5), one of:
                     whatever the adapters were applied to;
     "frozen"        a frozen deep copy of the model taken at the first step;
     "snapshot"      the trainable parameters at the first step, swapped in for each reference pass;
-    an nn.Module    a frozen model given by the caller (`elleci.algos.reference` holds the vocabulary).
-Single-response feedback (UNA binary / score) uses the same machinery with `encode_feedback` and
-`feedback_step`. Log-probs are summed over response tokens unless `token_reduction="mean"` is given.
+    an nn.Module    a frozen model given by the caller (`elleci.algos.reference` holds the vocabulary);
+    "none"          no reference at all, for the reference-free losses (SimPO, ORPO; `pairwise_step` only).
+Single-response feedback (UNA binary / score, KTO) uses the same machinery with `encode_feedback` and
+`feedback_step` (KTO: `kl_pairs=True` / `kl_baseline=True`). Log-probs are summed over response tokens unless
+`token_reduction="mean"` is given (SimPO, ORPO and IPO use means).
+
+    step = pairwise_step(simpo_loss, reference="none", token_reduction="mean", beta=2.0, gamma=0.5)
+    items = encode_feedback(tok, read_binary("fb.jsonl"), "label", kl_pairs=True)
+    step = feedback_step(kto_loss, kl_baseline=True, reference="adapters", beta=0.1)
 """
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 
 import torch
@@ -42,12 +49,20 @@ def encode_pairs(tokenizer, records: Sequence[dict], max_len: int | None = None)
     return items
 
 
-def encode_feedback(tokenizer, records: Sequence[dict], target: str, max_len: int | None = None) -> list[dict]:
-    """{"prompt", "completion", target[, ref_logps]} → token items; target is "label" or "score"."""
+def encode_feedback(tokenizer, records: Sequence[dict], target: str, max_len: int | None = None, *,
+                    kl_pairs: bool = False) -> list[dict]:
+    """{"prompt", "completion", target[, ref_logps]} → token items; target is "label" or "score".
+
+    kl_pairs=True (KTO's KL baseline) also encodes a mismatched pair per item, "kl_response": record i's prompt
+    with record i − 1's completion (cyclically, in the given order; `elleci.algos.alignment.kto`)."""
+    if kl_pairs and len(records) < 2:
+        raise ValueError("kl_pairs needs at least 2 records (each prompt is paired with another record's completion)")
     items = []
-    for rec in records:
+    for i, rec in enumerate(records):
         item = {"response": encode_prompt_response(tokenizer, rec["prompt"], rec["completion"], max_len),
                 "target": float(rec[target])}
+        if kl_pairs:
+            item["kl_response"] = encode_prompt_response(tokenizer, rec["prompt"], records[i - 1]["completion"], max_len)
         if "ref_logps" in rec:
             item["ref_logps"] = float(rec["ref_logps"])
         items.append(item)
@@ -70,8 +85,12 @@ def pair_collate(items: Sequence[dict], pad_token_id: int) -> dict:
 
 def feedback_collate(items: Sequence[dict], pad_token_id: int) -> dict:
     ids, labels = collate([it["response"] for it in items], pad_token_id)
-    return {"ids": ids, "labels": labels, "target": _floats(items, "target"),
-            "ref_logps": _floats(items, "ref_logps"), "pad_token_id": pad_token_id}
+    out = {"ids": ids, "labels": labels, "target": _floats(items, "target"),
+           "ref_logps": _floats(items, "ref_logps"), "pad_token_id": pad_token_id}
+    if all("kl_response" in it for it in items):                         # KTO's mismatched pairs
+        out["kl_ids"], out["kl_labels"] = collate([it["kl_response"] for it in items], pad_token_id)
+        out["ref_kl_logps"] = _floats(items, "ref_kl_logps")
+    return out
 
 
 def collate_fn(kind: str, pad_token_id: int) -> Callable:
@@ -111,19 +130,37 @@ def _nll(logps_sum: torch.Tensor, labels: torch.Tensor, select: torch.Tensor | N
     return nll.mean()
 
 
+def _check_reference_free(loss_fn: Callable, reference) -> None:
+    """reference="none" is for losses of the policy alone (simpo_loss, orpo_loss): refuse one that takes
+    reference log-probs, naming it."""
+    if isinstance(reference, str) and reference == "none":
+        params = inspect.signature(loss_fn).parameters
+        if "ref_chosen_logps" in params or "ref_logps" in params:
+            name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+            raise ValueError(f"{name} needs reference log-probs; reference='none' is for reference-free losses "
+                             "(simpo_loss, orpo_loss)")
+
+
 def pairwise_step(loss_fn: Callable, *, reference="precomputed", token_reduction: str = "sum", nll_weight: float = 0.0,
                   **loss_kw) -> Callable:
     """step(model, batch) for `train_loop`: policy log-probs in one concatenated forward, the reference's,
     then `loss_fn(pc, pr, rc, rr, **loss_kw)` (dpo_loss, ipo_loss, hinge_loss, robust_dpo_loss, ...).
 
+    reference="none": no reference at all (no pass, no stored log-probs); `loss_fn(pc, pr, **loss_kw)` for the
+    reference-free losses, with token_reduction="mean" (simpo_loss, orpo_loss take per-token mean log-probs).
+
     `nll_weight` α > 0 adds α·NLL(chosen) (per-token mean), as RPO / Iterative RPO (Pang et al. 2024,
     arXiv 2404.19733) do to stop the chosen likelihood from falling; α = 0 is the plain loss."""
-    check_reference(reference, ("precomputed",) + STEP_REFERENCES)
+    check_reference(reference, ("precomputed", "none") + STEP_REFERENCES)
+    _check_reference_free(loss_fn, reference)
     resolved = {}
 
     def step(model, batch):
         b = _to(batch, next(model.parameters()).device)
         pc, pr = _pair_logps(model, b, token_reduction)
+        if isinstance(reference, str) and reference == "none":
+            loss, metrics = loss_fn(pc, pr, **loss_kw)
+            return _with_nll(loss, metrics, nll_weight, token_reduction, pc, b["chosen_labels"], None, "nll/chosen")
         if reference == "precomputed":
             if b["ref_chosen_logps"] is None or b["ref_rejected_logps"] is None:
                 raise ValueError("reference='precomputed' but the items carry no ref_chosen_logps / "
@@ -132,43 +169,59 @@ def pairwise_step(loss_fn: Callable, *, reference="precomputed", token_reduction
         else:
             rc, rr = _reference_call(resolved, reference, model, lambda m: _pair_logps(m, b, token_reduction))
         loss, metrics = loss_fn(pc, pr, rc, rr, **loss_kw)
-        if nll_weight:
-            if token_reduction != "sum":
-                raise ValueError("nll_weight needs token_reduction='sum' (the NLL is normalised per token here)")
-            nll = _nll(pc, b["chosen_labels"])
-            loss = loss + nll_weight * nll
-            metrics = {**metrics, "nll/chosen": nll.detach()}
-        return loss, metrics
+        return _with_nll(loss, metrics, nll_weight, token_reduction, pc, b["chosen_labels"], None, "nll/chosen")
     return step
 
 
+def _with_nll(loss, metrics, nll_weight, token_reduction, logps, labels, select, key):
+    """loss + α·NLL (per-token mean over the selected sequences) when nll_weight α > 0."""
+    if not nll_weight:
+        return loss, metrics
+    if token_reduction != "sum":
+        raise ValueError("nll_weight needs token_reduction='sum' (the NLL is normalised per token here)")
+    nll = _nll(logps, labels, select)
+    return loss + nll_weight * nll, {**metrics, key: nll.detach()}
+
+
+def _stored(b: dict, key: str, what: str) -> torch.Tensor:
+    if b.get(key) is None:
+        raise ValueError(f"reference='precomputed' but the items carry no {what}: call "
+                         "precompute_reference(ref_model, items) first")
+    return b[key]
+
+
 def feedback_step(loss_fn: Callable, *, reference="precomputed", token_reduction: str = "sum", nll_weight: float = 0.0,
-                  **loss_kw) -> Callable:
+                  kl_baseline: bool = False, **loss_kw) -> Callable:
     """step(model, batch) for single-response feedback: `loss_fn(policy_logps, ref_logps, targets, **loss_kw)`
     (una_binary_loss with labels, una_score_loss with scores). `nll_weight` α > 0 adds α·NLL of the
-    responses whose target is 1 (desired / fully correct), as `pairwise_step` does for chosen ones."""
+    responses whose target is 1 (desired / fully correct), as `pairwise_step` does for chosen ones.
+
+    kl_baseline=True (kto_loss): the items' mismatched pairs (`encode_feedback(..., kl_pairs=True)`) are scored by
+    the policy (no gradient: KTO detaches its KL baseline) and by the reference (stored as `ref_kl_logps` or a
+    reference pass), and passed as `loss_fn(..., kl_policy_logps=, kl_ref_logps=)`."""
     check_reference(reference, ("precomputed",) + STEP_REFERENCES)
     resolved = {}
 
     def step(model, batch):
         b = _to(batch, next(model.parameters()).device)
         logps = sequence_logprobs(model, b["ids"], b["labels"], token_reduction=token_reduction)
+        score = lambda m, ids, labels: sequence_logprobs(m, ids, labels, token_reduction=token_reduction)  # noqa: E731
         if reference == "precomputed":
-            if b["ref_logps"] is None:
-                raise ValueError("reference='precomputed' but the items carry no ref_logps: "
-                                 "call precompute_reference(ref_model, items) first")
-            ref = b["ref_logps"]
+            ref = _stored(b, "ref_logps", "ref_logps")
         else:
-            ref = _reference_call(resolved, reference, model, lambda m: sequence_logprobs(m, b["ids"], b["labels"],
-                                                                                  token_reduction=token_reduction))
-        loss, metrics = loss_fn(logps, ref, b["target"], **loss_kw)
-        if nll_weight:
-            if token_reduction != "sum":
-                raise ValueError("nll_weight needs token_reduction='sum' (the NLL is normalised per token here)")
-            nll = _nll(logps, b["labels"], select=(b["target"] == 1).float())
-            loss = loss + nll_weight * nll
-            metrics = {**metrics, "nll/desired": nll.detach()}
-        return loss, metrics
+            ref = _reference_call(resolved, reference, model, lambda m: score(m, b["ids"], b["labels"]))
+        kw = dict(loss_kw)
+        if kl_baseline:
+            if "kl_ids" not in b:
+                raise ValueError("kl_baseline needs mismatched pairs in the items: encode_feedback(..., kl_pairs=True)")
+            with torch.no_grad():
+                kw["kl_policy_logps"] = score(model, b["kl_ids"], b["kl_labels"])
+            kw["kl_ref_logps"] = (_stored(b, "ref_kl_logps", "ref_kl_logps") if reference == "precomputed" else
+                                  _reference_call(resolved, reference, model,
+                                                  lambda m: score(m, b["kl_ids"], b["kl_labels"])))
+        loss, metrics = loss_fn(logps, ref, b["target"], **kw)
+        return _with_nll(loss, metrics, nll_weight, token_reduction, logps, b["labels"],
+                         (b["target"] == 1).float(), "nll/desired")
     return step
 
 
@@ -176,7 +229,8 @@ def feedback_step(loss_fn: Callable, *, reference="precomputed", token_reduction
 def precompute_reference(ref_model, items: list[dict], *, pad_token_id: int = 1, batch_size: int = 32,
                          token_reduction: str = "sum") -> list[dict]:
     """Store the reference log-probs in each item (in place; also returned): ref_chosen_logps /
-    ref_rejected_logps for pairs, ref_logps for single responses. Run once, before training."""
+    ref_rejected_logps for pairs, ref_logps for single responses (and ref_kl_logps for their KTO mismatched
+    pairs, when encoded with kl_pairs=True). Run once, before training."""
     was_training = ref_model.training
     ref_model.eval()
     device = next(ref_model.parameters()).device
@@ -192,6 +246,10 @@ def precompute_reference(ref_model, items: list[dict], *, pad_token_id: int = 1,
                 b = _to(feedback_collate(chunk, pad_token_id), device)
                 for it, v in zip(chunk, sequence_logprobs(ref_model, b["ids"], b["labels"], token_reduction=token_reduction).tolist()):
                     it["ref_logps"] = v
+                if "kl_ids" in b:                                       # KTO's mismatched pairs
+                    kl = sequence_logprobs(ref_model, b["kl_ids"], b["kl_labels"], token_reduction=token_reduction)
+                    for it, v in zip(chunk, kl.tolist()):
+                        it["ref_kl_logps"] = v
     finally:
         ref_model.train(was_training)
     return items

@@ -154,7 +154,7 @@ def test_aggregations_by_hand():
     with pytest.raises(ValueError, match="max_completion_len"):
         aggregator("dr_grpo")
     with pytest.raises(ValueError, match="aggregation"):
-        aggregator("dapo")
+        aggregator("token_sum")
 
 
 def test_process_advantages_by_hand_and_outcome_as_one_step():
@@ -281,7 +281,7 @@ def test_run_grpo_end_to_end(tok, tmp_path):
                                                   length_weight=0.5, aggregation="dr_grpo", mu=2),
                     reward_fn=parity, step_fn=arithmetic_steps, render=arithmetic.prompt_messages, print_fn=None)
     assert torch.isfinite(torch.tensor(hist[0]["loss"]))
-    for bad in (dict(reference="none"), dict(aggregation="dapo"), dict(group_size=1), dict(std="sample")):
+    for bad in (dict(reference="none"), dict(aggregation="token_sum"), dict(group_size=1), dict(std="sample")):
         with pytest.raises(ValueError):
             run_grpo(model, tok, train, GRPOConfig(**{"steps": 1, **bad}), reward_fn=parity,
                      render=arithmetic.prompt_messages)

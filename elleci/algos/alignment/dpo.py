@@ -15,10 +15,13 @@ Whether a sequence log-prob is the sum or the mean of its token log-probs is the
 (`elleci.algos.logprobs`); DPO and its relatives use the sum, IPO is meant for the mean.
 Computation happens in float32 (float64 inputs stay float64); the loss has that dtype.
 
-Metrics, identical for every loss here (detached; means over the batch):
-    rewards/chosen    mean β(πc − rc)          rewards/rejected  mean β(πr − rr)
-    rewards/margin    mean of their difference  rewards/accuracy  fraction with chosen > rejected (ties: 0)
-    logps/chosen      mean πc                   logps/rejected    mean πr
+Metrics, identical for every loss here (detached; means over the batch), under TRL's DPOTrainer names:
+    rewards/chosen    mean β(πc − rc)          rewards/rejected    mean β(πr − rr)
+    rewards/margins   mean of their difference  rewards/accuracies  fraction with chosen > rejected (ties: 0)
+    logps/chosen      mean πc                   logps/rejected      mean πr
+`rewards/margin` and `rewards/accuracy` (elleci's older names) carry the same numbers as aliases, because code
+reads them: `iterative_dpo` (its round summary) and the trainer of issue 19 (`elleci/trainer/core.py` maps them
+to TRL's); drop them once nothing does.
 """
 from __future__ import annotations
 
@@ -36,11 +39,15 @@ def pair_metrics(beta: float, pc: Tensor, pr: Tensor, rc: Tensor, rr: Tensor) ->
     with torch.no_grad():
         chosen = beta * (pc - rc).detach()       # [B] implicit reward (DPO Eq. 5 without β log Z(x))
         rejected = beta * (pr - rr).detach()     # [B]
+        margin = (chosen - rejected).mean()
+        accuracy = (chosen > rejected).to(chosen.dtype).mean()
         return {
             "rewards/chosen": chosen.mean(),
             "rewards/rejected": rejected.mean(),
-            "rewards/margin": (chosen - rejected).mean(),
-            "rewards/accuracy": (chosen > rejected).to(chosen.dtype).mean(),
+            "rewards/margins": margin,                 # TRL's names
+            "rewards/accuracies": accuracy,
+            "rewards/margin": margin,                  # aliases (module docstring)
+            "rewards/accuracy": accuracy,
             "logps/chosen": pc.detach().mean(),
             "logps/rejected": pr.detach().mean(),
         }
@@ -84,7 +91,11 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
     L = 0 with zero gradients when ε = 0 (and +∞ when ε > 0, as the formula says).
 
     Differences from the paper:
-    1. The paper's loss is ε = 0; ε > 0 is cDPO (label smoothing), as in TRL's `loss_type="sigmoid"`.
+    1. The paper's loss is ε = 0; ε > 0 is cDPO (label smoothing). TRL applied it in `loss_type="sigmoid"` up to
+       0.28; from 0.29 on (1.16 included: trl/trainer/dpo_trainer.py, `-F.logsigmoid(self.beta * delta_score)`)
+       TRL's sigmoid ignores `label_smoothing`, which only reaches its "robust", "exo_pair", "aot" and
+       "aot_unpaired" losses. So this function equals TRL 1.16's sigmoid at ε = 0 only; for ε > 0 it is cDPO
+       (TRL ≤ 0.28's sigmoid), not anything TRL 1.16 computes.
     2. The expectation over the data set is a batch mean (or sum, or per-example with "none").
     3. The implicit reward β(π − r) drops the paper's β log Z(x), which cancels in h.
     """

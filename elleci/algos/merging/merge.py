@@ -170,7 +170,14 @@ def dare_merge(base, sds: Sequence, density: float, *, weights: Sequence[float] 
     """DARE then combine: τ̃_i = dare(τ_i) seeded per (seed, model, tensor);
         combine="linear" (dare_linear):  θ = θ₀ + λ Σ w_i τ̃_i
         combine="ties"   (dare_ties):    θ = θ₀ + λ · ties_combine(τ̃, w, normalize)
-    Deterministic for a given seed."""
+    Deterministic for a given seed.
+
+    `normalize` (combine="ties" only) defaults to True, the disjoint MEAN of TIES (Yadav et al. 2023, step 3,
+    which the DARE paper applies after its sparsification; `ties_merge` and mergekit's `ties` default to it
+    too). mergekit's `dare_ties` defaults to normalize=False, a disjoint SUM: with its usual weights of 1 per
+    model, the update then grows with the number of models that agree in sign, so λ must be retuned whenever a
+    model is added; the mean keeps the scale of one task vector and makes the weights relative. For mergekit's
+    dare_ties exactly: normalize=False, rescale="l1"."""
     if combine not in ("linear", "ties"):
         raise ValueError(f"combine must be 'linear' or 'ties', got {combine!r}")
     w = _weights(weights, len(sds))

@@ -1,4 +1,6 @@
-"""GRPO: group relative policy optimization with verifiable rewards (DeepSeekMath, arXiv 2402.03300, §4.1).
+"""GRPO: group relative policy optimization with verifiable rewards (DeepSeekMath, arXiv 2402.03300, §4.1),
+with the variants TRL and verl ship: DAPO's clip-higher, token-level loss and dynamic sampling, GSPO's
+sequence-level ratio, two-sided clipping, CISPO, SAPO, VESPO, Dr. GRPO and LUSPO aggregation.
 
     J(θ) = E[(1/G) Σ_i (1/|o_i|) Σ_t {min(ρ_{i,t} Â_{i,t}, clip(ρ_{i,t}, 1−ε, 1+ε) Â_{i,t})
                                       − β D_KL[π_θ‖π_ref]_{i,t}}]                                        (eq. 3)
@@ -10,16 +12,28 @@ the loss, not to the reward; μ policy updates per batch of samples (μ = 1 ⇒ 
 
     cfg = GRPOConfig(steps=30, prompts_per_step=8, group_size=8, beta=0.04, aggregation="grpo")
     history = run_grpo(model, tok, train_problems, cfg, reward_fn=..., render=...)   # (correct, formatted)
+    cfg = GRPOConfig(beta=0.0, aggregation="dapo", epsilon_high=0.28, filter_groups=True)   # DAPO's recipe
 
-Advantages: outcome Â_{i,t} = (r_i − mean(r)) / (std(r) + eps) over the group (`group_advantages`: std
-"bessel" (TRL, the default, eps 1e-4) or "population"; scale "group", "batch" or "none"); process
-Â_{i,t} = Σ_{steps j of o_i ending at ≥ t} r̃_i^(j), step rewards normalised over the group
-(`process_advantages`). Aggregation of the per-token loss ℓ_{i,t} (mask m, B completions):
-"grpo" (1/B) Σ_i (Σ_t m ℓ)/(Σ_t m) (eq. 3), "bnpo" Σ m ℓ / Σ m, "dr_grpo" Σ m ℓ / (B · max_completion_len)
-(Dr. GRPO, arXiv 2503.20783). Rewards: `reward_fn` gives (correct, formatted); the reward is correct plus
-`format_weight` if formatted (the arithmetic testbed's: `elleci.testbed.arithmetic_rewards`);
-optional Kimi k1.5 length reward (arXiv 2501.12599 §2.3.3, `kimi_length_reward`). Defaults: β 0.04 (the paper),
-ε 0.2 (TRL; the paper states none), sampling T 1.0 (TRL), reference "frozen" (`reference_logps_fn`).
+The pieces: `grpo_advantages` (outcome / process advantages, Kimi length reward, `informative_groups`) and
+`grpo_loss` (the losses, the k3 KL, the aggregations; TRL's `loss_type` values map onto them there). This
+module is the loop: sample G completions per prompt, reward them, advantages, μ updates in micro-batches.
+Rewards: `reward_fn` gives (correct, formatted); the reward is correct plus `format_weight` if formatted (the
+arithmetic testbed's: `elleci.testbed.arithmetic_rewards`); optional Kimi k1.5 length reward.
+
+Dynamic sampling (`filter_groups`, DAPO arXiv 2503.14476 §3.2; verl's `algorithm.filter_groups`): a group whose G
+rewards are all equal has Â = 0 and is dropped. Refill policy: up to `max_sample_rounds` rounds per step, each
+drawing `prompts_per_step` prompts not yet drawn in this step and sampling G completions for each, until
+`prompts_per_step` informative groups are kept (the first ones in draw order; extra ones are discarded). If the
+rounds run out the step trains on the informative groups it has (fewer than asked), and with none it makes no
+update (logged with `groups` 0). DAPO samples until the batch is full; verl stops after `max_num_gen_batches`
+and raises an error; TRL 1.16 has no dynamic sampling. Logged reward, accuracy, format and length are those of
+the step's first round (the policy on fresh prompts, comparable with and without filtering); `zero_variance` is
+the share of that round's groups with all-equal rewards.
+
+Defaults: β 0.04 (the paper; TRL 1.16: 0), aggregation "grpo" (the paper's eq. 3; TRL 1.16: "dapo"), ε 0.2 (TRL;
+the paper states none), ε_high = ε and δ off (TRL), token-level ratios (TRL), sampling T 1.0 (TRL), reference
+"frozen" (`reference_logps_fn`). β = 0 resolves no reference at all (no copy, no snapshot, no reference pass),
+whatever `reference` says, as TRL does.
 
 Differences from the paper:
 1. The paper says only "std": the std convention and eps are explicit (`std`, `eps`); the default is TRL's
@@ -32,10 +46,11 @@ Differences from the paper:
 """
 from __future__ import annotations
 
+import inspect
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,131 +61,24 @@ from elleci.algos.chat import collate
 from elleci.algos.reference import resolve_reference
 from elleci.algos.logprobs import IGNORE_INDEX, sequence_logprobs
 from elleci.algos.sampling import prompt_ids, stop_ids
+from elleci.algos.reasoning.grpo_advantages import (SCALES, STDS, group_advantages, informative_groups,
+                                                    kimi_length_reward, process_advantages)
+from elleci.algos.reasoning.grpo_loss import (AGGREGATIONS, IMPORTANCE_LEVELS, OBJECTIVES,
+                                              accumulation_weight, aggregator, cispo_loss, dr_grpo_sum, grpo_loss,
+                                              k3_kl, sapo_loss, seq_mean_token_mean, seq_sum_mean,
+                                              step_token_mean, token_mean, vespo_loss)
 
-STDS = ("bessel", "population")
-SCALES = ("group", "batch", "none")
+__all__ = ["GRPOConfig", "run_grpo", "draw_step", "sample_round", "sample_groups", "Groups", "reference_logps_fn",
+           "process_grid", "token_ends",
+           # re-exported: `from elleci.algos.reasoning.grpo import ...` keeps working after the split
+           "group_advantages", "process_advantages", "kimi_length_reward", "informative_groups", "STDS", "SCALES",
+           "grpo_loss", "cispo_loss", "sapo_loss", "vespo_loss", "k3_kl", "aggregator", "accumulation_weight",
+           "seq_mean_token_mean", "token_mean", "dr_grpo_sum", "step_token_mean", "seq_sum_mean", "AGGREGATIONS",
+           "IMPORTANCE_LEVELS", "OBJECTIVES"]
+
 ADVANTAGES = ("outcome", "process")
 REFERENCES = ("frozen", "snapshot", "adapters", "none")
-
-
-# ----------------------------------------------------------------------------------------- advantages
-
-def _std(x: torch.Tensor, std: str, dim=None) -> torch.Tensor:
-    if std not in STDS:
-        raise ValueError(f"std={std!r}; choose one of {STDS}")
-    return x.std(dim=dim, correction=1 if std == "bessel" else 0)
-
-
-def group_advantages(rewards: torch.Tensor, *, std: str = "bessel", eps: float = 1e-4,
-                     scale: str = "group") -> torch.Tensor:
-    """Outcome advantages: rewards [P, G] (G completions per prompt) → [P, G], each row summing to 0.
-
-    scale="group": (r − mean_g) / (std_g + eps); "batch": the std over all P·G rewards; "none": r − mean_g."""
-    if rewards.dim() != 2 or rewards.shape[1] < 2:
-        raise ValueError(f"rewards must be [prompts, G] with G >= 2, got {tuple(rewards.shape)}")
-    if scale not in SCALES:
-        raise ValueError(f"scale={scale!r}; choose one of {SCALES}")
-    centred = rewards - rewards.mean(1, keepdim=True)
-    if scale == "none":
-        return centred
-    sd = _std(rewards, std, dim=1)[:, None] if scale == "group" else _std(rewards.flatten(), std)
-    return centred / (sd + eps)                                               # §4.1.2 outcome supervision
-
-
-def process_advantages(step_rewards: Sequence[Sequence[float]], step_ends: Sequence[Sequence[int]], length: int, *,
-                       std: str = "bessel", eps: float = 1e-4) -> torch.Tensor:
-    """Process advantages of one group → [G, length]: Â_{i,t} = Σ_{j: end_ij ≥ t} r̃_ij, with r̃ the step
-    rewards normalised by the mean and std of all the group's steps (§4.1.3). step_ends are token indices."""
-    if len(step_rewards) != len(step_ends) or any(len(r) != len(e) for r, e in zip(step_rewards, step_ends)):
-        raise ValueError("step_rewards and step_ends must have one end per step reward")
-    flat = torch.tensor([r for rs in step_rewards for r in rs], dtype=torch.float32)
-    if flat.numel() == 0:
-        raise ValueError("process advantages need at least one step in the group")
-    sd = _std(flat, std) if flat.numel() > 1 else torch.tensor(0.0)
-    norm = ((flat - flat.mean()) / (sd + eps)).tolist()
-    out, k = torch.zeros(len(step_rewards), length), 0
-    for i, ends in enumerate(step_ends):
-        for end in ends:
-            if not 0 <= end < length:
-                raise ValueError(f"step end {end} outside [0, {length})")
-            out[i, : end + 1] += norm[k]                                      # steps ending at >= t
-            k += 1
-    return out
-
-
-def kimi_length_reward(lengths: Sequence[int], correct: Sequence[bool]) -> list[float]:
-    """Kimi k1.5: λ_i = 0.5 − (len_i − min)/(max − min) over one group; λ if correct, min(0, λ) if wrong; all 0
-    when every length is equal."""
-    if len(lengths) != len(correct) or not lengths:
-        raise ValueError("need one correctness flag per length, and at least one")
-    lo, hi = min(lengths), max(lengths)
-    if hi == lo:
-        return [0.0] * len(lengths)
-    lam = [0.5 - (n - lo) / (hi - lo) for n in lengths]
-    return [x if c else min(0.0, x) for x, c in zip(lam, correct)]
-
-
-# ----------------------------------------------------------------------------------------- the loss
-
-def k3_kl(logps: torch.Tensor, ref_logps: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL[π_θ‖π_ref]: π_ref/π_θ − log(π_ref/π_θ) − 1 ≥ 0 (eq. 4)."""
-    d = ref_logps - logps
-    return torch.exp(d) - d - 1
-
-
-def seq_mean_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """"grpo" (eq. 3): mean over each sequence's tokens, then over sequences. x, mask [B, T] → scalar."""
-    m = mask.to(x.dtype)
-    return ((x * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
-
-
-def token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """"bnpo": mean over every token of the batch."""
-    m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp(min=1)
-
-
-def dr_grpo_sum(x: torch.Tensor, mask: torch.Tensor, max_completion_len: int) -> torch.Tensor:
-    """"dr_grpo": token sum / (B · max_completion_len), a constant normaliser (no length bias)."""
-    return (x * mask.to(x.dtype)).sum() / (x.shape[0] * max_completion_len)
-
-
-def aggregator(name: str, max_completion_len: int | None = None) -> Callable:
-    """The aggregation function called `name` ("grpo", "bnpo", "dr_grpo"; the last needs max_completion_len)."""
-    if name == "grpo":
-        return seq_mean_token_mean
-    if name == "bnpo":
-        return token_mean
-    if name == "dr_grpo":
-        if not max_completion_len or max_completion_len < 1:
-            raise ValueError("aggregation 'dr_grpo' needs max_completion_len >= 1")
-        return lambda x, mask: dr_grpo_sum(x, mask, max_completion_len)
-    raise ValueError(f"aggregation={name!r}; choose 'grpo', 'bnpo' or 'dr_grpo'")
-
-
-def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
-              ref_logps: torch.Tensor | None = None, epsilon: float = 0.2, beta: float = 0.04,
-              aggregate: Callable = seq_mean_token_mean) -> tuple[torch.Tensor, dict]:
-    """−J: per token −min(ρÂ, clip(ρ, 1−ε, 1+ε)Â) + β·k3, aggregated by `aggregate`.
-
-    logps, old_logps, ref_logps, mask [B, T] (completion tokens); advantages [B] (outcome) or [B, T]."""
-    if logps.shape != old_logps.shape or logps.shape != mask.shape:
-        raise ValueError(f"logps {tuple(logps.shape)}, old_logps {tuple(old_logps.shape)} and mask "
-                         f"{tuple(mask.shape)} must have one shape")
-    if beta != 0 and (ref_logps is None or ref_logps.shape != logps.shape):
-        raise ValueError("beta != 0 needs ref_logps of the logps' shape")
-    adv = advantages[:, None] if advantages.dim() == 1 else advantages           # [B, 1] or [B, T]
-    ratio = torch.exp(logps - old_logps)                                         # ρ [B, T]
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + epsilon)
-    per_token = -torch.min(ratio * adv, clipped * adv)                           # Eq. 3, surrogate
-    policy = aggregate(per_token, mask)
-    kl = k3_kl(logps, ref_logps) if ref_logps is not None else torch.zeros_like(logps)   # Eq. 4
-    loss = aggregate(per_token + beta * kl, mask) if beta != 0 else policy
-    was_clipped = ((ratio < 1 - epsilon) & (adv < 0)) | ((ratio > 1 + epsilon) & (adv > 0))
-    metrics = {"grpo/policy_loss": policy.detach(), "grpo/kl": token_mean(kl, mask).detach(),
-               "grpo/clip_ratio": token_mean(was_clipped.float(), mask).detach(),
-               "grpo/ratio": token_mean(ratio, mask).detach()}
-    return loss, metrics
+_MANAGED = {"ref_logps", "beta", "aggregate", "importance_sampling_level", "epsilon", "epsilon_high", "delta"}
 
 
 # ----------------------------------------------------------------------------------------- verifiable rewards
@@ -181,7 +89,7 @@ def token_ends(tokenizer, ids: Sequence[int], char_ends: Sequence[int]) -> list[
     return [next((j for j, n in enumerate(reach) if n >= c), len(ids) - 1) for c in char_ends]
 
 
-# ----------------------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------------------- the config
 
 @dataclass
 class GRPOConfig:
@@ -196,45 +104,79 @@ class GRPOConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     mu: int = 1                          # policy updates per batch of samples (1: the paper)
-    epsilon: float = 0.2
+    epsilon: float = 0.2                 # ε_low
+    epsilon_high: float | None = None    # DAPO clip-higher (None: ε; DAPO uses 0.28); objective "clip" only
+    delta: float | None = None           # two-sided clipping cap (None: off; INTELLECT-2 uses 4); "clip" only
+    importance_sampling_level: str = "token"   # "sequence": GSPO's s_i
+    objective: str = "clip"              # "clip" (GRPO/DAPO/GSPO) | "cispo" | "sapo" | "vespo"
+    objective_kw: dict = field(default_factory=dict)   # the objective's own keywords (epsilon_max, tau_pos, ...)
     beta: float = 0.04
     std: str = "bessel"
     eps: float = 1e-4
     scale: str = "group"
-    aggregation: str = "grpo"
+    aggregation: str = "grpo"            # grpo | bnpo | dr_grpo | dapo | luspo
+    micro_batch_size: int | None = None  # completions per forward/backward (None: the whole step at once)
+    filter_groups: bool = False          # DAPO dynamic sampling: drop groups with all-equal rewards, refill
+    max_sample_rounds: int = 3           # sampling rounds per step when filtering (module docstring)
     advantage: str = "outcome"           # "process": step rewards of `step_fn` only (no format/length terms)
     reference: str = "frozen"            # "frozen" | "snapshot" | "adapters" (LoRA off; fresh adapters) | "none"
     format_weight: float = 0.1
     length_weight: float = 0.0           # Kimi length reward weight (0: off; outcome advantages only)
     length_warmup: int = 0               # steps before the length reward switches on
-    micro_batch_size: int | None = None  # completions per backward (`grpo_step.grpo_backward`); None: all P·G
     seed: int = 0
 
     def __post_init__(self) -> None:
         name = "GRPOConfig"
-        for field, allowed in (("std", STDS), ("scale", SCALES), ("advantage", ADVANTAGES), ("reference", REFERENCES)):
-            check_choice(name, field, getattr(self, field), allowed)
-        for field in ("steps", "prompts_per_step", "max_new_tokens", "mu"):
-            check_int(name, field, getattr(self, field), ge=1)
+        for field_name, allowed in (("std", STDS), ("scale", SCALES), ("advantage", ADVANTAGES),
+                                    ("reference", REFERENCES), ("objective", tuple(OBJECTIVES)),
+                                    ("importance_sampling_level", IMPORTANCE_LEVELS)):
+            check_choice(name, field_name, getattr(self, field_name), allowed)
+        for field_name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "max_sample_rounds"):
+            check_int(name, field_name, getattr(self, field_name), ge=1)
         check_int(name, "group_size", self.group_size, ge=2)
         check_int(name, "top_k", self.top_k, ge=1, optional=True)
-        for field in ("warmup_steps", "length_warmup"):
-            check_int(name, field, getattr(self, field), ge=0)
+        check_int(name, "micro_batch_size", self.micro_batch_size, ge=1, optional=True)
+        for field_name in ("warmup_steps", "length_warmup"):
+            check_int(name, field_name, getattr(self, field_name), ge=0)
         check_int(name, "seed", self.seed)
-        for field in ("temperature", "lr", "epsilon"):
-            check_number(name, field, getattr(self, field), gt=0)
+        for field_name in ("temperature", "lr", "epsilon"):
+            check_number(name, field_name, getattr(self, field_name), gt=0)
+        check_number(name, "epsilon_high", self.epsilon_high, gt=0, optional=True)
         check_number(name, "top_p", self.top_p, gt=0, le=1, optional=True)
         check_number(name, "max_grad_norm", self.max_grad_norm, gt=0, optional=True)
-        for field in ("beta", "eps", "format_weight", "length_weight"):
-            check_number(name, field, getattr(self, field), ge=0)
+        for field_name in ("beta", "eps", "format_weight", "length_weight"):
+            check_number(name, field_name, getattr(self, field_name), ge=0)
         aggregator(self.aggregation, self.max_new_tokens)
         if self.reference == "none" and self.beta != 0:
             raise ValueError(f"GRPOConfig.beta must be 0 with reference='none' (the KL term has no reference), "
                              f"got {self.beta!r}")
-        if self.micro_batch_size is not None and (not isinstance(self.micro_batch_size, int)
-                                                  or isinstance(self.micro_batch_size, bool)
-                                                  or self.micro_batch_size < 1):
-            raise ValueError(f"GRPOConfig.micro_batch_size must be None or an int >= 1, got {self.micro_batch_size!r}")
+        eps_high = self.epsilon if self.epsilon_high is None else self.epsilon_high
+        if not (self.epsilon > 0 and eps_high > 0):
+            raise ValueError(f"epsilon and epsilon_high must be > 0, got {self.epsilon} and {self.epsilon_high}")
+        if self.delta is not None and not self.delta > 1 + eps_high:
+            raise ValueError(f"delta must be > 1 + epsilon_high = {1 + eps_high}, got {self.delta}")
+        if self.objective != "clip" and (self.epsilon_high is not None or self.delta is not None):
+            raise ValueError(f"epsilon_high and delta belong to objective 'clip', not {self.objective!r} (CISPO's "
+                             "cap is objective_kw={'epsilon_max': ...})")
+        if self.objective == "vespo" and self.importance_sampling_level != "token":
+            raise ValueError("objective 'vespo' computes its own sequence ratio: keep importance_sampling_level='token'")
+        params = inspect.signature(OBJECTIVES[self.objective]).parameters
+        own = {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY} - _MANAGED
+        if set(self.objective_kw) - own:
+            raise ValueError(f"objective_kw {sorted(self.objective_kw)}: objective {self.objective!r} takes "
+                             f"{sorted(own)} (the config sets {sorted(_MANAGED - {'ref_logps', 'aggregate'})})")
+        if self.filter_groups and self.advantage != "outcome":
+            raise ValueError("filter_groups drops groups with all-equal outcome rewards: it needs advantage='outcome'")
+
+    def objective_fn(self) -> Callable:
+        """The loss with this config's keywords bound: f(logps, old_logps, adv, mask, *, ref_logps, aggregate)."""
+        kw = {"beta": self.beta, **self.objective_kw}
+        if self.objective != "vespo":
+            kw["importance_sampling_level"] = self.importance_sampling_level
+        if self.objective == "clip":
+            kw.update(epsilon=self.epsilon, epsilon_high=self.epsilon_high, delta=self.delta)
+        fn = OBJECTIVES[self.objective]
+        return lambda *args, **more: fn(*args, **kw, **more)
 
 
 def reference_logps_fn(model, reference: str) -> Callable | None:
@@ -254,6 +196,8 @@ def reference_logps_fn(model, reference: str) -> Callable | None:
         return None
     return lambda ids, labels: ref.run(lambda m: sequence_logprobs(m, ids, labels, token_reduction="none"))
 
+
+# ----------------------------------------------------------------------------------------- sampling
 
 def sample_groups(model, tokenizer, prompts: Sequence, group_size: int, *, max_new_tokens: int,
                   temperature: float = 1.0, top_p=None, top_k=None, generator=None
@@ -275,6 +219,83 @@ def sample_groups(model, tokenizer, prompts: Sequence, group_size: int, *, max_n
     return rows, completions, stopped
 
 
+@dataclass
+class Groups:
+    """One or more sampled groups, prompt-major: per sample its problem, prompt/completion ids, stop flag,
+    decoded text, correctness, format flag and reward (G consecutive samples per group)."""
+    G: int
+    objs: list
+    rows: list
+    comps: list
+    stopped: list
+    texts: list
+    correct: torch.Tensor        # [N]
+    fmt: torch.Tensor            # [N]
+    rewards: torch.Tensor        # [N]
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.objs) // self.G
+
+    def select(self, groups: Sequence[int]) -> "Groups":
+        idx = [g * self.G + j for g in groups for j in range(self.G)]
+        pick = lambda xs: [xs[i] for i in idx]                                  # noqa: E731
+        t = torch.tensor(idx, dtype=torch.long)
+        return Groups(self.G, pick(self.objs), pick(self.rows), pick(self.comps), pick(self.stopped),
+                      pick(self.texts), self.correct[t], self.fmt[t], self.rewards[t])
+
+    def __add__(self, other: "Groups") -> "Groups":
+        return Groups(self.G, self.objs + other.objs, self.rows + other.rows, self.comps + other.comps,
+                      self.stopped + other.stopped, self.texts + other.texts, torch.cat([self.correct, other.correct]),
+                      torch.cat([self.fmt, other.fmt]), torch.cat([self.rewards, other.rewards]))
+
+
+def sample_round(model, tokenizer, batch: Sequence, cfg: GRPOConfig, *, step: int, generator, reward_fn: Callable,
+                 render: Callable) -> Groups:
+    """G completions for each problem of `batch`, judged and rewarded (correct + format weight (+ Kimi length))."""
+    G = cfg.group_size
+    rows, comps, stopped = sample_groups(model, tokenizer, [render(p) for p in batch], G, generator=generator,
+                                         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                         top_p=cfg.top_p, top_k=cfg.top_k)
+    texts = [tokenizer.decode(c[:-1] if s else c, skip_special_tokens=False) for c, s in zip(comps, stopped)]
+    objs = [p for p in batch for _ in range(G)]
+    judged = [reward_fn(o, t, s) for o, t, s in zip(objs, texts, stopped)]
+    correct = torch.tensor([float(c) for c, _ in judged])
+    fmt = torch.tensor([float(f) for _, f in judged])
+    rewards = correct + cfg.format_weight * fmt                                  # [P·G]
+    if cfg.length_weight and step >= cfg.length_warmup:
+        rewards += cfg.length_weight * torch.tensor(
+            [x for i in range(len(batch)) for x in kimi_length_reward([len(c) for c in comps[i * G:(i + 1) * G]],
+                                                                      [bool(c) for c in correct[i * G:(i + 1) * G]])])
+    return Groups(G, objs, rows, comps, stopped, texts, correct, fmt, rewards)
+
+
+def draw_step(model, tokenizer, problems: Sequence, cfg: GRPOConfig, step: int, *, generator, reward_fn: Callable,
+              render: Callable) -> tuple[Groups, Groups, int]:
+    """(groups to train on, the first round's groups, rounds used) for one step. The first round is
+    `prompts_per_step` problems drawn by the step's seeded RNG; with `filter_groups`, the refill policy of the
+    module docstring (fresh problems each round; the first informative groups kept; at most max_sample_rounds)."""
+    P = min(cfg.prompts_per_step, len(problems))
+    rng = random.Random(f"grpo/{cfg.seed}/{step}")
+    idx = rng.sample(range(len(problems)), P)                    # the same draw as rng.sample(problems, P)
+    kw = dict(step=step, generator=generator, reward_fn=reward_fn, render=render)
+    first = sample_round(model, tokenizer, [problems[i] for i in idx], cfg, **kw)
+    if not cfg.filter_groups:
+        return first, first, 1
+    used, rounds = set(idx), 1
+    keep = lambda g: g.select(torch.nonzero(informative_groups(g.rewards.view(-1, g.G))).flatten().tolist())  # noqa: E731
+    kept = keep(first)
+    while kept.n_groups < P and rounds < cfg.max_sample_rounds:
+        rest = [i for i in range(len(problems)) if i not in used]
+        if not rest:
+            break
+        idx = rng.sample(rest, min(P, len(rest)))
+        used.update(idx)
+        kept = kept + keep(sample_round(model, tokenizer, [problems[i] for i in idx], cfg, **kw))
+        rounds += 1
+    return kept.select(range(min(P, kept.n_groups))), first, rounds
+
+
 def process_grid(tokenizer, rows, comps, steps, group_size: int, width: int, *, std: str, eps: float) -> torch.Tensor:
     """Process advantages of a prompt-major batch on the log-prob grid [N, width] (width = L − 1): completion
     token j of row n sits at len(rows[n]) − 1 + j; `steps[n]` = [(character end, reward)], the last step
@@ -290,77 +311,79 @@ def process_grid(tokenizer, rows, comps, steps, group_size: int, width: int, *, 
     return out
 
 
+# ----------------------------------------------------------------------------------------- the loop
+
+def _update(model, optimizer, scheduler, cfg: GRPOConfig, ids, labels, mask, adv, ref_fn) -> tuple[float, dict, float]:
+    """μ policy updates on one step's batch, each over micro-batches of `cfg.micro_batch_size` completions:
+    (loss, metrics averaged over micro-batches, grad norm) of the last update."""
+    n = ids.shape[0]
+    size = n if cfg.micro_batch_size is None else cfg.micro_batch_size
+    chunks = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    aggregate = aggregator(cfg.aggregation, cfg.max_new_tokens, num_items=int(mask.sum()))   # dapo: the step's tokens
+    weight, objective = accumulation_weight(cfg.aggregation, len(chunks)), cfg.objective_fn()
+    with torch.no_grad():
+        refs = [ref_fn(ids[c], labels[c]) if ref_fn is not None else None for c in chunks]
+    olds = [None] * len(chunks)
+    model.train()
+    for _ in range(cfg.mu):
+        total, sums = 0.0, {}
+        for k, c in enumerate(chunks):
+            logps = sequence_logprobs(model, ids[c], labels[c], token_reduction="none")   # [n_c, L-1]
+            olds[k] = logps.detach() if olds[k] is None else olds[k]             # π_old = the sampling policy
+            loss, metrics = objective(logps, olds[k], adv[c], mask[c], ref_logps=refs[k], aggregate=aggregate)
+            (loss if weight == 1.0 else loss * weight).backward()
+            total += loss.item() * weight
+            for key, v in metrics.items():
+                sums[key] = sums.get(key, 0.0) + v.item() / len(chunks)
+        grad_norm = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
+    return total, sums, grad_norm
+
+
 def run_grpo(model, tokenizer, problems: Sequence, cfg: GRPOConfig, *, reward_fn: Callable, render: Callable,
              step_fn: Callable | None = None, jsonl_path=None, print_fn=print) -> list[dict]:
     """`cfg.steps` GRPO steps on prompts drawn from `problems`; one logged line per step with the mean
-    reward, accuracy, format rate, mean response length (tokens), KL to the reference and the loss.
+    reward, accuracy, format rate, mean response length (tokens) of the step's first sampling round, the share
+    of its groups with all-equal rewards, KL to the reference (β > 0) and the loss.
 
     `render(problem)` -> the chat messages of its prompt; `reward_fn(problem, text, stopped)` -> (correct,
     well formatted); `step_fn(problem, text, correct)` -> [(character end, reward)] per step, needed for
     `advantage="process"` (the arithmetic testbed's are `elleci.testbed.arithmetic_rewards`)."""
-    P, G = min(cfg.prompts_per_step, len(problems)), cfg.group_size
+    G = cfg.group_size
+    if cfg.advantage == "process" and step_fn is None:
+        raise ValueError("advantage='process' needs step_fn(problem, text, correct) -> [(end, reward)]")
     device = next(model.parameters()).device
-    ref_fn = reference_logps_fn(model, cfg.reference)
+    ref_fn = reference_logps_fn(model, cfg.reference) if cfg.beta != 0 else None   # β = 0: no reference at all
     optimizer = make_optimizer(model, cfg.lr, weight_decay=0.0)
     scheduler = make_scheduler(optimizer, "constant", warmup_steps=cfg.warmup_steps)
-    aggregate, logger = aggregator(cfg.aggregation, cfg.max_new_tokens), MetricLogger(jsonl_path, print_fn)
+    logger = MetricLogger(jsonl_path, print_fn)
     gen, history = torch.Generator(device=device).manual_seed(cfg.seed), []
     for step in range(cfg.steps):
         t0 = time.perf_counter()
-        batch = random.Random(f"grpo/{cfg.seed}/{step}").sample(list(problems), P)
-        rows, comps, stopped = sample_groups(model, tokenizer, [render(p) for p in batch], G, generator=gen,
-                                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                             top_p=cfg.top_p, top_k=cfg.top_k)
-        texts = [tokenizer.decode(c[:-1] if s else c, skip_special_tokens=False) for c, s in zip(comps, stopped)]
-        objs = [p for p in batch for _ in range(G)]
-        judged = [reward_fn(o, t, s) for o, t, s in zip(objs, texts, stopped)]
-        correct = torch.tensor([float(c) for c, _ in judged])
-        fmt = torch.tensor([float(f) for _, f in judged])
-        rewards = correct + cfg.format_weight * fmt                              # [P·G]
-        if cfg.length_weight and step >= cfg.length_warmup:
-            rewards += cfg.length_weight * torch.tensor(
-                [x for i in range(P) for x in kimi_length_reward([len(c) for c in comps[i * G:(i + 1) * G]],
-                                                                 [bool(c) for c in correct[i * G:(i + 1) * G]])])
-        ids, labels = collate([(r + c, [IGNORE_INDEX] * len(r) + c) for r, c in zip(rows, comps)], tokenizer.pad_id)
+        batch, first, rounds = draw_step(model, tokenizer, problems, cfg, step, generator=gen, reward_fn=reward_fn,
+                                         render=render)
+        seen = dict(reward=first.rewards.mean().item(), accuracy=first.correct.mean().item(),
+                    format=first.fmt.mean().item(), length=sum(map(len, first.comps)) / len(first.comps),
+                    zero_variance=1 - informative_groups(first.rewards.view(-1, G)).float().mean().item())
+        if cfg.filter_groups:
+            seen.update(rounds=rounds, groups=batch.n_groups)
+        if batch.n_groups == 0:                                                   # nothing informative: no update
+            history.append(logger.log(step, **seen, seconds=time.perf_counter() - t0))
+            continue
+        ids, labels = collate([(r + c, [IGNORE_INDEX] * len(r) + c) for r, c in zip(batch.rows, batch.comps)],
+                              tokenizer.pad_id)
         ids, labels = ids.to(device), labels.to(device)
         mask = labels[:, 1:] != IGNORE_INDEX                                     # [N, L-1] completion tokens
         if cfg.advantage == "outcome":
-            adv = group_advantages(rewards.view(P, G), std=cfg.std, eps=cfg.eps, scale=cfg.scale).flatten()
+            adv = group_advantages(batch.rewards.view(-1, G), std=cfg.std, eps=cfg.eps, scale=cfg.scale).flatten()
         else:
-            if step_fn is None:
-                raise ValueError("advantage='process' needs step_fn(problem, text, correct) -> [(end, reward)]")
-            steps = [step_fn(o, t, bool(c)) for o, t, c in zip(objs, texts, correct)]
-            adv = process_grid(tokenizer, rows, comps, steps, G, mask.shape[1], std=cfg.std, eps=cfg.eps)
-        adv = adv.to(device)
-        with torch.no_grad():
-            ref = None
-            if ref_fn is not None and cfg.beta != 0:
-                if cfg.micro_batch_size:
-                    from .grpo_step import micro_batched_logps
-                    ref = micro_batched_logps(ref_fn, ids, labels, cfg.micro_batch_size)
-                else:
-                    ref = ref_fn(ids, labels)
-        old = None
-        model.train()
-        for _ in range(cfg.mu):
-            if cfg.micro_batch_size:                                             # same gradient, bounded memory
-                from .grpo_step import grpo_backward
-                loss, metrics, logps = grpo_backward(
-                    model, ids, labels, adv, micro_batch_size=cfg.micro_batch_size, old_logps=old, ref_logps=ref,
-                    epsilon=cfg.epsilon, beta=cfg.beta, aggregation=cfg.aggregation,
-                    max_completion_len=cfg.max_new_tokens)
-                old = logps if old is None else old
-            else:
-                logps = sequence_logprobs(model, ids, labels, token_reduction="none")      # [N, L-1]
-                old = logps.detach() if old is None else old                     # π_old = the sampling policy
-                loss, metrics = grpo_loss(logps, old, adv, mask, ref_logps=ref, epsilon=cfg.epsilon,
-                                          beta=cfg.beta, aggregate=aggregate)
-                loss.backward()
-            grad_norm = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
-        history.append(logger.log(step, loss=loss.item(), reward=rewards.mean().item(),
-                                  accuracy=correct.mean().item(), format=fmt.mean().item(),
-                                  length=sum(map(len, comps)) / len(comps), kl=metrics["grpo/kl"].item(),
-                                  clip_ratio=metrics["grpo/clip_ratio"].item(), grad_norm=grad_norm,
-                                  seconds=time.perf_counter() - t0))
+            steps = [step_fn(o, t, bool(c)) for o, t, c in zip(batch.objs, batch.texts, batch.correct)]
+            adv = process_grid(tokenizer, batch.rows, batch.comps, steps, G, mask.shape[1], std=cfg.std, eps=cfg.eps)
+        loss, metrics, grad_norm = _update(model, optimizer, scheduler, cfg, ids, labels, mask, adv.to(device), ref_fn)
+        record = {"loss": loss, **{k: seen[k] for k in ("reward", "accuracy", "format", "length")}}
+        for key, name in (("grpo/kl", "kl"), ("grpo/clip_ratio", "clip_ratio")):
+            if key in metrics:
+                record[name] = metrics[key]
+        record.update({k: v for k, v in seen.items() if k not in record})       # zero_variance (rounds, groups)
+        history.append(logger.log(step, **record, grad_norm=grad_norm, seconds=time.perf_counter() - t0))
     model.eval()
     return history
