@@ -217,3 +217,30 @@ def test_bf16_weights_and_gradient_checkpointing(sft, tmp_path):
     assert all(r["loss"] == r["loss"] for r in rec) and rec[-1]["grad_norm"] > 0
     adapter = load_file(out / "final" / "adapter_model.safetensors")
     assert all(t.dtype == torch.float32 for t in adapter.values())          # LoRA weights stay fp32
+
+
+@pytest.mark.parametrize("loss", ["simpo", "orpo"])
+def test_dpo_reference_free_losses_run_without_a_reference_pass(sft, tmp_path, capsys, loss):
+    out = tmp_path / loss
+    assert main(["dpo", str(TINY / "dpo.toml"), f"model.path={sft}", f"out_dir={out}", "train.steps=2",
+                 f"loss.type={loss}", "data.eval=", *FAST]) == 0
+    said = capsys.readouterr().out
+    assert "computing the reference log-probs" not in said              # no reference pass at all
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in _records(out))
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_dpo_refuses_an_nll_term_on_mean_log_probs(sft, tmp_path, capsys):
+    assert main(["dpo", str(TINY / "dpo.toml"), f"model.path={sft}", f"out_dir={tmp_path / 'o'}",
+                 "loss.type=simpo", "loss.nll_weight=1.0"]) == 2
+    assert "[loss] nll_weight" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_una_kto_starts_at_one_half(sft, tmp_path):
+    """KTO through `elleci una`: at the first step the policy is the reference (LoRA B = 0), so every reward
+    r = 0 and the KL baseline z0 = 0, and each example's loss is 1 − σ(0) = 0.5 (unit class weights)."""
+    out = tmp_path / "kto"
+    assert main(["una", str(TINY / "una.toml"), f"model.path={sft}", f"out_dir={out}", "train.steps=2",
+                 "loss.binary_loss=kto", "loss.beta=0.1", "data.eval=", *FAST]) == 0
+    first = _records(out)[0]
+    assert first["loss"] == pytest.approx(0.5, abs=1e-4)

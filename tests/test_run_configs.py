@@ -41,7 +41,7 @@ def test_every_shipped_config_reads_and_checks(directory, name):
 
 
 def test_merge_configs_read():
-    mc = importlib.import_module("elleci.recipes._algos").algo("merge_config")
+    mc = importlib.import_module("elleci.algos.merging.merge_config")
     for d in ("tiny", "elleci-v1"):
         cfg = mc.MergeConfig.from_dict(read_toml(ROOT / "configs" / d / "merge.toml"))
         assert cfg.method == "ties" and len(cfg.models) == 2

@@ -107,9 +107,11 @@ def pair_items(path, tok, max_length: int, max_examples: int = 0, *, keep_text: 
 
 
 def feedback_items(path, kind: str, tok, max_length: int, max_examples: int = 0, *, min_score: float = 0.0,
-                   max_score: float = 0.0):
+                   max_score: float = 0.0, kl_pairs: bool = False):
     """{"response": (ids, labels), "target": label or score[, ref_logps]} per binary / scored record.
-    Scores are mapped by (s - min_score) / (max_score - min_score) unless both are 0 (then in [0, 1])."""
+    Scores are mapped by (s - min_score) / (max_score - min_score) unless both are 0 (then in [0, 1]).
+    kl_pairs=True (KTO's KL baseline) adds "kl_response": record i's prompt with record i − 1's completion
+    (cyclically, in file order), as `elleci.algos.preference.encode_feedback(..., kl_pairs=True)` does."""
     skipped = Skipped()
     lo, hi = (min_score, max_score) if (min_score, max_score) != (0.0, 0.0) else (None, None)
 
@@ -122,8 +124,18 @@ def feedback_items(path, kind: str, tok, max_length: int, max_examples: int = 0,
         item = {"response": ex, "target": float(r["label" if kind == "binary" else "score"])}
         if "ref_logps" in r:
             item["ref_logps"] = r["ref_logps"]
+        if kl_pairs:
+            item["_text"] = (r["prompt"], r["completion"])
         return [item]
-    return _each(path, max_examples, parse), skipped
+    items = _each(path, max_examples, parse)
+    if kl_pairs:
+        if len(items) < 2:
+            raise ValueError(f"{path}: KTO's KL baseline needs at least 2 records (prompts paired with other "
+                             "records' completions)")
+        texts = [it.pop("_text") for it in items]
+        for i, it in enumerate(items):
+            it["kl_response"] = encode_turn(tok, texts[i][0], texts[i - 1][1], max_length)
+    return items, skipped
 
 
 def preference_records(path, max_examples: int = 0) -> list[dict]:

@@ -12,17 +12,18 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from elleci.algos import dpo_loss, hinge_loss, ipo_loss, robust_dpo_loss
+from elleci.algos import dpo_loss, hinge_loss, ipo_loss, orpo_loss, robust_dpo_loss, simpo_loss
 from elleci.algos.preference import collate_fn, pairwise_step
 
-from ._algos import tokred
 from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, tokenizer_for
 from .datasets import pair_items
 from .reference_pass import precompute_sharded
 from .sections import PairLossSection, ReferenceSection
 
 NAME, HELP = "dpo", "preference optimisation (dpo, cdpo, ipo, hinge, robust) on chosen/rejected pairs"
-LOSSES = {"dpo": dpo_loss, "cdpo": dpo_loss, "ipo": ipo_loss, "hinge": hinge_loss, "robust": robust_dpo_loss}
+LOSSES = {"dpo": dpo_loss, "cdpo": dpo_loss, "ipo": ipo_loss, "hinge": hinge_loss, "robust": robust_dpo_loss,
+          "simpo": simpo_loss, "orpo": orpo_loss}
+REFERENCE_FREE = ("simpo", "orpo")          # no reference model and no reference pass
 
 
 @dataclass
@@ -42,8 +43,11 @@ def check_pair_loss(loss) -> None:
         fail("loss.label_smoothing", "cdpo is dpo with label smoothing: set it > 0 (e.g. 0.1)")
     if loss.type in ("dpo", "ipo", "hinge") and loss.label_smoothing:
         fail("loss.label_smoothing", f"{loss.type} has no label smoothing (use type = \"cdpo\" or \"robust\")")
-    if loss.type == "ipo" and loss.nll_weight:
-        fail("loss.nll_weight", "the NLL term is defined on summed log-probs; ipo uses per-token means")
+    if loss.type in ("ipo", "simpo", "orpo") and loss.nll_weight:
+        fail("loss.nll_weight", f"the NLL term is defined on summed log-probs; {loss.type} uses per-token means"
+                                + (" (orpo has its own NLL term)" if loss.type == "orpo" else ""))
+    if loss.type in ("simpo", "orpo") and loss.label_smoothing:
+        fail("loss.label_smoothing", f"{loss.type} has no label smoothing")
 
 
 def check_reference(cfg) -> None:
@@ -55,12 +59,15 @@ def loss_kwargs(loss) -> dict:
     kw = {"beta": loss.beta}
     if loss.type in ("cdpo", "robust"):
         kw["label_smoothing"] = loss.label_smoothing
+    if loss.type == "simpo":
+        kw["gamma"] = loss.gamma
     return kw
 
 
 def token_reduction(loss) -> str:
-    """Per-token mean log-probs for IPO (its target 1/(2β) is per token), sums for the others."""
-    return "mean" if loss.type == "ipo" else "sum"
+    """Per-token mean log-probs for IPO (its target 1/(2β) is per token), SimPO and ORPO (both defined on the
+    length-normalised likelihood), sums for the others."""
+    return "mean" if loss.type in ("ipo", "simpo", "orpo") else "sum"
 
 
 Config = DPOSettings
@@ -92,12 +99,16 @@ def run(cfg: DPOSettings, *, allow_changes=()):
     evals = pair_items(d.eval, tok, d.max_length, d.max_examples)[0] if d.eval else []
     print(f"{d.train}: {len(train)} pairs" + (f"; {skipped}" if skipped.count else ""))
     if token_reduction(cfg.loss) == "mean" and any("ref_chosen_logps" in it for it in train + evals):
-        fail("data.train", "ipo uses per-token mean log-probs; the file's ref_*_logps are sums: remove them")
+        fail("data.train", f"{cfg.loss.type} uses per-token mean log-probs; the file's ref_*_logps are sums: "
+                           "remove them")
     model = load_policy(cfg, lora=False)
-    ref = reference_for(cfg.reference.kind, model, [train, evals], pad_id=tok.pad_id,
-                        batch_size=cfg.train.micro_batch_size, token_reduction=token_reduction(cfg.loss))
+    if cfg.loss.type in REFERENCE_FREE:
+        ref = "none"                                       # SimPO / ORPO: no reference model, no reference pass
+    else:
+        ref = reference_for(cfg.reference.kind, model, [train, evals], pad_id=tok.pad_id,
+                            batch_size=cfg.train.micro_batch_size, token_reduction=token_reduction(cfg.loss))
     attach_lora(cfg, model)
-    step = pairwise_step(LOSSES[cfg.loss.type], reference=ref, **tokred(token_reduction(cfg.loss)),
+    step = pairwise_step(LOSSES[cfg.loss.type], reference=ref, token_reduction=token_reduction(cfg.loss),
                          nll_weight=cfg.loss.nll_weight, **loss_kwargs(cfg.loss))
     return run_trainer(cfg, model, step, train, collate=collate_fn("pairs", tok.pad_id), eval_data=evals or None,
                        tokenizer=tok, allow_changes=allow_changes)

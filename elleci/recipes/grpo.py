@@ -22,7 +22,8 @@ from elleci.algos.logprobs import IGNORE_INDEX, sequence_logprobs
 from elleci.model.lora import disable_adapters
 from elleci.trainer.batching import scored_tokens, sequences, step_indices
 
-from ._algos import algo, tokred
+import elleci.algos.reasoning.grpo as grpo_algos
+import elleci.algos.reasoning.long_cot as long_cot_algos
 from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, setting, tokenizer_for
 from .datasets import prompt_records
 from .online import check_verifier_spec, load_verifier, verifier_accuracy
@@ -90,7 +91,7 @@ class Rollouts:
         device = next(self.model.parameters()).device
         gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
         chunk = max(1, ro.batch_size // G)
-        sample_groups = algo("grpo").sample_groups
+        sample_groups = grpo_algos.sample_groups
         rows, comps, stopped = [], [], []
         for i in range(0, P, chunk):                                       # rollouts in micro-batches too
             r, c, s = sample_groups(self.model, self.tok, [rec["prompt"] for rec in records[i:i + chunk]], G,
@@ -100,7 +101,7 @@ class Rollouts:
         texts = [self.tok.decode([t for t in (c[:-1] if s else c) if t < self.tok.vocab_size],
                                  skip_special_tokens=True) for c, s in zip(comps, stopped)]
         rewards = torch.tensor([float(self.verifier(records[n // G], t)) for n, t in enumerate(texts)])
-        adv = algo("grpo").group_advantages(rewards.view(P, G), scale=self.cfg.loss.scale).flatten()
+        adv = grpo_algos.group_advantages(rewards.view(P, G), scale=self.cfg.loss.scale).flatten()
         self.metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1
                         else 0.0, "completion_length": sum(map(len, comps)) / len(comps),
                         "stopped": sum(stopped) / len(stopped)}
@@ -125,7 +126,7 @@ def make_collate(pad_id: int):
 
 
 def make_step(cfg: GRPOSettings, reference):
-    aggregate = algo("grpo").aggregator(cfg.loss.aggregation, cfg.rollout.max_new_tokens)
+    aggregate = grpo_algos.aggregator(cfg.loss.aggregation, cfg.rollout.max_new_tokens)
 
     def ref_logps(model, ids, labels):
         if cfg.loss.beta == 0:
@@ -133,13 +134,13 @@ def make_step(cfg: GRPOSettings, reference):
         with torch.no_grad():
             if reference == "adapters":
                 with disable_adapters(model):
-                    return sequence_logprobs(model, ids, labels, **tokred("none"))
-            return sequence_logprobs(reference, ids, labels, **tokred("none"))
+                    return sequence_logprobs(model, ids, labels, token_reduction="none")
+            return sequence_logprobs(reference, ids, labels, token_reduction="none")
 
     def step(model, batch):
         device = next(model.parameters()).device
         ids, labels, adv = (batch[k].to(device) for k in ("ids", "labels", "advantages"))
-        logps = sequence_logprobs(model, ids, labels, **tokred("none"))         # [B, L-1]
+        logps = sequence_logprobs(model, ids, labels, token_reduction="none")         # [B, L-1]
         mask = labels[:, 1:] != IGNORE_INDEX
         return grpo_loss(logps, logps.detach(), adv, mask, ref_logps=ref_logps(model, ids, labels),
                          epsilon=cfg.loss.epsilon, beta=cfg.loss.beta, aggregate=aggregate)
@@ -148,7 +149,7 @@ def make_step(cfg: GRPOSettings, reference):
 
 def budget_accuracy(model, tok, records, verifier, *, budget: int, max_new_tokens: int) -> dict:
     """Mean verifier reward with budget forcing at `budget` thinking tokens (s1)."""
-    lc = algo("long_cot")
+    lc = long_cot_algos
     from elleci.algos.sampling import prompt_ids
     rows = lc.budget_forcing(lc.model_generator(model), prompt_ids(tok, [r["prompt"] for r in records]),
                              lc.BudgetTokens.from_tokenizer(tok), budget=budget, max_answer_tokens=max_new_tokens)

@@ -20,7 +20,6 @@ from elleci.algos.preference import collate_fn, pairwise_step
 
 from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, setting, tokenizer_for
 from .datasets import prompt_records
-from ._algos import tokred
 from .dpo import LOSSES, check_pair_loss, loss_kwargs, token_reduction
 from .loading import load_model, load_tokenizer, model_kind
 from .online import PairRounds, check_verifier_spec, load_verifier, verifier_accuracy
@@ -147,7 +146,7 @@ def run(cfg: IterativeDPOSettings, *, allow_changes=()):
 
 
 def train_on_rounds(cfg, model, tok, rounds, evals, allow_changes):
-    step = pairwise_step(LOSSES[cfg.loss.type], reference="precomputed", **tokred(token_reduction(cfg.loss)),
+    step = pairwise_step(LOSSES[cfg.loss.type], reference="precomputed", token_reduction=token_reduction(cfg.loss),
                          nll_weight=cfg.loss.nll_weight, **loss_kwargs(cfg.loss))
     eval_fn = None
     if evals and cfg.reward.verifier:

@@ -24,7 +24,7 @@ from pathlib import Path
 from elleci._io import write_json_atomic
 from elleci.config_schema import read_toml
 
-from ._algos import algo
+import elleci.algos.merging.merge_config as merge_config_algos
 from .loading import load_model, load_tokenizer, model_kind
 
 
@@ -49,7 +49,7 @@ def read_config(path: str) -> dict:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    mc = algo("merge_config")
+    mc = merge_config_algos
     raw = read_config(args.config)
     try:
         cfg = mc.MergeConfig.from_dict(raw)                 # checked before any model is read

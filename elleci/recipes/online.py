@@ -22,14 +22,10 @@ from pathlib import Path
 import torch
 
 
-try:                                    # the one vocabulary of the reference (elleci.algos.reference)
-    from elleci.algos import swapped_parameters, trainable_state
-except ImportError:                     # before the layout move
-    from elleci.algos.iterative_dpo import swapped_parameters, trainable_state
+from elleci.algos.reference import swapped_parameters, trainable_state
 from elleci.trainer.batching import step_indices
 from elleci.trainer.distributed import from_main, is_main
 
-from ._algos import tokred
 
 from .datasets import encode_turn
 from .reference_pass import precompute_sharded

@@ -10,7 +10,7 @@ from __future__ import annotations
 from elleci.algos.preference import precompute_reference
 from elleci.trainer.distributed import gather_objects, rank, world_size
 
-KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps")
+KEYS = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "ref_kl_logps")
 
 
 def precompute_sharded(model, items: list[dict], *, pad_token_id: int, batch_size: int,

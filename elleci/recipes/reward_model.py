@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from elleci.algos import RewardModel
 from elleci.trainer import checkpoints as ckpt
 
-from ._algos import algo
+import elleci.algos.alignment.reward_model as reward_model_algos
 from .common import TrainingSettings, base_of, load_policy, run_trainer, tokenizer_for
 from .datasets import preference_records
 from .loading import load_model, load_tokenizer
@@ -53,7 +53,7 @@ def load_reward_model(path: str, *, device=None, dtype=None) -> RewardModel:
 
 
 def run(cfg: RewardModelSettings, *, allow_changes=()):
-    rm_algo = algo("reward_model")
+    rm_algo = reward_model_algos
     tok = tokenizer_for(cfg)
     d = cfg.data
     encode = functools.partial(rm_algo.encode_preferences, tok, max_len=d.max_length)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from elleci.algos import collect_pairs
 
-from ._algos import algo
+import elleci.algos.alignment.rlaif_v as rlaif_v_algos
 from .common import TrainingSettings, attach_lora, fail, load_policy, section, setting, tokenizer_for
 from .datasets import prompt_records
 from .dpo import check_pair_loss, token_reduction
@@ -79,7 +79,7 @@ def run(cfg: RLAIFVSettings, *, allow_changes=()):
     attach_lora(cfg, model)
     labeler = model if lab.model == "self" else \
         load_model(lab.model, device=next(model.parameters()).device).eval().requires_grad_(False)
-    rv = algo("rlaif_v")
+    rv = rlaif_v_algos
     divider = rv.split_claims if lab.divider == "sentences" else rv.lm_divider(labeler, tok)
     from elleci.trainer.batching import step_indices
 

@@ -105,8 +105,12 @@ class EvalSection:
 @dataclass
 class PairLossSection:
     type: str = setting("dpo", "dpo (sigmoid), cdpo (dpo with label smoothing), ipo (per-token mean log-probs), "
-                               "hinge, robust (rDPO)", choices=("dpo", "cdpo", "ipo", "hinge", "robust"))
-    beta: float = setting(0.1, "KL strength beta (ipo: the target margin is 1 / (2 beta))", gt=0)
+                               "hinge, robust (rDPO), simpo / orpo (reference-free, per-token mean log-probs: no "
+                               "reference pass at all)",
+                        choices=("dpo", "cdpo", "ipo", "hinge", "robust", "simpo", "orpo"))
+    beta: float = setting(0.1, "KL strength beta (ipo: the target margin is 1 / (2 beta); simpo: the reward scale, "
+                               "the paper uses 2.0; orpo: lambda of the odds-ratio term)", gt=0)
+    gamma: float = setting(0.5, "simpo: the target reward margin gamma", ge=0)
     label_smoothing: float = setting(0.0, "cdpo / robust: assumed label-flip rate", ge=0, lt=0.5)
     nll_weight: float = setting(0.0, "adds nll_weight * NLL(chosen) (RPO); 0: off", ge=0)
 

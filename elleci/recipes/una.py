@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from elleci.algos import una_binary_loss, una_score_loss
+from elleci.algos import kto_loss, una_binary_loss, una_score_loss
 from elleci.algos.preference import collate_fn, feedback_step
 
 from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, setting, tokenizer_for
@@ -23,7 +23,9 @@ NAME, HELP = "una", "UNA on binary (thumbs up/down) or scored feedback"
 @dataclass
 class UNALossSection:
     feedback: str = setting("binary", "binary: {label} records; scored: {score} records", choices=("binary", "scored"))
-    binary_loss: str = setting("mse", "binary feedback: mse (the paper's default) or bce", choices=("mse", "bce"))
+    binary_loss: str = setting("mse", "binary feedback: mse (the paper's default), bce, or kto (KTO with its KL "
+                                      "baseline on mismatched pairs: the standard binary-feedback baseline; "
+                                      "beta 0.1 as in the paper)", choices=("mse", "bce", "kto"))
     beta: float = setting(0.01, "β of the implicit reward (the paper: 0.01 binary, 0.03 scored)", gt=0)
     min_score: float = setting(0.0, "scored: the lowest raw score (min and max both 0: scores are in [0, 1])")
     max_score: float = setting(0.0, "scored: the highest raw score (e.g. 1 and 10 for UltraFeedback)")
@@ -55,6 +57,8 @@ def plan_shape(cfg) -> dict:
 
 def step_for(cfg, reference):
     l = cfg.loss
+    if l.feedback == "binary" and l.binary_loss == "kto":
+        return feedback_step(kto_loss, reference=reference, kl_baseline=True, nll_weight=l.nll_weight, beta=l.beta)
     if l.feedback == "binary":
         return feedback_step(una_binary_loss, reference=reference, nll_weight=l.nll_weight, beta=l.beta,
                              kind=l.binary_loss)
@@ -65,7 +69,8 @@ def run(cfg: UNASettings, *, allow_changes=()):
     tok = tokenizer_for(cfg)
     d, l = cfg.data, cfg.loss
     read = lambda path: feedback_items(path, l.feedback, tok, d.max_length, d.max_examples,  # noqa: E731
-                                       min_score=l.min_score, max_score=l.max_score)
+                                       min_score=l.min_score, max_score=l.max_score,
+                                       kl_pairs=l.feedback == "binary" and l.binary_loss == "kto")
     train, skipped = read(d.train)
     evals = read(d.eval)[0] if d.eval else []
     print(f"{d.train}: {len(train)} {l.feedback} feedback records" + (f"; {skipped}" if skipped.count else ""))
