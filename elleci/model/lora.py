@@ -34,6 +34,7 @@ import torch.nn as nn
 
 from .._io import atomic_path, write_json_atomic
 from .layers import BitLinear
+from .ternary import TernaryLinear
 from .lora_layers import DEFAULT_TARGET_MODULES, LoraConfig, LoRALinear, SketchedLoRALinear, lora_scaling
 
 __all__ = ["LoraConfig", "LoRALinear", "SketchedLoRALinear", "lora_scaling", "DEFAULT_TARGET_MODULES",
@@ -63,8 +64,8 @@ def _matches(name: str, patterns: list[str] | str) -> bool:
 
 
 def target_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
-    """The Linear layers `config` selects (never lm_head). Raises if none match."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    """The Linear layers (frozen ternary ones included) `config` selects (never lm_head). Raises if none match."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, TernaryLinear)) and n != "lm_head"]
     targets = config.target_modules if config.target_modules is not None else DEFAULT_TARGET_MODULES
     chosen = []
     for name in linears:
@@ -128,7 +129,7 @@ def disable_adapters(model: nn.Module):
 
 
 def _refuse_bitlinear(mods: dict[str, LoRALinear]) -> None:
-    bit = [n for n, m in mods.items() if isinstance(m.base_layer, BitLinear)]
+    bit = [n for n, m in mods.items() if isinstance(m.base_layer, (BitLinear, TernaryLinear))]
     if bit:
         raise ValueError(f"cannot merge LoRA into BitLinear layers {bit}: their weight is re-quantised to ternary "
                          "on every call, so Q(W + s·BA) is not Q(W) + s·BA. Keep these adapters unmerged "
@@ -251,7 +252,7 @@ def load_adapter(model: nn.Module, directory, *, sketched: bool = False) -> nn.M
             except AttributeError:
                 raise ValueError(f"adapter in {directory} targets {name!r}, which this model does not have "
                                  f"(an adapter for a different layer layout?)") from None
-            if not isinstance(layer, nn.Linear):
+            if not isinstance(layer, (nn.Linear, TernaryLinear)):
                 raise ValueError(f"adapter targets {name!r}, which is a {type(layer).__name__}, not a Linear")
         apply_lora(model, LoraConfig.from_dict({**meta, "target_modules": list(saved)}), sketched=sketched)
     mods = lora_modules(model)
