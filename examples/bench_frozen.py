@@ -1,8 +1,12 @@
 """The frozen ternary base on a CPU, side by side with transformers + PEFT: a LoRA-DPO step, decoding, memory.
 
-    python examples/bench_frozen.py --tokens 512 1024 --rounds 3          # the README table (OMP_NUM_THREADS=2)
+    OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python examples/bench_frozen.py --tokens 512 1024 --rounds 3
     python examples/bench_frozen.py --decode --rounds 3                   # decode tok/s at batch 1 + resident size
     python examples/bench_frozen.py --preset tiny --hf-tiny --tokens 32 --rounds 1   # smoke run (seconds)
+
+OMP_WAIT_POLICY=PASSIVE: on a CPU shared with other work, OpenMP threads that spin at every barrier made
+2-thread decoding 4x and a 16-token prefill 15x slower than 1 thread (measured on the 2-core machine of the
+README); passive waiting removes that, for both stacks alike. Wall and CPU (process) seconds are both given.
 
 Each measurement runs in its own process (`--one STACK ...`, printing one JSON line), so every peak RSS
 (VmHWM: model build included) is that configuration's alone; the stacks alternate round by round and the
@@ -11,9 +15,10 @@ table gives min and median over rounds.
 DPO step (`--tokens T`): one pair, T tokens per side (the first 32 are the prompt, not scored), the
 reference log-probs precomputed (constants), β 0.1, AdamW lr 1e-5 on the adapters, gradient checkpointing;
 step 1 warms up, step 2 is timed (wall clock) and reported.
-  elleci:  ElleciLM(elleci-v1, dtype=bf16), random weights, LoRA r 16 α 32 on every linear layer
-           ("all-linear"), `freeze_ternary` (the FFN's BitLinear weights packed, W dropped), chosen and
-           rejected in one [2, T] forward (`concatenated_logprobs`, fused log-prob), `dpo_loss`.
+  elleci:  elleci-v1, random weights, frozen ternary base (the FFN's BitLinear weights packed, W dropped)
+           in bf16, loaded with `from_pretrained(--frozen-dir)` (write it once: `--make-frozen DIR`), LoRA
+           r 16 α 32 on every linear layer ("all-linear"), chosen and rejected in one [2, T] forward
+           (`sequence_logprobs`, fused log-prob), `dpo_loss`.
   hf:      transformers LlamaForCausalLM (hidden 2048, 24 layers, MLP 5632, 16 heads, vocab 32128:
            1.365B parameters) in bf16, random weights, PEFT LoRA r 16 α 32 on q/k/v/o/gate/up/down,
            gradient checkpointing (non-reentrant), [2, T] forward, log-probs as TRL computes them for bf16
@@ -61,14 +66,20 @@ def _dpo(policy_logps: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-def _elleci_model(preset: str):
+def _elleci_model(preset: str, frozen_dir: str | None):
+    """The frozen base: loaded from a frozen-ternary checkpoint (the real flow: convert once with
+    `python -m elleci.model.convert ... --frozen-ternary`), or built at random and frozen."""
     from elleci.model import ElleciConfig, ElleciLM
     from elleci.model.lora import LoraConfig, apply_lora
     from elleci.model.ternary import freeze_ternary
     torch.manual_seed(0)
-    model = ElleciLM(ElleciConfig.from_name(preset, gradient_checkpointing=True), dtype=torch.bfloat16)
+    if frozen_dir:
+        model = ElleciLM.from_pretrained(frozen_dir, dtype=torch.bfloat16)
+        model.config.gradient_checkpointing = True
+    else:
+        model = freeze_ternary(ElleciLM(ElleciConfig.from_name(preset, gradient_checkpointing=True), dtype=torch.bfloat16))
     apply_lora(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
-    return freeze_ternary(model).train()
+    return model.train()
 
 
 def _elleci_logps(model, ids, labels):
@@ -108,25 +119,27 @@ def _hf_logps(model, ids, labels):
     return (torch.stack(per_row).float() * mask).sum(-1)
 
 
-def one_step_run(stack: str, T: int, preset: str, hf_tiny: bool) -> dict:
+def one_step_run(stack: str, T: int, preset: str, hf_tiny: bool, frozen_dir: str | None = None) -> dict:
     t0 = time.perf_counter()
-    model = _elleci_model(preset) if stack == "elleci" else _hf_model(hf_tiny)
+    model = _elleci_model(preset, frozen_dir) if stack == "elleci" else _hf_model(hf_tiny)
+    rss_model = vm_hwm_gb()
     build = time.perf_counter() - t0
     vocab = 512 if (preset == "tiny" and stack == "elleci") or (stack == "hf" and hf_tiny) else 32128
     ids, labels = _pair(T, vocab)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
     logps_fn = _elleci_logps if stack == "elleci" else _hf_logps
-    times = []
+    times, cpu = [], []
     for _ in range(2):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         loss = _dpo(logps_fn(model, ids, labels))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
-    return dict(stack=stack, tokens=T, step1_s=times[0], step2_s=times[1], build_s=build, peak_rss_gb=vm_hwm_gb(),
-                trainable=sum(p.numel() for p in params), loss=float(loss))
+        cpu.append(time.process_time() - c)
+    return dict(stack=stack, tokens=T, step1_s=times[0], step2_s=times[1], step2_cpu_s=cpu[1], build_s=build,
+                peak_rss_gb=vm_hwm_gb(), peak_rss_after_load_gb=rss_model, trainable=sum(p.numel() for p in params), loss=float(loss))
 
 
 def _model_bytes(model) -> int:
@@ -155,13 +168,14 @@ def one_decode_run(variant: str, preset: str) -> dict:
     prompt = torch.randint(5, 500, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         model.generate(prompt, 2, temperature=0.0)                       # warm-up (fills the weight caches)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         model.generate(prompt, 1, temperature=0.0)
-        one = time.perf_counter() - t
-        t = time.perf_counter()
+        one, one_cpu = time.perf_counter() - t, time.process_time() - c
+        t, c = time.perf_counter(), time.process_time()
         out = model.generate(prompt, 17, temperature=0.0)
-        full = time.perf_counter() - t
+        full, full_cpu = time.perf_counter() - t, time.process_time() - c
     return dict(variant=variant, tok_s=16 / (full - one), s_per_token=(full - one) / 16, prefill_s=one,
+                cpu_s_per_token=(full_cpu - one_cpu) / 16,
                 resident_gb=_model_bytes(model) / 1e9, peak_rss_gb=vm_hwm_gb(), tokens=out[0, 16:].tolist())
 
 
@@ -183,19 +197,29 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--preset", default="elleci-v1")
     ap.add_argument("--hf-tiny", action="store_true", help="a tiny Llama instead of the 1.36B one (smoke runs)")
+    ap.add_argument("--frozen-dir", default=None,
+                    help="load elleci's frozen base from this frozen-ternary checkpoint (else: build at random, freeze)")
     ap.add_argument("--decode", action="store_true", help="decode tok/s and resident size instead of the DPO step")
     ap.add_argument("--baseline", default=None, help="another elleci checkout: decode 'before' (latent) with it")
     ap.add_argument("--json", default=None, help="append every measurement to this JSONL file")
+    ap.add_argument("--make-frozen", default=None, help="write a random frozen-ternary --preset checkpoint here, exit")
     ap.add_argument("--one", nargs="+", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.make_frozen:
+        from elleci.model import ElleciConfig, ElleciLM
+        from elleci.model.ternary import freeze_ternary
+        torch.manual_seed(0)
+        freeze_ternary(ElleciLM(ElleciConfig.from_name(args.preset), dtype=torch.bfloat16)).save_pretrained(args.make_frozen)
+        return
     if args.one:                                                         # worker: one measurement, JSON out
         kind, name, *rest = args.one
-        res = one_step_run(name, int(rest[0]), args.preset, args.hf_tiny) if kind == "step" else \
+        res = one_step_run(name, int(rest[0]), args.preset, args.hf_tiny, args.frozen_dir) if kind == "step" else \
             one_decode_run(name, args.preset)
         print(json.dumps(res))
         return
     here = os.environ.get("PYTHONPATH", os.getcwd())
-    common = ["--preset", args.preset] + (["--hf-tiny"] if args.hf_tiny else [])
+    common = ["--preset", args.preset] + (["--hf-tiny"] if args.hf_tiny else []) + \
+        (["--frozen-dir", args.frozen_dir] if args.frozen_dir else [])
     results: dict = {}
     for r in range(args.rounds):
         if args.decode:
@@ -216,21 +240,25 @@ def main(argv=None) -> None:
             results.setdefault((name, res.get("tokens") if kind == "step" else None), []).append(res)
     print()
     if args.decode:
-        print("| variant | decode tok/s (min / median) | s per token (min / median) | resident GB | peak RSS GB |")
-        print("|---|---|---|---|---|")
+        print("| variant | decode tok/s (min / median) | wall s per token (min / median) | CPU s per token (min / median) "
+              "| resident GB | peak RSS GB |")
+        print("|---|---|---|---|---|---|")
         for (name, _), rs in results.items():
             print(f"| {name} | {_stats([x['tok_s'] for x in rs])} | {_stats([x['s_per_token'] for x in rs])} | "
-                  f"{rs[0]['resident_gb']:.2f} | {_stats([x['peak_rss_gb'] for x in rs])} |")
+                  f"{_stats([x['cpu_s_per_token'] for x in rs])} | {rs[0]['resident_gb']:.2f} | "
+                  f"{_stats([x['peak_rss_gb'] for x in rs])} |")
         return
-    print("| tokens per side | stack | step 2 s (min / median) | peak RSS GB (min / median) |")
-    print("|---|---|---|---|")
+    print("| tokens per side | stack | step 2 wall s (min / median) | step 2 CPU s (min / median) | peak RSS GB (min / median) |")
+    print("|---|---|---|---|---|")
     for T in args.tokens:
         for name in ("elleci", "hf"):
             rs = results[(name, T)]
-            print(f"| {T} | {name} | {_stats([x['step2_s'] for x in rs])} | {_stats([x['peak_rss_gb'] for x in rs])} |")
+            print(f"| {T} | {name} | {_stats([x['step2_s'] for x in rs])} | {_stats([x['step2_cpu_s'] for x in rs])} | "
+                  f"{_stats([x['peak_rss_gb'] for x in rs])} |")
         e, h = results[("elleci", T)], results[("hf", T)]
-        print(f"| {T} | ratio elleci / hf (medians) | {statistics.median(x['step2_s'] for x in e) / statistics.median(x['step2_s'] for x in h):.2f}x | "
-              f"{statistics.median(x['peak_rss_gb'] for x in e) / statistics.median(x['peak_rss_gb'] for x in h):.2f}x |")
+        med = lambda rs, k: statistics.median(x[k] for x in rs)                     # noqa: E731
+        print(f"| {T} | ratio elleci / hf (medians) | {med(e, 'step2_s') / med(h, 'step2_s'):.2f}x | "
+              f"{med(e, 'step2_cpu_s') / med(h, 'step2_cpu_s'):.2f}x | {med(e, 'peak_rss_gb') / med(h, 'peak_rss_gb'):.2f}x |")
 
 
 if __name__ == "__main__":

@@ -119,14 +119,20 @@ def bitlinear_norm(x: torch.Tensor, rms_norm: RMSNorm) -> torch.Tensor:
     return F.rms_norm(x.float(), w.shape, w.float(), rms_norm.eps).to(x.dtype)
 
 
+def bitlinear_codes(x: torch.Tensor, rms_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q_a(x̃), q, s): the dequantised 8-bit activation of x̃ = RMSNorm_g(x) (straight-through to x̃, in
+    x's dtype) and its codes q (fp32, integer-valued) and scale s [..., 1], Q_a(x̃) = (q / s) in x's dtype."""
+    x = bitlinear_norm(x, rms_norm)
+    q, s = quantize_activations(x)
+    return _straight_through(x, (q / s).to(x.dtype)), q, s
+
+
 def bitlinear_input(x: torch.Tensor, rms_norm: RMSNorm) -> torch.Tensor:
     """Q_a(x̃), x̃ = RMSNorm_g(x): the dequantised 8-bit activation (straight-through to x̃), in x's dtype.
 
     The input of every BitLinear matmul, and of a LoRA adapter on one (frozen or not).
     """
-    x = bitlinear_norm(x, rms_norm)
-    q, s = quantize_activations(x)
-    return _straight_through(x, (q / s).to(x.dtype))
+    return bitlinear_codes(x, rms_norm)[0]
 
 
 def _cacheable(w: torch.Tensor) -> bool:

@@ -149,10 +149,10 @@ class LoRALinear(nn.Module):
 
     def _ternary_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x_q (c γ)ᵀ + s · (x_q Aᵀ) Bᵀ with x_q = Q_a(x̃), the base term from the packed codes."""
-        x_q = self.base_layer.quantized_input(x)
+        y, x_q = self.base_layer.forward_with_input(x)
         A, B, s = self.adapter()
         A, B = A.to(x_q.dtype), B.to(x_q.dtype)
-        return self.base_layer.matmul(x_q) + s * F.linear(F.linear(self.lora_dropout(x_q), A), B)
+        return y + s * F.linear(F.linear(self.lora_dropout(x_q), A), B)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"

@@ -102,3 +102,17 @@ def test_no_gradient_reaches_codes_or_scale():
     y = ternary_linear(x.requires_grad_(), packed, scale, 10)
     y.backward(dy)
     assert scale.grad is None and x.grad is not None
+
+
+@pytest.mark.parametrize("M,N,K", [(1, 9, 13), (7, 33, 70)])
+def test_integer_path_is_the_exact_dot_product(M, N, K):
+    """(q cᵀ) γ / s from int8 matmuls equals the float64 F.linear(q / s, c γ) of the same codes."""
+    packed, scale, _, _ = _case(M, N, K, torch.float32)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-128, 128, (2, M, K), generator=g).float()
+    s = torch.rand(2, M, 1, generator=g) + 0.5
+    exact = ternary_linear_ref(q.double() / s.double(), packed, scale, K)
+    got = kt.ternary_linear_int8(q, s, packed, scale, K, torch.float64)
+    assert got.shape == (2, M, N) and torch.allclose(got, exact, rtol=1e-12, atol=1e-12)
+    half = kt.ternary_linear_int8(q, s, packed, scale, K, torch.bfloat16)
+    assert half.dtype == torch.bfloat16 and torch.allclose(half.double(), exact, rtol=2 ** -8, atol=1e-6)

@@ -225,3 +225,21 @@ def test_loading_with_dtype_converts_tensor_by_tensor(tmp_path):
     out = subprocess.run([sys.executable, "-c", _PEAK, str(path)], capture_output=True, text=True, check=True)
     grew = float(out.stdout.split()[-1])
     assert 128 <= grew < 128 + 64 + 48, grew
+
+
+def test_decoding_rows_use_the_integer_path_within_the_float_paths_rounding(monkeypatch):
+    calls = []
+    real = kt.ternary_linear_int8
+    monkeypatch.setattr("elleci.model.ternary.ternary_linear_int8", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    layer = TernaryLinear.from_bitlinear(BitLinear(64, 40)).to(torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast = layer(x)                                     # no gradient, 3 rows: integer path
+    assert len(calls) == 1
+    slow = layer(x.requires_grad_())                        # a gradient to carry: the float path
+    assert len(calls) == 1
+    exact = layer.double()(x.detach().double())             # float64: always the float path
+    assert len(calls) == 1
+    err_float = (slow.double() - exact).abs().max()
+    assert (fast.double() - exact).abs().max() <= max(err_float, 2 ** -8 * exact.abs().max())
