@@ -123,7 +123,8 @@ def bitlinear_codes(x: torch.Tensor, rms_norm: RMSNorm) -> tuple[torch.Tensor, t
     """(Q_a(x̃), q, s): the dequantised 8-bit activation of x̃ = RMSNorm_g(x) (straight-through to x̃, in
     x's dtype) and its codes q (fp32, integer-valued) and scale s [..., 1], Q_a(x̃) = (q / s) in x's dtype."""
     x = bitlinear_norm(x, rms_norm)
-    q, s = quantize_activations(x)
+    with torch.no_grad():                  # q, s take no gradient (straight-through): build no graph for them
+        q, s = quantize_activations(x)
     return _straight_through(x, (q / s).to(x.dtype)), q, s
 
 
