@@ -152,7 +152,7 @@ def ssm_scan_chunked(x, dt, A, B, C, D, h0=None, chunk_size: int = 64, block_byt
     CB = torch.einsum("bztn,bzsn->bzts", Cc, Bc)                    # [b, nc, Q, Q], shared by channels
     if intra == "auto":
         limit = FACTORED_RANGE.get(x.dtype, 0.0)
-        intra = "factored" if float(chunk_decay_range(a.detach())) <= limit else "per_channel"
+        intra = "factored" if inspectable(a) and float(chunk_decay_range(a.detach())) <= limit else "per_channel"
     g = max(1, (BLOCK_BYTES if block_bytes is None else block_bytes) // (b * c * Q * Q * x.element_size()))
     checkpointed = g < nc and torch.is_grad_enabled() and any(t.requires_grad for t in (a, u, CB))
     y_diag = _intra_chunk_factored(a, u, CB) if intra == "factored" else torch.cat([
@@ -178,6 +178,11 @@ def ssm_scan_chunked(x, dt, A, B, C, D, h0=None, chunk_size: int = 64, block_byt
     return y, h
 
 
+def inspectable(t: torch.Tensor) -> bool:
+    """Whether t's values may steer a choice (not under torch.func transforms or torch.compile tracing)."""
+    return not (torch._C._functorch.is_functorch_wrapped_tensor(t) or torch.compiler.is_compiling())
+
+
 PLAN_MIN_CHUNK = 4
 """Smallest chunk `scan_plan` tries for the factored form before leaving the chunked form."""
 
@@ -198,7 +203,8 @@ def scan_plan(dt: torch.Tensor, A: torch.Tensor, chunk_size: int, needs_grad: bo
 
     Rule: the factored chunked form at the largest Q among chunk_size, chunk_size/2, ... ≥ PLAN_MIN_CHUNK
     whose decay range it can take (FACTORED_RANGE); if none, the sequential recurrence when no gradient
-    is needed, the per-channel chunked form at Q = min(chunk_size, 8) when one is.
+    is needed, the per-channel chunked form at Q = min(chunk_size, 8) when one is. Under torch.func
+    transforms and torch.compile (values not inspectable): the per-channel form at chunk_size, exact always.
 
     Measured (CPU seconds, `OMP_NUM_THREADS=1`, elleci-v1 mixer c = 4096, N = 16, dt ≈ softplus(N(-3, 0.5)),
     min of 2; /tmp/sc/bench_forms.py in the issue-25 report):
@@ -219,6 +225,8 @@ def scan_plan(dt: torch.Tensor, A: torch.Tensor, chunk_size: int, needs_grad: bo
     state for a backward (1 GB at 2 × 1024 per layer), which the per-channel form does not.
     """
     Q = max(1, chunk_size)
+    if not inspectable(dt):                            # torch.func / compile: no data-dependent choice
+        return "per_channel", Q
     limit = FACTORED_RANGE.get(dt.dtype, 0.0)
     while True:
         if max_chunk_range(dt, A, Q) <= limit:

@@ -83,8 +83,19 @@ def quantize_weights(w: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, 
 
 
 def _straight_through(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
-    """Value of x_q, gradient of x: x + (x_q - x).detach()."""
-    return x + (x_q - x).detach()
+    """Value of x_q exactly, gradient of x: x_q + (x - x.detach()) when x needs a gradient, else x_q itself.
+
+    (The usual x + (x_q - x).detach() has the same value up to one rounding of the sum, which this form
+    does not make; so both branches, and so training and inference, give the same bits.)
+    """
+    if _needs_grad(x):
+        return x_q + (x - x.detach())
+    return x_q
+
+
+def _needs_grad(t: torch.Tensor) -> bool:
+    """Whether autograd (or a torch.func transform, whose wrapped tensors may not say so) tracks t."""
+    return torch.is_grad_enabled() and (t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t))
 
 
 def ternary_weight(w: torch.Tensor) -> torch.Tensor:
@@ -203,7 +214,7 @@ class BitLinear(nn.Linear):
         """Q_w(W): its value, with the gradient of W (straight-through) when W needs one."""
         w = self.weight
         qw = self.cached_ternary_weight()
-        if not (torch.is_grad_enabled() and w.requires_grad):
+        if not _needs_grad(w):
             return qw                                     # no_grad, eval of a frozen W, LoRA: Q_w(W) itself
         if self.cache_weights and _cacheable(w):
             return _WeightStraightThrough.apply(w, qw)
