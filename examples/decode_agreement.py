@@ -115,17 +115,23 @@ def main(argv=None) -> None:
     head = "| pos | max|dyn-full| | " + " | ".join(f"max|dyn-static{s}| | q flips dyn/static{s}" for s in stat)
     head += " | max|dyn-ref| | max|full-ref| | ref top-2 margin | argmax dyn/full/static/ref |" if ref is not None else " |"
     print(head)
+    rows = []
     for t in range(n):
-        cells = [f"{t + 1}", f"{(dyn[t] - full[t]).abs().max():.3g}"]
+        row = {"pos": t + 1, "dyn_full": float((dyn[t] - full[t]).abs().max())}
         for s, (lg, q) in stat.items():
-            cells += [f"{(dyn[t] - lg[t]).abs().max():.3g}", f"{_flips(dyn_q[t], q[t])}"]
+            row[f"dyn_static{s}"], row[f"flips{s}"] = float((dyn[t] - lg[t]).abs().max()), _flips(dyn_q[t], q[t])
         if ref is not None:
             top = ref[t].topk(2).values
-            am = [int(dyn[t].argmax()), int(full[t].argmax())] + [int(lg[t].argmax()) for lg, _ in stat.values()] + \
-                 [int(ref[t].argmax())]
-            cells += [f"{(dyn[t] - ref[t]).abs().max():.3g}", f"{(full[t] - ref[t]).abs().max():.3g}",
-                      f"{float(top[0] - top[1]):.3g}", "same" if len(set(am)) == 1 else "/".join(map(str, am))]
+            row.update(dyn_ref=float((dyn[t] - ref[t]).abs().max()), full_ref=float((full[t] - ref[t]).abs().max()),
+                       margin=float(top[0] - top[1]),
+                       argmax=[int(dyn[t].argmax()), int(full[t].argmax())]
+                       + [int(lg[t].argmax()) for lg, _ in stat.values()] + [int(ref[t].argmax())])
+        rows.append(row)
+        cells = [f"{v:.3g}" if isinstance(v, float) else
+                 ("same" if len(set(v)) == 1 else "/".join(map(str, v))) if isinstance(v, list) else str(v)
+                 for v in row.values()]
         print("| " + " | ".join(cells) + " |")
+    return rows
 
 
 if __name__ == "__main__":
