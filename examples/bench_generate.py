@@ -81,7 +81,8 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|" + ("---|" if relative else "") + ("---|" if args.baseline else ""))
     rows = []
     for name in args.presets:
-        model = ElleciLM(ElleciConfig.from_name(name)).to(args.device, getattr(torch, args.dtype)).eval()
+        with torch.device(args.device):
+            model = ElleciLM(ElleciConfig.from_name(name), dtype=getattr(torch, args.dtype)).eval()
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         for b in args.batch:
             ids = torch.randint(4, model.config.vocab_size, (b, args.prompt_len), device=args.device)

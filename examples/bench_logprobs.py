@@ -67,7 +67,7 @@ def dpo_step_memory(device: str, tiny: bool, seq_len: int = 1024) -> None:
     config = ElleciConfig.from_name(preset, gradient_checkpointing=True)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):
-        model = ElleciLM(config).to(dtype)
+        model = ElleciLM(config, dtype=dtype)
     apply_lora(model, LoraConfig(r=16, lora_alpha=16))
     opt = make_optimizer(model, lr=1e-5, weight_decay=0.0)
     ids = torch.randint(4, config.vocab_size, (2, 1, seq_len), device=device)

@@ -131,7 +131,7 @@ def train_rows(args, config: ElleciConfig, device: torch.device, rate: float) ->
 def inference_model(config: ElleciConfig, device: torch.device, dtype: torch.dtype) -> ElleciLM:
     torch.manual_seed(0)
     with torch.device(device):
-        return ElleciLM(config).to(dtype).eval()
+        return ElleciLM(config, dtype=dtype).eval()               # built in dtype: never an fp32 copy
 
 
 def prefill_rows(args, model: ElleciLM, device: torch.device, rate: float) -> list[dict]:

@@ -45,16 +45,22 @@ def load_example():
 
 class _TensorSizes(TorchDispatchMode):
     """Records the number of elements of every floating-point tensor an aten op returns (the Triton
-    interpreter's byte-storage copies of kernel arguments are uint8 and not counted)."""
+    interpreter's byte-storage copies of kernel arguments are uint8 and not counted); `new_numels` only
+    those with new storage (not views of an input, such as the transposed weight F.linear reads)."""
 
     def __init__(self):
         super().__init__()
-        self.numels = []
+        self.numels, self.new_numels = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        self.numels += [t.numel() for t in torch.utils._pytree.tree_leaves(out)
-                        if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.numels.append(t.numel())
+                if t.untyped_storage().data_ptr() not in inputs:
+                    self.new_numels.append(t.numel())
         return out
 
 

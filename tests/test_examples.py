@@ -166,3 +166,23 @@ def test_bench_model_prints_oom_per_configuration(load_example, monkeypatch, cap
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and " × 16 |" in line]
     assert len(rows) == 4 and all(line.count("OOM") == 4 for line in rows)
     assert all(r["tok_s"] is None and r["bound_tok_s"] > 0 for r in result["train"]) and "decode" not in result
+
+
+def test_bench_frozen_elleci_step_and_decode_smoke(load_example, tmp_path):
+    """The elleci side of examples/bench_frozen.py (transformers is benchmark-only, not needed here)."""
+    bench = load_example("bench_frozen")
+    bench.main(["--preset", "tiny", "--make-frozen", str(tmp_path / "frozen")])
+    res = bench.one_step_run("elleci", 48, "tiny", False, str(tmp_path / "frozen"))
+    assert res["step2_s"] > 0 and res["peak_rss_gb"] > 0 and res["trainable"] > 0
+    dec = bench.one_decode_run("frozen", "tiny")
+    assert dec["tok_s"] > 0 and len(dec["tokens"]) == 17
+    assert 0 < dec["resident_gb"] < bench.one_decode_run("latent", "tiny")["resident_gb"]
+
+
+def test_decode_agreement_in_float64_paths_agree(load_example):
+    rows = load_example("decode_agreement").main(["--preset", "tiny", "--dtype", "float64", "--ref", "float64",
+                                                  "--new", "5", "--slots", "24", "40"])
+    assert len(rows) == 4
+    for r in rows:      # float64: dynamic, static (two buffer sizes) and full forward are one function
+        assert r["dyn_full"] < 1e-9 and r["dyn_static24"] < 1e-9 and r["dyn_static40"] < 1e-9
+        assert r["flips24"] == 0 and r["dyn_ref"] < 1e-9

@@ -75,7 +75,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import resolve_backend, triton_available
-from .scan_ref import ssm_scan_chunked, ssm_scan_ref
+from .scan_ref import scan_plan, ssm_scan_chunked, ssm_scan_ref
 
 __all__ = ["selective_scan", "selective_scan_ref", "ssm_scan"]
 
@@ -384,11 +384,16 @@ def ssm_scan(x, dt, A, B, C, D, h0=None, *, chunk_size: int = 16, seq_idx=None):
     h0 [b, c, N] or None; seq_idx [b, L] document indices or None -> (y [b, L, c], h_L [b, c, N]).
 
     Under `resolve_backend(x) == "triton"` (the default for CUDA tensors) the Triton kernel reads the
-    operands in their dtype (bf16 included) with an fp32 state; otherwise the chunked PyTorch form runs on
-    fp32 copies (fp64 stays fp64), chunks of `chunk_size`. y comes back in fp32 (fp64); the caller casts.
+    operands in their dtype (bf16 included) with an fp32 state; otherwise the PyTorch form `scan_plan` picks
+    runs on fp32 copies (fp64 stays fp64). y comes back in fp32 (fp64); the caller casts.
     """
     if resolve_backend(x) == "triton":
         return selective_scan(x, dt, A, B, C, D, None if h0 is None else h0.float(), seq_idx)
     f = torch.promote_types(x.dtype, torch.float32)
-    return ssm_scan_chunked(x.to(f), dt.to(f), A, B.to(f), C.to(f), D, h0, chunk_size=chunk_size,
-                            seq_idx=seq_idx)
+    x, dt, B, C = x.to(f), dt.to(f), B.to(f), C.to(f)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, D, h0))
+    with torch.no_grad():
+        form, Q = scan_plan(dt, A, chunk_size, needs_grad)
+    if form == "sequential":
+        return ssm_scan_ref(x, dt, A, B, C, D, h0, seq_idx)
+    return ssm_scan_chunked(x, dt, A, B, C, D, h0, chunk_size=Q, intra=form, seq_idx=seq_idx)

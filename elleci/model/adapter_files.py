@@ -38,6 +38,7 @@ from .._io import write_json
 from ..checkpointing import locate_dir, publish_dir, verify_dir
 from .layers import BitLinear
 from .lora_layers import LoraConfig, LoRALinear
+from .ternary import TernaryLinear
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_LORA, BITLINEAR_LORA = "LORA", "ELLECI_BITLINEAR_LORA"
@@ -202,14 +203,14 @@ def check_against_model(model: nn.Module, modules: dict[str, tuple[int, int, int
             except AttributeError:
                 problems.append(f"targets {n!r}, which this model does not have (another layer layout?)")
                 continue
-            if not isinstance(layers[n], nn.Linear):
+            if not isinstance(layers[n], (nn.Linear, TernaryLinear)):        # a frozen ternary base too
                 problems.append(f"targets {n!r}, which is a {type(layers[n]).__name__}, not a Linear")
     for n, layer in layers.items():
-        if isinstance(layer, nn.Linear) and (layer.in_features, layer.out_features) != modules[n][:2]:
+        if isinstance(layer, (nn.Linear, TernaryLinear)) and (layer.in_features, layer.out_features) != modules[n][:2]:
             problems.append(f"{n}: adapter was made for in={modules[n][0]}, out={modules[n][1]} but this layer is "
                             f"in={layer.in_features}, out={layer.out_features} (a different model size?)")
     plain = meta.get("peft_type") == PEFT_LORA and "modules" not in meta      # written by PEFT / another tool
-    bit = sorted(n for n, layer in layers.items() if isinstance(layer, BitLinear))
+    bit = sorted(n for n, layer in layers.items() if isinstance(layer, (BitLinear, TernaryLinear)))
     if plain and bit:
         problems.append(f"a plain (PEFT) LoRA adapter on {bit}, which are BitLinear layers here: elleci's adapter "
                         "there reads the quantised input, so this file would compute another function")

@@ -2,7 +2,8 @@
 
 elleci format, one directory:
     config.json          ElleciConfig fields
-    model.safetensors    the state dict (keys as in the original code)
+    model.safetensors    the state dict (keys as in the original code; a frozen ternary base stores its
+                         BitLinear weights packed: `<layer>.weight_packed` + `<layer>.weight_scale`)
     tokenizer.model | tokenizer.json   (optional) the tokenizer
     manifest.json        size and SHA-256 of every file (elleci.checkpointing: written last)
 The directory is published atomically (written aside, then renamed into place), so a crash leaves the
@@ -25,6 +26,7 @@ from .._io import write_json
 from ..checkpointing import locate_dir, publish_dir, verify_dir
 from .config import ElleciConfig
 from .lm import ElleciLM
+from .ternary import ternary_layer_names, use_ternary_layers
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 ORIGINAL_PATTERNS = ("MA", "MMMA")               # V1 (alternating) and V2 (MLA where i % 4 == 3)
@@ -55,9 +57,8 @@ def save_pretrained(model: ElleciLM, directory, tokenizer=None) -> None:
 def from_pretrained(directory, dtype: torch.dtype | None = None, device=None) -> ElleciLM:
     """Load a directory written by `save_pretrained`, after checking it against its manifest (a directory
     without one, written by hand or by an older elleci, loads with a warning). The model is built on the
-    meta device and the tensors are assigned, so loading a 1.5B model allocates its weights once."""
-    from safetensors.torch import load_file
-
+    meta device and the tensors are assigned; with `dtype` each tensor is converted as it is read, so the peak
+    is the result plus one tensor (never both copies of the model). Latent or frozen ternary bases load alike."""
     directory = locate_dir(directory)
     if verify_dir(directory, required=(CONFIG_NAME, WEIGHTS_NAME), missing_ok=True) is None:
         for name in (CONFIG_NAME, WEIGHTS_NAME):
@@ -67,19 +68,46 @@ def from_pretrained(directory, dtype: torch.dtype | None = None, device=None) ->
                       "be checked for completeness", stacklevel=2)
     config = ElleciConfig.from_json(directory / CONFIG_NAME)
     try:
-        state = load_file(directory / WEIGHTS_NAME, device=str(device) if device is not None else "cpu")
-    except Exception as e:
+        state = read_safetensors(directory / WEIGHTS_NAME, dtype=dtype, device=device)
+    except (OSError, RuntimeError, ValueError) as e:
         raise ValueError(f"{directory / WEIGHTS_NAME}: not a readable safetensors file ({e})") from None
     return model_from_state_dict(config, state, dtype=dtype, source=str(directory / WEIGHTS_NAME))
 
 
+def read_safetensors(path, dtype: torch.dtype | None = None, device=None) -> dict:
+    """A safetensors file as a state dict, one tensor at a time, each converted to `dtype` (see `_cast`) as
+    it is read. The file is opened (mapped) anew for each tensor, so neither the whole file's pages nor a
+    second copy of the weights are ever resident: peak = the result + one tensor (twice: mapped + copied)."""
+    from safetensors import safe_open
+
+    device = str(device) if device is not None else "cpu"
+    with safe_open(path, framework="pt", device=device) as f:
+        keys = list(f.keys())
+    state = {}
+    for k in keys:
+        with safe_open(path, framework="pt", device=device) as f:
+            state[k] = _cast(k, f.get_tensor(k), dtype)
+    return state
+
+
+def _cast(key: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """t in `dtype` if it is a floating-point weight; packed codes and ternary scales (γ, fp32) keep theirs."""
+    if dtype is None or not t.is_floating_point() or key.endswith(".weight_scale"):
+        return t
+    return t.to(dtype)
+
+
 def model_from_state_dict(config: ElleciConfig, state: dict, dtype=None, source: str = "state dict") -> ElleciLM:
-    """Build an `ElleciLM` for `config` holding exactly `state` (checked: keys and shapes)."""
+    """Build an `ElleciLM` for `config` holding exactly `state` (checked: keys and shapes). Packed ternary
+    keys (`<layer>.weight_packed`) make those layers `TernaryLinear`. With `dtype`, tensors are converted
+    one at a time, each source tensor dropped from `state` as it is replaced."""
     with torch.device("meta"):
         model = ElleciLM(config)
+        use_ternary_layers(model, ternary_layer_names(state))
     check_state_dict(model, state, source)
-    if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    state = dict(state)                               # the caller's dict keeps its tensors
+    for k in list(state):                             # in place: one tensor converted (and freed) at a time
+        state[k] = _cast(k, state[k], dtype)
     model.load_state_dict(state, strict=True, assign=True)
     for name, p in model.named_parameters():         # assign=True keeps requires_grad of the source tensor
         p.requires_grad_(name.split(".")[-1] != "importance_threshold")
@@ -228,15 +256,16 @@ def load_original(path_or_state_dict, n_heads: int | None = None, dtype: torch.d
     path_or_state_dict: a `.pth` path saved by the original code, or the state dict itself.
     n_heads: MLA heads, if not the original's rule for this d_model (`original_mla_heads`).
     overrides: other ElleciConfig fields (e.g. `chunk_size`, `dropout`).
+    dtype: convert floating-point weights, one tensor at a time. From a path the file is memory-mapped
+        (zip format) rather than read, so the process holds the result plus one tensor, never the fp32
+        state dict and the result together (the mapped pages show in RSS as file cache the kernel may drop).
     """
-    if isinstance(path_or_state_dict, (str, os.PathLike)):
+    owned = isinstance(path_or_state_dict, (str, os.PathLike))
+    if owned:
         path = Path(path_or_state_dict)
         if not path.is_file():
             raise FileNotFoundError(f"no such checkpoint file: {path}")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:   # pickle with non-tensor objects, or not a torch file at all
-            raise ValueError(f"{path}: not loadable as a weights-only state dict ({e.__class__.__name__}: {e})") from e
+        state = _load_weights_only(path, mmap=dtype is not None)
         source = str(path)
     else:
         state, source = path_or_state_dict, "state dict"
@@ -248,4 +277,22 @@ def load_original(path_or_state_dict, n_heads: int | None = None, dtype: torch.d
         raise ValueError(f"{source}: expected a state dict of tensors")
     state = clean_original_state_dict(state)
     config = infer_original_config(state, n_heads=n_heads, **overrides)
+    if owned:                                          # nobody else holds these: convert and free one by one
+        for k in list(state):
+            t = _cast(k, state[k], dtype)
+            state[k] = t.clone() if dtype is not None and t is state[k] else t   # never keep a mapped file page
+        dtype = None
     return model_from_state_dict(config, state, dtype=dtype, source=source)
+
+
+def _load_weights_only(path: Path, mmap: bool):
+    """torch.load(weights_only=True), memory-mapped when asked and the file is in the zip format."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not (mmap and "mmap" in str(e)):        # legacy (non-zip) files cannot be mapped: read them
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:   # pickle with non-tensor objects, or not a torch file at all
+        raise ValueError(f"{path}: not loadable as a weights-only state dict ({e.__class__.__name__}: {e})") from e

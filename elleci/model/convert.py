@@ -1,10 +1,12 @@
 """Convert an original Elleci checkpoint to elleci's format.
 
     python -m elleci.model.convert elleci_v1_final.pth out/elleci-v1 [--n-heads 16] [--dtype bfloat16]
-                                   [--tokenizer path/to/tokenizer.json]
+                                   [--tokenizer path/to/tokenizer.json] [--frozen-ternary]
 
 Reads the `.pth` with `weights_only=True`, infers the config from the shapes (see
 `elleci.model.checkpoint.load_original`) and writes `config.json` + `model.safetensors` (+ tokenizer).
+`--frozen-ternary` stores the BitLinear weights as their packed ternary codes + γ (`elleci.model.ternary`):
+a frozen base for LoRA / evaluation, 1.30 GB instead of 2.75 GB for elleci-v1 in bf16.
 """
 from __future__ import annotations
 
@@ -31,9 +33,14 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                     help="store weights in this dtype (default: as in the input)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json / tokenizer.model to save beside the weights")
+    ap.add_argument("--frozen-ternary", action="store_true",
+                    help="store the BitLinear weights packed (2-bit codes + scale): a frozen base, W is dropped")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model = load_original(args.input, n_heads=args.n_heads, dtype=dtype)
+    if args.frozen_ternary:
+        from .ternary import freeze_ternary
+        freeze_ternary(model)
     tok = None
     if args.tokenizer:
         from .tokenizer import Tokenizer

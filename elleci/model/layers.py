@@ -9,6 +9,7 @@ All follow the original code exactly (specs/elleci_original_model.md §2.3-2.5, 
 * BitLinear: internal RMSNorm (eps 1e-5, learnable), 8-bit absmax activations per token, absmean
              ternary weights per tensor, both with straight-through gradients. The weight's quantisation
              is cached while the weight is unchanged (see `BitLinear`); values and gradients are the same.
+             A frozen one can drop W altogether (`elleci.model.ternary.TernaryLinear`, packed codes).
 * SwiGLU:    w3(silu(w1 x) * w2 x), all three BitLinear, hidden = 256 * ceil(int(8d/3) / 256).
 """
 from __future__ import annotations
@@ -82,20 +83,68 @@ def quantize_weights(w: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, 
 
 
 def _straight_through(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
-    """Value of x_q, gradient of x: x + (x_q - x).detach()."""
-    return x + (x_q - x).detach()
+    """Value of x_q exactly, gradient of x: x_q + (x - x.detach()) when x needs a gradient, else x_q itself.
+
+    (The usual x + (x_q - x).detach() has the same value up to one rounding of the sum, which this form
+    does not make; so both branches, and so training and inference, give the same bits.)
+    """
+    if _needs_grad(x):
+        return x_q + (x - x.detach())
+    return x_q
 
 
-def ternary_offset(w: torch.Tensor) -> torch.Tensor:
-    """(Q_w(W) - W).detach() in W's dtype: what the straight-through estimator adds to W.
+def _needs_grad(t: torch.Tensor) -> bool:
+    """Whether autograd (or a torch.func transform, whose wrapped tensors may not say so) tracks t."""
+    return torch.is_grad_enabled() and (t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def ternary_weight(w: torch.Tensor) -> torch.Tensor:
+    """Q_w(W) = q · γ in W's dtype, detached: the value BitLinear multiplies by.
 
     Quantised in fp32 whatever W's dtype: γ = mean|W| rounded to bf16 is not the fp32 γ, and which
     weights round to 0 or ±1 depends on it, so quantising bf16 weights in bf16 would change the model.
-    (For fp32 master weights, the usual training set-up, fp32 *is* the weight's dtype.)
+    (For fp32 master weights, the usual training set-up, fp32 *is* the weight's dtype.) Since q ∈ {-1, 0, 1},
+    the result is exactly q · γ.to(W.dtype): what a frozen ternary layer (`elleci.model.ternary`) stores.
     """
     with torch.no_grad():
         qw, gamma = quantize_weights(w)
-        return (qw * gamma).to(w.dtype) - w
+        return (qw * gamma).to(w.dtype)
+
+
+class _WeightStraightThrough(torch.autograd.Function):
+    """Value Q_w(W) (a view of the cached tensor: nothing weight-sized is made), gradient of W (identity)."""
+
+    @staticmethod
+    def forward(ctx, w, qw):
+        return qw.view_as(qw)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def bitlinear_norm(x: torch.Tensor, rms_norm: RMSNorm) -> torch.Tensor:
+    """x̃ = RMSNorm_g(x), BitLinear's internal norm, in fp32 and back to x's dtype."""
+    # F.rms_norm, as the original's nn.RMSNorm: same fp32 bits, which decide 8-bit rounding ties
+    w = rms_norm.weight
+    return F.rms_norm(x.float(), w.shape, w.float(), rms_norm.eps).to(x.dtype)
+
+
+def bitlinear_codes(x: torch.Tensor, rms_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Q_a(x̃), q, s): the dequantised 8-bit activation of x̃ = RMSNorm_g(x) (straight-through to x̃, in
+    x's dtype) and its codes q (fp32, integer-valued) and scale s [..., 1], Q_a(x̃) = (q / s) in x's dtype."""
+    x = bitlinear_norm(x, rms_norm)
+    with torch.no_grad():                  # q, s take no gradient (straight-through): build no graph for them
+        q, s = quantize_activations(x)
+    return _straight_through(x, (q / s).to(x.dtype)), q, s
+
+
+def bitlinear_input(x: torch.Tensor, rms_norm: RMSNorm) -> torch.Tensor:
+    """Q_a(x̃), x̃ = RMSNorm_g(x): the dequantised 8-bit activation (straight-through to x̃), in x's dtype.
+
+    The input of every BitLinear matmul, and of a LoRA adapter on one (frozen or not).
+    """
+    return bitlinear_codes(x, rms_norm)[0]
 
 
 def _cacheable(w: torch.Tensor) -> bool:
@@ -112,20 +161,25 @@ class BitLinear(nn.Linear):
     Both quantisers use straight-through gradients, so dy/dx̃ and dy/dW are those of an ordinary
     linear layer evaluated at the quantised values.
 
-    Weight cache. Q_w(W) with its straight-through gradient is W + Δ, Δ = (Q_w(W) - W).detach(). Δ depends
-    on W alone, so it is computed once and reused while W is unchanged (across gradient-accumulation
-    micro-steps, the recompute of gradient checkpointing, and every decoding step); the addition W + Δ
-    runs on every call, so the gradient reaches W exactly as without the cache (tests check bit equality
-    of outputs and gradients). Δ is recomputed when W's version counter (bumped by every in-place write:
-    optimizer updates, `load_state_dict`, `copy_` under no_grad), its storage or the Parameter object
-    change. Fused optimizers write without bumping the counter: `watch_optimizer(optimizer)` registers a
-    step hook on THAT optimizer which bumps it for every parameter it holds (`elleci.train.make_optimizer`
-    does it for you; importing elleci installs no global hook). Writes through `.data`, a custom kernel or
-    an unwatched fused optimizer are invisible: call `invalidate_weight_caches(model)` after them.
+    Weight cache. Q_w(W) depends on W alone, so it is computed once (`ternary_weight`) and reused while W
+    is unchanged (across gradient-accumulation micro-steps, the recompute of gradient checkpointing, and
+    every decoding step). The matmul always multiplies by that tensor: under `torch.no_grad`, in eval, or
+    when W is frozen (LoRA) it is used as is; when W is trained it passes through a straight-through
+    function whose value is that same tensor (a view, no copy) and whose gradient goes to W unchanged. So no
+    path makes a weight-sized temporary (the old form W + (Q_w(W) - W).detach() made one per call), and the
+    value is exactly Q_w(W) in every path, cached or not (tests check bit equality of outputs and gradients).
+    Q_w(W) is recomputed when W's version counter (bumped by every in-place write: optimizer updates,
+    `load_state_dict`, `copy_` under no_grad), its storage or the Parameter object change. Fused optimizers
+    write without bumping the counter: `watch_optimizer(optimizer)` registers a step hook on THAT optimizer
+    which bumps it for every parameter it holds (`elleci.train.make_optimizer` does it for you; importing
+    elleci installs no global hook). Writes through `.data`, a custom kernel or an unwatched fused optimizer
+    are invisible: call `invalidate_weight_caches(model)` after them.
     Memory: one weight-sized tensor per layer in the weight's dtype (3.3 GB for elleci-v1 in fp32,
-    1.7 GB in bf16). `BitLinear.cache_weights = False` (class-wide, or on one layer) turns it off.
-    Not used under torch.compile (which fuses the quantisation), under torch.func transforms or for
-    inference-mode weights.
+    1.7 GB in bf16). `BitLinear.cache_weights = False` (class-wide, or on one layer) turns it off; then
+    every call quantises W again. A frozen base needs neither W nor the cache: `elleci.model.ternary.
+    freeze_ternary` keeps only the packed codes (2 bits a weight) and γ.
+    Not cached under torch.compile (which fuses the quantisation), under torch.func transforms or for
+    inference-mode weights (there the straight-through form is Q_w(W) + (W - W.detach()), same value).
     """
 
     cache_weights: bool = True
@@ -133,46 +187,51 @@ class BitLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
         self.rms_norm = RMSNorm(in_features, eps=1e-5)
-        self._weight_cache: tuple | None = None          # (weakref to W, (version, data_ptr), Δ)
+        self._weight_cache: tuple | None = None          # (weakref to W, (version, data_ptr), Q_w(W))
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """The internal RMSNorm: the input every quantised matmul (and a LoRA adapter) sees."""
-        # F.rms_norm, as the original's nn.RMSNorm: same fp32 bits, which decide 8-bit rounding ties
-        w = self.rms_norm.weight
-        return F.rms_norm(x.float(), w.shape, w.float(), self.rms_norm.eps).to(x.dtype)
+        """The internal RMSNorm: x̃ = RMSNorm_g(x) in fp32, back to x's dtype."""
+        return bitlinear_norm(x, self.rms_norm)
 
-    def weight_offset(self) -> torch.Tensor:
-        """Δ = (Q_w(W) - W).detach(), from the cache when W has not changed since it was computed."""
+    def cached_ternary_weight(self) -> torch.Tensor:
+        """Q_w(W) (detached), from the cache when W has not changed since it was computed."""
         w = self.weight
         if not (self.cache_weights and _cacheable(w)):
-            return ternary_offset(w)
+            return ternary_weight(w)
         key = (w._version, w.data_ptr())
         cached = self._weight_cache
         if cached is not None and cached[0]() is w and cached[1] == key:
             return cached[2]
         with torch.inference_mode(False):                 # a normal tensor, usable outside inference mode
-            delta = ternary_offset(w)
-        self._weight_cache = (weakref.ref(w), key, delta)
-        return delta
+            qw = ternary_weight(w)
+        self._weight_cache = (weakref.ref(w), key, qw)
+        return qw
 
     def clear_weight_cache(self) -> None:
         self._weight_cache = None
 
     def quantized_weight(self) -> torch.Tensor:
-        """Q_w(W) = W + Δ: the value of the ternary weight, the gradient of W (straight-through)."""
-        return self.weight + self.weight_offset()
+        """Q_w(W): its value, with the gradient of W (straight-through) when W needs one."""
+        w = self.weight
+        qw = self.cached_ternary_weight()
+        if not _needs_grad(w):
+            return qw                                     # no_grad, eval of a frozen W, LoRA: Q_w(W) itself
+        if self.cache_weights and _cacheable(w):
+            return _WeightStraightThrough.apply(w, qw)
+        return qw + (w - w.detach())                      # compile / functorch: plain ops, same value
+
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Q_a(x̃): the matmul's (and a LoRA adapter's) input, see `bitlinear_input`."""
+        return bitlinear_input(x, self.rms_norm)
 
     def quantized_operands(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(Q_a(x̃), Q_w(W)): the two operands of the matmul, dequantised, with straight-through gradients."""
-        x = self.normalize(x)
-        q, s = quantize_activations(x)
-        x_q = _straight_through(x, (q / s).to(x.dtype))
-        return x_q, self.quantized_weight()
+        return self.quantized_input(x), self.quantized_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(*self.quantized_operands(x))
 
-    def _apply(self, fn, *args, **kwargs):             # .to(), .cuda(), .half(): drop the old Δ now
+    def _apply(self, fn, *args, **kwargs):             # .to(), .cuda(), .half(): drop the old Q_w(W) now
         self._weight_cache = None
         return super()._apply(fn, *args, **kwargs)
 

@@ -22,6 +22,7 @@ Differences from the original (besides those in `mamba2.py` and `mla.py`):
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 
 import torch
 import torch.nn as nn
@@ -94,15 +95,36 @@ class InferenceCache:
         return self
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype | None):
+    """torch's default floating dtype set to `dtype` inside the block (None: unchanged)."""
+    if dtype is None:
+        yield
+        return
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype}")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 class ElleciLM(nn.Module):
-    def __init__(self, config: ElleciConfig):
+    """The model. `ElleciLM(config, dtype=torch.bfloat16)` creates (and initialises) every tensor in that
+    dtype directly, so a bf16 model never exists in fp32 first; `with torch.device("meta"): ElleciLM(config)`
+    allocates nothing (what the loaders do before assigning the checkpoint's tensors)."""
+
+    def __init__(self, config: ElleciConfig, dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config
-        self.token_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(config, kind) for kind in config.layer_types)
-        self.norm_f = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self.reset_parameters()
+        with _default_dtype(dtype):
+            self.token_emb = nn.Embedding(config.vocab_size, config.d_model)
+            self.blocks = nn.ModuleList(Block(config, kind) for kind in config.layer_types)
+            self.norm_f = RMSNorm(config.d_model, config.norm_eps)
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            self.reset_parameters()
 
     # ---- init -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -34,6 +34,7 @@ import torch.nn as nn
 from . import adapter_files
 from .adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS  # noqa: F401  (file names, re-exported)
 from .layers import BitLinear
+from .ternary import TernaryLinear
 from .lora_layers import DEFAULT_TARGET_MODULES, LoraConfig, LoRALinear, SketchedLoRALinear, lora_scaling
 
 __all__ = ["LoraConfig", "LoRALinear", "SketchedLoRALinear", "lora_scaling", "DEFAULT_TARGET_MODULES",
@@ -62,8 +63,8 @@ def _matches(name: str, patterns: list[str] | str) -> bool:
 
 
 def target_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
-    """The Linear layers `config` selects (never lm_head). Raises if none match."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    """The Linear layers (frozen ternary ones included) `config` selects (never lm_head). Raises if none match."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, TernaryLinear)) and n != "lm_head"]
     targets = config.target_modules if config.target_modules is not None else DEFAULT_TARGET_MODULES
     chosen = []
     for name in linears:
@@ -127,7 +128,7 @@ def disable_adapters(model: nn.Module):
 
 
 def _refuse_bitlinear(mods: dict[str, LoRALinear]) -> None:
-    bit = [n for n, m in mods.items() if isinstance(m.base_layer, BitLinear)]
+    bit = [n for n, m in mods.items() if isinstance(m.base_layer, (BitLinear, TernaryLinear))]
     if bit:
         raise ValueError(f"cannot merge LoRA into BitLinear layers {bit}: their weight is re-quantised to ternary "
                          "on every call, so Q(W + s·BA) is not Q(W) + s·BA. Keep these adapters unmerged "

@@ -10,6 +10,8 @@ reads exactly the base's matmul input, the dequantised 8-bit activation x_q = Q_
 so base and adapter share one input and the fused kernel serves both layer kinds; the gradient reaches x̃
 (and the norm) straight through Q_a, as for the base. Such adapters cannot be merged: W is re-quantised to
 ternary on every call, and Q_w(W + sBA) ≠ Q_w(W) + sBA. `merge_lora` refuses them by name.
+A frozen ternary base (`elleci.model.ternary.TernaryLinear`, packed codes) is adapted the same way: the
+adapter reads the same Q_a(x̃) and the base term is computed from the packed codes.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from .._checks import check_bool, check_choice, check_int, check_modules, check_number, fail, is_int
 from ..kernels.lora import lora_linear
 from .layers import BitLinear
+from .ternary import TernaryLinear
 
 DEFAULT_TARGET_MODULES = ["in_proj", "out_proj", "w_q", "w_kv_down", "w_kv_up", "w_out", "w1", "w2", "w3"]
 _INIT_CHOICES = (True, False, "gaussian")
@@ -76,7 +79,7 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
 
 
 class LoRALinear(nn.Module):
-    """A frozen `nn.Linear` or `BitLinear` (`base_layer`) plus s · B A (see the module docstring).
+    """A frozen `nn.Linear`, `BitLinear` or `TernaryLinear` (`base_layer`) plus s · B A (see the module docstring).
 
     lora_A [r, in], lora_B [out, r]. Dropout (p = lora_dropout) acts on the adapter's input only.
     With dropout inactive the layer calls `elleci.kernels.lora_linear` (the fused Triton kernel on CUDA).
@@ -85,13 +88,13 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int = 8, lora_alpha: float = 8.0, lora_dropout: float = 0.0,
                  use_rslora: bool = False, init_lora_weights: bool | str = True):
         super().__init__()
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"LoRALinear wraps nn.Linear / BitLinear, got {type(base).__name__}")
+        if not isinstance(base, (nn.Linear, TernaryLinear)):
+            raise TypeError(f"LoRALinear wraps nn.Linear / BitLinear / TernaryLinear, got {type(base).__name__}")
         LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, init_lora_weights=init_lora_weights)
         self.base_layer = base
         self.r, self.lora_alpha, self.use_rslora = r, lora_alpha, use_rslora
         self.scaling = lora_scaling(r, lora_alpha, use_rslora)
-        w = base.weight
+        w = base.rms_norm.weight if isinstance(base, TernaryLinear) else base.weight
         dtype = torch.promote_types(w.dtype, torch.float32)
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=w.device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(base.out_features, r, device=w.device, dtype=dtype))
@@ -142,12 +145,21 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.disabled or self.merged:
             return self.base_layer(x)
+        if isinstance(self.base_layer, TernaryLinear):
+            return self._ternary_forward(x)
         x_in, weight, bias = self.base_operands(x)
         A, B, s = self.adapter()
         A, B = A.to(weight.dtype), B.to(weight.dtype)
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
             return F.linear(x_in, weight, bias) + s * F.linear(F.linear(self.lora_dropout(x_in), A), B)
         return lora_linear(x_in, weight, A, B, s, bias)
+
+    def _ternary_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x_q (c γ)ᵀ + s · (x_q Aᵀ) Bᵀ with x_q = Q_a(x̃), the base term from the packed codes."""
+        y, x_q = self.base_layer.forward_with_input(x)
+        A, B, s = self.adapter()
+        A, B = A.to(x_q.dtype), B.to(x_q.dtype)
+        return y + s * F.linear(F.linear(self.lora_dropout(x_q), A), B)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"

@@ -13,10 +13,12 @@ Math (specs/elleci_original_model.md §2.6-2.7), u the block input [B, L, d]:
 
 The recurrence lives in `elleci.kernels` (one place, three forms held equal by the tests):
 `scan_ref.ssm_scan_ref` (the definition; `ssm_step` is also the decoding step), `scan_ref.ssm_scan_chunked`
-(the chunked SSD form, the default in PyTorch: chunk 16 by default, since the per-channel [Q x Q] decay
-matrices make the original's 64 cost 4x the memory and, on 2 CPU cores, 4.5x the time of a training step
-of the example model: 3.6 s vs 0.77 s, measured) and `scan.selective_scan` (the Triton kernel, used on CUDA);
-the mixer calls the one dispatcher `elleci.kernels.scan.ssm_scan`. They are re-exported here.
+(the chunked SSD form; within a chunk either "factored", one [Q x Q] @ [Q x c] matmul, or with per-channel
+[Q x Q] decay matrices where the decays are too large to factor) and `scan.selective_scan` (the Triton
+kernel, used on CUDA); the mixer calls the one dispatcher `elleci.kernels.scan.ssm_scan`, which on the
+CPU runs the form `scan_ref.scan_plan` picks by a measured rule (chunk `config.chunk_size`, 16, or smaller).
+They are re-exported here. The decay a = A dt is per channel although A is per head (dt is per channel,
+through dt_proj), so no per-head decay form would be exact.
 
 Differences from the original, each deliberate:
 1. The inference cache holds the conv window (last d_conv-1 pre-conv inputs) and the previous input u
@@ -41,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.scan import ssm_scan
-from ..kernels.scan_ref import (BLOCK_BYTES, document_starts, segsum, ssm_scan_chunked, ssm_scan_ref,  # noqa: F401
+from ..kernels.scan_ref import (BLOCK_BYTES, document_starts, scan_plan, segsum, ssm_scan_chunked, ssm_scan_ref,  # noqa: F401
                                 ssm_step)
 
 

@@ -1,4 +1,5 @@
-"""BitLinear's cached weight quantisation: same bits as recomputing it, recomputed whenever W changes."""
+"""BitLinear's cached weight quantisation: same bits as recomputing it, recomputed whenever W changes;
+the value multiplied is exactly Q_w(W) in every path (grad, no_grad, cached, uncached)."""
 import copy
 
 import pytest
@@ -12,10 +13,10 @@ from elleci.model.lora import LoraConfig, apply_lora, mark_only_lora_trainable
 
 @pytest.fixture
 def count_quantisations(monkeypatch):
-    """Counts calls of `ternary_offset` (one per full quantisation of a weight)."""
+    """Counts calls of `ternary_weight` (one per full quantisation of a weight)."""
     calls = []
-    real = layers.ternary_offset
-    monkeypatch.setattr(layers, "ternary_offset", lambda w: calls.append(w) or real(w))
+    real = layers.ternary_weight
+    monkeypatch.setattr(layers, "ternary_weight", lambda w: calls.append(w) or real(w))
     return calls
 
 
@@ -48,11 +49,18 @@ def test_cached_outputs_and_gradients_are_bitwise_the_uncached_ones(dtype, no_ca
     miss, hit = _layer_step(layer, x), _layer_step(layer, x)     # computes the offset, then reuses it
     for a, b, c in zip(ref, miss, hit):
         assert a.dtype == b.dtype and torch.equal(a, b) and torch.equal(a, c)
-    # the straight-through definition: value Q_w(W), gradient of W
+    # the straight-through definition: value exactly Q_w(W) = (q γ) in W's dtype, gradient of W
     qw, gamma = layers.quantize_weights(layer.weight)
     w_q = layer.quantized_weight()
     assert w_q.grad_fn is not None
-    assert torch.equal(w_q.detach(), layer.weight.detach() + ((qw * gamma).to(dtype) - layer.weight.detach()))
+    assert torch.equal(w_q.detach(), (qw * gamma).to(dtype))
+    with no_cache():
+        assert torch.equal(layer.quantized_weight().detach(), (qw * gamma).to(dtype))
+    # dW = dyᵀ x_q, as for a plain linear layer at the quantised operands
+    x_q = layer.quantized_input(x).detach()
+    g = torch.linspace(-1, 1, ref[0].numel()).view_as(ref[0]).to(dtype)
+    assert torch.allclose(ref[2].float(), (g.reshape(-1, 20).t().float() @ x_q.reshape(-1, 48).float()),
+                          rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3)
 
 
 def _model_grads(model, batches):
@@ -163,6 +171,24 @@ def test_cache_is_not_state_and_follows_dtype_and_copies():
     layer.to(torch.bfloat16)
     assert layer._weight_cache is None
     assert layer(x.bfloat16()).dtype == torch.bfloat16 and layer._weight_cache[2].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_frozen_or_no_grad_call_makes_no_weight_sized_tensor(grad, tensor_sizes):
+    """Without a gradient for W (no_grad, or W frozen as under LoRA), a warm BitLinear multiplies by the cached
+    Q_w(W) itself; with W trained, the straight-through view adds nothing weight-sized either (only dW)."""
+    torch.manual_seed(0)
+    layer, x = BitLinear(64, 48), torch.randn(2, 64)           # weight 3072 elements, activations ≤ 128
+    layer.weight.requires_grad_(grad)
+    layer(x)                                                   # fills the cache
+    with tensor_sizes() as sizes:
+        if grad:
+            layer(x).sum().backward()
+        else:
+            with torch.no_grad():
+                layer(x)
+    weight_sized = [n for n in sizes.new_numels if n >= layer.weight.numel()]
+    assert weight_sized == ([layer.weight.numel()] if grad else [])   # with grad: the gradient dW, once
 
 
 def test_importing_elleci_installs_no_global_optimizer_hook():

@@ -6,7 +6,7 @@ import torch
 from elleci.kernels.dispatch import triton_available, use_backend
 from elleci.kernels.scan import selective_scan
 from elleci.model import ElleciConfig
-from elleci.model.mamba2 import Mamba2Mixer, segsum, ssm_scan_chunked, ssm_scan_ref, ssm_step
+from elleci.model.mamba2 import Mamba2Mixer, scan_plan, segsum, ssm_scan_chunked, ssm_scan_ref, ssm_step
 
 
 def _inputs(b, L, c, N, dtype, seed=0):
@@ -78,7 +78,8 @@ def _scan_grads(scan, inputs):
 def test_blocked_checkpointed_scan_equals_reference_with_gradients(block_bytes):
     inputs = _inputs(2, 45, 4, 3, torch.float64, seed=2)                 # 3 chunks of 16, the last padded
     ref = _scan_grads(ssm_scan_ref, inputs)
-    out = _scan_grads(lambda *t: ssm_scan_chunked(*t, chunk_size=16, block_bytes=block_bytes), inputs)
+    out = _scan_grads(lambda *t: ssm_scan_chunked(*t, chunk_size=16, block_bytes=block_bytes, intra="per_channel"),
+                      inputs)
     torch.testing.assert_close(out[0], ref[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(out[1], ref[1], rtol=0, atol=1e-12)
     for got, want in zip(out[2], ref[2]):
@@ -104,11 +105,68 @@ def test_blocked_scan_saves_memory_linear_in_length_not_per_channel_chunk_square
     c, N, Q = 32, 4, 64
     def saved(L, block_bytes):
         x, dt, A, B, C, D, h0 = (t.requires_grad_() for t in _inputs(1, L, c, N, torch.float32))
-        return _saved_bytes(lambda: ssm_scan_chunked(x, dt, A, B, C, D, h0, chunk_size=Q, block_bytes=block_bytes))
+        return _saved_bytes(lambda: ssm_scan_chunked(x, dt, A, B, C, D, h0, chunk_size=Q, block_bytes=block_bytes,
+                                                     intra="per_channel"))
     one_block, blocked = saved(256, None), saved(256, 1)
     decay_matrices = (256 // Q) * c * Q * Q * 4                                # one fp32 [c, Q, Q] per chunk
     assert one_block > decay_matrices > 4 * blocked
     assert saved(512, 1) < 2.2 * blocked                                     # linear in L
+
+
+@pytest.mark.parametrize("Q", [1, 4, 16, 32])
+def test_factored_and_per_channel_forms_equal_the_reference_with_gradients(Q):
+    """The factored within-chunk form (no [c, Q, Q] matrices) is the same function: float64 forward and
+    every gradient, and in fp32 it is as close to the float64 result as the per-channel form is."""
+    inputs = list(_inputs(2, 45, 5, 3, torch.float64, seed=4))
+    inputs[1] = inputs[1] * 0.3                                          # decay range ≤ FACTORED_RANGE at Q 32
+    ref = _scan_grads(ssm_scan_ref, inputs)
+    errs = {}
+    for intra in ("factored", "per_channel"):
+        out = _scan_grads(lambda *t: ssm_scan_chunked(*t, chunk_size=Q, intra=intra), inputs)
+        torch.testing.assert_close(out[0], ref[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(out[1], ref[1], rtol=0, atol=1e-12)
+        for got, want in zip(out[2], ref[2]):
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        y32, _ = ssm_scan_chunked(*(t.float() for t in inputs), chunk_size=Q, intra=intra)
+        errs[intra] = (y32.double() - ref[0]).abs().max().item()
+    assert errs["factored"] <= 4 * errs["per_channel"] + 1e-6, errs
+
+
+def test_factored_form_saves_memory_linear_in_length_without_chunk_squared():
+    """Saved tensors of the factored form do not grow with Q (no [c, Q, Q]); the per-channel form's do."""
+    c, N = 32, 4
+    def saved(L, Q, intra):
+        x, dt, A, B, C, D, h0 = (t.requires_grad_() for t in _inputs(1, L, c, N, torch.float32))
+        with torch.no_grad():
+            dt *= 0.02                                                    # small decays: factorable at Q = 64
+        return _saved_bytes(lambda: ssm_scan_chunked(x, dt, A, B, C, D, h0, chunk_size=Q, intra=intra))
+    assert saved(256, 64, "factored") < 1.5 * saved(256, 16, "factored")
+    assert saved(256, 64, "per_channel") > 2.5 * saved(256, 16, "per_channel")
+    assert saved(256, 64, "factored") < saved(256, 64, "per_channel") / 3
+    assert saved(512, 64, "factored") < 2.2 * saved(256, 64, "factored")             # linear in L
+
+
+def test_scan_plan_picks_factored_then_smaller_chunks_then_a_fallback():
+    dt = torch.full((1, 64, 3), 0.5)
+    A = -torch.tensor([1.0, 2.0, 4.0])                                   # per-step |a| up to 2
+    assert scan_plan(dt, A, 16, needs_grad=True) == ("factored", 16)      # range 15 · 2 = 30 ≤ 80
+    assert scan_plan(dt * 4, A, 16, needs_grad=True) == ("factored", 8)   # 15 · 8 = 120 > 80, 7 · 8 = 56
+    assert scan_plan(dt * 40, A, 16, needs_grad=True) == ("per_channel", 8)   # even 3 · 80 > 80
+    assert scan_plan(dt * 40, A, 16, needs_grad=False) == ("sequential", 1)
+    assert scan_plan(dt.double() * 40, A.double(), 16, needs_grad=True) == ("factored", 8)   # fp64: 7 · 80 ≤ 1000
+
+
+def test_dispatcher_follows_the_plan_and_stays_exact():
+    """ssm_scan on CPU: every form it may pick gives the reference result (large decays included)."""
+    from elleci.kernels.scan import ssm_scan
+    x, dt, A, B, C, D, h0 = _inputs(1, 40, 5, 4, torch.float64, seed=6)
+    for scale in (0.05, 1.0, 30.0):
+        y_ref, h_ref = ssm_scan_ref(x, dt * scale, A, B, C, D, h0)
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                y, h = ssm_scan(x, (dt * scale).requires_grad_(grad), A, B, C, D, h0)
+            torch.testing.assert_close(y.detach(), y_ref, rtol=0, atol=1e-11)
+            torch.testing.assert_close(h.detach(), h_ref, rtol=0, atol=1e-11)
 
 
 def test_scan_large_decays_are_finite_and_exact():

@@ -1,0 +1,315 @@
+"""Matmul with a frozen ternary weight read from its packed 2-bit codes: y = x (c γ)ᵀ, dx = dy (c γ).
+
+Shapes: x [..., K] (M rows after flattening), codes c ∈ {-1, 0, 1}^{N×K} packed as `packed` [N, K4] uint8
+with K4 = ceil(K / 4), γ = `scale` (a 0-d tensor, fp32) → y [..., N] in x's dtype.
+
+Packing ("plane" layout; `pack_ternary` / `unpack_ternary`). Byte b of row n holds four codes, one per
+2-bit plane j = 0..3, stored as c + 1 ∈ {0, 1, 2}:
+
+    packed[n, b] = Σ_j (c[n, j·K4 + b] + 1) · 4^j          columns ≥ K (padding) hold c = 0
+
+so plane j of a row of bytes is a contiguous block of K4 columns: one shift and one mask give a whole
+[N, K4] block of codes, on a CPU (vectorised uint8 ops) as in a GPU tile (four tl.dot per byte tile).
+
+Value. The weight in dtype d is c · γ.to(d), exactly the tensor `BitLinear` multiplies by today
+(`layers.ternary_weight`: (q·γ).to(d) with q ∈ {-1, 0, 1}), so only the matmul's own rounding differs.
+No gradient reaches the codes or γ (the weight is frozen); dx = dy (c γ) (the adapter and the layers below
+need it). The forward saves nothing but the packed codes: x is not needed for dx.
+
+Three implementations, equal up to the matmul's rounding (tests compare them under TRITON_INTERPRET=1):
+- `ternary_linear_ref`: the definition, unpack-then-matmul, F.linear(x, unpack(c) · γ): one weight-sized
+  temporary in the compute dtype.
+- the "torch" backend of `ternary_linear` (CPU): the same per tile of TILE_ELEMENTS unpacked weights
+  (rows of c for y, column blocks of c for dx: each output element is still one full dot product), so no
+  weight-sized tensor is ever made.
+- the Triton kernels (CUDA): each program unpacks its [BLOCK_B, BLOCK_N] byte tile to four code tiles in
+  registers and feeds them to tl.dot with the matching x columns; fp32 accumulation, γ applied to the
+  accumulator. Block sizes on CUDA are reasoned, not tuned (no GPU was at hand): BLOCK_M 64 (16 when
+  M ≤ 16, decoding), BLOCK_N 128, BLOCK_B 32 (128 weight columns per step). Under the interpreter the dot
+  operands are upcast to fp32 (bf16 tl.dot is wrong in the Triton 3.9 interpreter, see kernels/lora.py).
+  fp64 inputs always take the torch path (tl.dot has no fp64).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import resolve_backend, triton_available
+
+TILE_ELEMENTS = 1 << 19
+"""Unpacked weights per tile on the torch path (1 MiB in bf16: the tile stays in a core's L2)."""
+
+INT_ROWS = 256
+"""Most rows for which `ternary_linear_int8` (CPU integer matmul) is used without gradients. Measured (CPU ms,
+one thread, [1 or M, 2048] x [5632, 2048] / [M, 5632] x [2048, 5632] bf16): integer 6.4 / 5.4 at M = 1,
+9.5 / 6.0 at 64, 25 / 12 at 256; tiled float path 14 / 18, 18 / 22, 29 / 27; at M = 1024 the float path
+wins (68 / 192 against 3x that for torch._int_mm, which runs no AMX kernel for int8 on this CPU)."""
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _ternary_fwd_kernel(x_ptr, p_ptr, scale_ptr, y_ptr, M, N, K, K4,
+                            stride_xm, stride_xk, stride_pn, stride_pb, stride_ym, stride_yn,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                            PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """y[m, n] = γ Σ_k x[m, k] c[n, k]: one [BLOCK_M, BLOCK_N] tile of y per program."""
+        pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m, mask_n = offs_m < M, offs_n < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for b0 in range(0, tl.cdiv(K4, BLOCK_B)):
+            bs = b0 * BLOCK_B + tl.arange(0, BLOCK_B)
+            # byte tile, transposed [BLOCK_B, BLOCK_N]; out of range: 0, against x = 0
+            pk = tl.load(p_ptr + bs[:, None] * stride_pb + offs_n[None, :] * stride_pn,
+                         mask=(bs[:, None] < K4) & mask_n[None, :], other=0)
+            for j in tl.static_range(4):
+                ks = j * K4 + bs                                       # the plane's weight columns
+                xv = tl.load(x_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk,
+                             mask=mask_m[:, None] & ((bs < K4) & (ks < K))[None, :], other=0.0)
+                c = ((pk >> (2 * j)) & 3).to(tl.float32) - 1.0        # [BLOCK_B, BLOCK_N] in {-1, 0, 1}
+                if UPCAST:
+                    xv = xv.to(tl.float32)
+                else:
+                    c = c.to(xv.dtype)                                 # exact in any float dtype
+                acc = tl.dot(xv, c, acc, input_precision=PRECISION)
+        acc = acc * tl.load(scale_ptr).to(tl.float32)
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                 acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    @triton.jit
+    def _ternary_bwd_kernel(dy_ptr, p_ptr, scale_ptr, dx_ptr, M, N, K, K4,
+                            stride_dm, stride_dn, stride_pn, stride_pb, stride_xm, stride_xk,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                            PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """dx[m, j·K4 + b] = γ Σ_n dy[m, n] c[n, j·K4 + b]: one [BLOCK_M, BLOCK_B] tile of plane j per program."""
+        pid_m, pid_b, j = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        bs = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        mask_m, mask_b = offs_m < M, bs < K4
+        acc = tl.zeros((BLOCK_M, BLOCK_B), dtype=tl.float32)
+        for n0 in range(0, tl.cdiv(N, BLOCK_N)):
+            ns = n0 * BLOCK_N + tl.arange(0, BLOCK_N)
+            dyv = tl.load(dy_ptr + offs_m[:, None] * stride_dm + ns[None, :] * stride_dn,
+                          mask=mask_m[:, None] & (ns < N)[None, :], other=0.0)
+            pk = tl.load(p_ptr + ns[:, None] * stride_pn + bs[None, :] * stride_pb,
+                         mask=(ns < N)[:, None] & mask_b[None, :], other=0)
+            c = ((pk >> (2 * j)) & 3).to(tl.float32) - 1.0             # [BLOCK_N, BLOCK_B]
+            if UPCAST:
+                dyv = dyv.to(tl.float32)
+            else:
+                c = c.to(dyv.dtype)
+            acc = tl.dot(dyv, c, acc, input_precision=PRECISION)
+        acc = acc * tl.load(scale_ptr).to(tl.float32)
+        ks = j * K4 + bs
+        tl.store(dx_ptr + offs_m[:, None] * stride_xm + ks[None, :] * stride_xk,
+                 acc.to(dx_ptr.dtype.element_ty), mask=mask_m[:, None] & (mask_b & (ks < K))[None, :])
+
+
+# ---- packing ----------------------------------------------------------------------------------
+
+def packed_columns(in_features: int) -> int:
+    """K4 = ceil(K / 4): bytes per packed row."""
+    return -(-in_features // 4)
+
+
+def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
+    """codes [N, K] with values in {-1, 0, 1} (any dtype) -> packed [N, ceil(K/4)] uint8 (plane layout)."""
+    if codes.dim() != 2:
+        raise ValueError(f"codes must be [out, in] (2-D), got shape {tuple(codes.shape)}")
+    bad = (codes != -1) & (codes != 0) & (codes != 1)
+    if bool(bad.any()):
+        raise ValueError(f"codes must be -1, 0 or 1; found {codes[bad].flatten()[:5].tolist()}")
+    N, K = codes.shape
+    K4 = packed_columns(K)
+    u = torch.ones(N, 4 * K4, dtype=torch.uint8, device=codes.device)     # padding: code 0, stored as 1
+    u[:, :K] = (codes + 1).to(torch.uint8)
+    planes = u.view(N, 4, K4)
+    return planes[:, 0] | (planes[:, 1] << 2) | (planes[:, 2] << 4) | (planes[:, 3] << 6)
+
+
+def unpack_ternary(packed: torch.Tensor, in_features: int, dtype: torch.dtype = torch.int8) -> torch.Tensor:
+    """packed [N, K4] uint8 -> codes [N, in_features] in {-1, 0, 1} as `dtype` (rows of packed: rows of codes)."""
+    N, K4 = packed.shape
+    if K4 != packed_columns(in_features):
+        raise ValueError(f"packed has {K4} bytes a row; in_features={in_features} needs {packed_columns(in_features)}")
+    out = torch.empty(N, 4 * K4, dtype=dtype, device=packed.device)
+    for j in range(4):
+        out[:, j * K4:(j + 1) * K4] = (packed >> (2 * j)) & 3              # c + 1, converted on the copy
+    return out[:, :in_features].sub_(1)
+
+
+def _unpack_plane(packed: torch.Tensor, j: int, dtype: torch.dtype) -> torch.Tensor:
+    """Plane j of packed [N, B] -> codes [N, B] as dtype (columns j·K4 + the bytes' columns)."""
+    return ((packed >> (2 * j)) & 3).to(dtype).sub_(1)
+
+
+# ---- torch path (tiled) -----------------------------------------------------------------------
+
+def _forward_tiled(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, K: int) -> torch.Tensor:
+    """y = x2 (c γ)ᵀ, N rows of c at a time: [M, K] -> [M, N]."""
+    N = packed.shape[0]
+    g = scale.to(x2.dtype)
+    rows = max(1, TILE_ELEMENTS // max(K, 1))
+    tiles = [F.linear(x2, unpack_ternary(packed[r:r + rows], K, x2.dtype).mul_(g)) for r in range(0, N, rows)]
+    return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
+
+
+def _backward_tiled(dy2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, K: int) -> torch.Tensor:
+    """dx = dy2 (c γ), a block of byte columns of one plane at a time: [M, N] -> [M, K]."""
+    N, K4 = packed.shape
+    g = scale.to(dy2.dtype)
+    width = max(1, TILE_ELEMENTS // max(N, 1))
+    dx = dy2.new_empty(dy2.shape[0], 4 * K4)
+    for j in range(4):
+        for b in range(0, K4, width):
+            e = min(b + width, K4)
+            dx[:, j * K4 + b:j * K4 + e] = dy2 @ _unpack_plane(packed[:, b:e], j, dy2.dtype).mul_(g)
+    return dx[:, :K]
+
+
+class _TernaryLinearTiled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, packed, scale, K):
+        ctx.save_for_backward(packed, scale)
+        ctx.K = K
+        return _forward_tiled(x2, packed, scale, K)
+
+    @staticmethod
+    def backward(ctx, dy):
+        packed, scale = ctx.saved_tensors
+        return _backward_tiled(dy, packed, scale, ctx.K), None, None, None
+
+
+# ---- Triton path ------------------------------------------------------------------------------
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _precision(t: torch.Tensor) -> str:
+    if t.dtype == torch.float32 and not (t.is_cuda and torch.backends.cuda.matmul.allow_tf32):
+        return "ieee"
+    return "tf32"                                                      # ignored for 16-bit operands
+
+
+def _blocks(M: int) -> tuple[int, int, int]:
+    if _interpreting():
+        return 16, 16, 16
+    return (16 if M <= 16 else 64), 128, 32
+
+
+def _forward_triton(x2, packed, scale, K):
+    M, N, K4 = x2.shape[0], packed.shape[0], packed.shape[1]
+    y = torch.empty(M, N, device=x2.device, dtype=x2.dtype)
+    if M == 0 or N == 0:
+        return y
+    bm, bn, bb = _blocks(M)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _ternary_fwd_kernel[grid](x2, packed, scale, y, M, N, K, K4, x2.stride(0), x2.stride(1),
+                              packed.stride(0), packed.stride(1), y.stride(0), y.stride(1),
+                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_B=bb, PRECISION=_precision(x2), UPCAST=_interpreting())
+    return y
+
+
+def _backward_triton(dy2, packed, scale, K):
+    M, N, K4 = dy2.shape[0], packed.shape[0], packed.shape[1]
+    dx = torch.empty(M, K, device=dy2.device, dtype=dy2.dtype)
+    if M == 0 or K == 0:
+        return dx
+    if N == 0:
+        return dx.zero_()
+    bm, bn, bb = _blocks(M)
+    grid = (triton.cdiv(M, bm), triton.cdiv(K4, bb), 4)
+    _ternary_bwd_kernel[grid](dy2, packed, scale, dx, M, N, K, K4, dy2.stride(0), dy2.stride(1),
+                              packed.stride(0), packed.stride(1), dx.stride(0), dx.stride(1),
+                              BLOCK_M=bm, BLOCK_N=bn, BLOCK_B=bb, PRECISION=_precision(dy2), UPCAST=_interpreting())
+    return dx
+
+
+class _TernaryLinearTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2, packed, scale, K):
+        ctx.save_for_backward(packed, scale)
+        ctx.K = K
+        return _forward_triton(x2, packed, scale, K)
+
+    @staticmethod
+    def backward(ctx, dy):
+        packed, scale = ctx.saved_tensors
+        return _backward_triton(dy.contiguous(), packed, scale, ctx.K), None, None, None
+
+
+# ---- public -----------------------------------------------------------------------------------
+
+def _check(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> None:
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"packed must be a 2-D uint8 tensor [out, ceil(in/4)], got {packed.dtype} {tuple(packed.shape)}")
+    if packed.shape[1] != packed_columns(in_features):
+        raise ValueError(f"packed has {packed.shape[1]} bytes a row but in_features={in_features} needs "
+                         f"{packed_columns(in_features)}")
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features, the ternary weight takes {in_features}")
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    if scale.numel() != 1:
+        raise ValueError(f"scale must hold one value (the per-tensor γ), got shape {tuple(scale.shape)}")
+    if x.device != packed.device or scale.device != x.device:
+        raise ValueError(f"x ({x.device}), packed ({packed.device}) and scale ({scale.device}) must share a device")
+
+
+def ternary_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
+    """y = x (c γ)ᵀ with c unpacked from `packed` (see the module docstring); gradient for x only.
+
+    The Triton kernels under backend "triton" (or "auto" on CUDA) for fp16/bf16/fp32, else the tiled
+    torch path. Under autocast x is cast to the autocast dtype first (as F.linear's input would be).
+    """
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        x = x.to(torch.get_autocast_dtype(device_type))
+    _check(x, packed, scale, in_features)
+    scale = scale.reshape(())
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    use_triton = resolve_backend(x) == "triton" and x.dtype != torch.float64
+    if use_triton and not (x.is_cuda or _interpreting()):
+        raise ValueError("the Triton ternary_linear needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "
+                         "use backend 'torch' or 'auto' for CPU tensors")
+    fn = _TernaryLinearTriton if use_triton else _TernaryLinearTiled
+    with torch.autocast(device_type, enabled=False):
+        y = fn.apply(x2 if not use_triton else x2.contiguous(), packed, scale, in_features)
+    return y.reshape(*lead, packed.shape[0])
+
+
+def ternary_linear_int8(q: torch.Tensor, s: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                        in_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """y = (q cᵀ) · γ / s with the dot products in exact integer arithmetic (no gradient; CPU decoding).
+
+    q [..., K]: the 8-bit codes of a BitLinear activation (integer values in [-128, 127], any dtype);
+    s [..., 1]: its scale (x_q = q / s). Plane j holds c + 1 ∈ {0, 1, 2}, so Σ_j q_j (c_j + 1)ᵀ - Σ_k q_k
+    = q cᵀ, one int8 x int8 -> int32 matmul per plane (|q cᵀ| ≤ 128 K < 2^24: exact, also in fp32).
+    The result differs from F.linear(q / s, c γ) in `dtype` only by the latter's roundings (of q / s and
+    γ to `dtype`, and of the sum), which it does not make. Returns [..., N] in `dtype`.
+    """
+    _check(q.float(), packed, scale, in_features)
+    N, K4 = packed.shape
+    lead = q.shape[:-1]
+    q2 = F.pad(q.reshape(-1, in_features).to(torch.int8), (0, 4 * K4 - in_features))   # [M, 4 K4], padding 0
+    acc = -q2.sum(-1, keepdim=True, dtype=torch.int32)                                   # - Σ_k q_k
+    for j in range(4):
+        plane = ((packed >> (2 * j)) & 3).view(torch.int8)                               # c + 1: [N, K4]
+        acc = acc + torch._int_mm(q2[:, j * K4:(j + 1) * K4].contiguous(), plane.t())   # [M, N] int32
+    f = torch.promote_types(dtype, torch.float32)
+    y = acc.to(f) * (scale.to(f) / s.reshape(-1, 1).to(f))
+    return y.to(dtype).reshape(*lead, N)
+
+
+def ternary_linear_ref(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The definition: F.linear(x, unpack(packed) · γ) with the weight unpacked whole, in x's dtype."""
+    _check(x, packed, scale, in_features)
+    w = unpack_ternary(packed, in_features, x.dtype) * scale.reshape(()).to(x.dtype)
+    return F.linear(x, w)
