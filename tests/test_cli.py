@@ -73,7 +73,7 @@ def test_sft_then_dpo_end_to_end(base, tmp_path, capsys):
     ("train.bach_size=4", "unknown key 'bach_size' in [train]; did you mean 'batch_size'?"),
     ("train.steps=true", "[train] steps must be an integer, got true (a boolean)"),
     ("train.lr=-1", "[train] lr must be > 0, got -1"),
-    ("loss.type=kto", '[loss] type must be one of "dpo", "cdpo", "ipo", "hinge", "robust"; got "kto"'),
+    ("loss.type=kto", '[loss] type must be one of "dpo", "cdpo", "ipo", "hinge", "robust", "simpo", "orpo"; got "kto"'),
     ("train.batch_size=6", "[train] batch_size: 6 must be a multiple of micro_batch_size 4"),
     ("data.train=nope.jsonl", "[data] train: nope.jsonl: no such file"),
 ])

@@ -144,3 +144,12 @@ def test_algos_is_a_core_and_four_sections():
 def test_no_file_over_400_lines(path):
     n = len(path.read_text(encoding="utf-8").splitlines())
     assert n <= MAX_LINES, f"{path.relative_to(ROOT)} has {n} lines (> {MAX_LINES}): split it by concept"
+
+
+def test_section_names_are_the_packages():
+    """`elleci.algos.<section>` is the section package (no re-exported function shadows one)."""
+    import types
+
+    import elleci.algos as algos
+    for s in SECTIONS:
+        assert isinstance(getattr(algos, s), types.ModuleType), s

@@ -30,7 +30,7 @@ from .curation import (Agents, AttributeGrid, BM25, BM25Retriever, Chunk, Curric
 from .feedback import read_binary, read_pairwise, read_scored, write_jsonl
 from .logprobs import concatenated_logprobs, sequence_logprobs
 from .loop import sample_batches, train_loop
-from .merging import (FSLoRAConfig, alignment, alignment_by_layer, client_update, early_layer_lora, run_fslora,
+from .merging import (FSLoRAConfig, alignment_by_layer, client_update, early_layer_lora, run_fslora,
                       server_step, tli_loss, train_tli, word_embeddings)
 from .preference import feedback_step, pairwise_step, precompute_reference
 from .reasoning import (GRPOConfig, SPAGConfig, budget_forcing, build_window_pairs, cispo_loss, group_advantages,
@@ -39,6 +39,10 @@ from .reasoning import (GRPOConfig, SPAGConfig, budget_forcing, build_window_pai
 from .reference import REFERENCES, resolve_reference, swapped_parameters, trainable_state
 from .sampling import complete, next_token_logprobs, sample_responses
 from .sft import sft_loss, sft_step
+
+# TLI's `alignment` (word-embedding alignment of a layer) is `tli_alignment` here: the name `alignment` is the
+# alignment section package (elleci.algos.alignment); the function stays `elleci.algos.merging.tli.alignment`.
+from .merging.tli import alignment as tli_alignment  # noqa: E402
 
 __all__ = ["dpo_loss", "ipo_loss", "hinge_loss", "robust_dpo_loss", "simpo_loss", "orpo_loss", "kto_loss",
            "kl_baseline",
@@ -50,7 +54,7 @@ __all__ = ["dpo_loss", "ipo_loss", "hinge_loss", "robust_dpo_loss", "simpo_loss"
            "PairwiseLabeler", "DirectScorer", "RewardModel", "soft_bt_loss", "train_reward_model",
            "complete", "sample_responses", "next_token_logprobs", "collect_pairs", "best_of_n",
            "FSLoRAConfig", "run_fslora", "client_update", "server_step",
-           "word_embeddings", "alignment", "alignment_by_layer", "tli_loss", "early_layer_lora", "train_tli",
+           "word_embeddings", "tli_alignment", "alignment_by_layer", "tli_loss", "early_layer_lora", "train_tli",
            "Agents", "Chunk", "Triple", "distill", "load_chunks", "read_records", "BM25", "BM25Retriever",
            "EmbeddingRetriever", "less_scores", "project", "select_top", "per_example_grads", "warmup_lora",
            "FeatureStore", "collect_features",

@@ -207,8 +207,11 @@ def ssm_scan_chunked(x, dt, A, B, C, D, h0=None, chunk_size: int = 64, block_byt
 
 
 def inspectable(t: torch.Tensor) -> bool:
-    """Whether t's values may steer a choice (not under torch.func transforms or torch.compile tracing)."""
-    return not (torch._C._functorch.is_functorch_wrapped_tensor(t) or torch.compiler.is_compiling())
+    """Whether t's values may steer a choice (not under torch.func transforms or torch.compile tracing, and
+    not for fake or meta tensors, e.g. the memory plan's trace: those take the per-channel form)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    return not (torch._C._functorch.is_functorch_wrapped_tensor(t) or torch.compiler.is_compiling()
+                or isinstance(t, FakeTensor) or t.device.type == "meta")
 
 
 PLAN_MIN_CHUNK = 4

@@ -69,7 +69,7 @@ def from_pretrained(directory, dtype: torch.dtype | None = None, device=None) ->
     config = ElleciConfig.from_json(directory / CONFIG_NAME)
     try:
         state = read_safetensors(directory / WEIGHTS_NAME, dtype=dtype, device=device)
-    except (OSError, RuntimeError, ValueError) as e:
+    except Exception as e:                         # safetensors' own error type is a bare Exception subclass
         raise ValueError(f"{directory / WEIGHTS_NAME}: not a readable safetensors file ({e})") from None
     return model_from_state_dict(config, state, dtype=dtype, source=str(directory / WEIGHTS_NAME))
 

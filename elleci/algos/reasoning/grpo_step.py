@@ -87,8 +87,9 @@ def grpo_backward(model, ids: torch.Tensor, labels: torch.Tensor, advantages: to
         total += loss.detach()
         share = mask[rows, :T].sum() / n_tokens                                     # token-mean metrics
         sums["grpo/policy_loss"] += metrics["grpo/policy_loss"]
-        for key in ("grpo/kl", "grpo/clip_ratio", "grpo/ratio"):
-            sums[key] += metrics[key] * share
+        for key, value in metrics.items():                                        # every other one: a token mean
+            if key != "grpo/policy_loss":
+                sums[key] = sums.get(key, 0.0) + value * share
         logps_all[rows, :T] = logps.detach()
     return total, {k: torch.as_tensor(v).detach() for k, v in sums.items()}, logps_all
 
