@@ -23,7 +23,7 @@ importance_sampling_level "token":
 Aggregations (m the mask, N_step the completion tokens of the whole optimizer step, all micro-batches):
     "grpo"    (1/B) Σ_i (Σ_t m ℓ)/(Σ_t m)          DeepSeekMath eq. 3 (per-sequence mean; length-biased)
     "bnpo"    Σ m ℓ / Σ m over the (micro-)batch    TRL's "bnpo"
-    "dr_grpo" Σ m ℓ / (B · max_completion_len)      Dr. GRPO (arXiv 2503.20783 §3.1)
+    "dr_grpo" Σ m ℓ / (B · max_completion_len)      Dr. GRPO (arXiv 2503.20783)
     "dapo"    Σ m ℓ / N_step                         DAPO's token-level loss (arXiv 2503.14476 §3.3)
     "luspo"   (1/B) Σ_i Σ_t m ℓ                      LUSPO (arXiv 2602.05261): each sequence weighted by its length
 With micro-batches, "dapo" sums the micro-batch losses (its normaliser is already the step's token count:
