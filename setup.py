@@ -15,7 +15,7 @@ setup(
         "triton": ["triton"],
         "hf": ["tokenizers"],
         "eval": ["lm_eval>=0.4.13"],       # lm-evaluation-harness: `elleci eval` harness tasks, the "elleci" model
-        "dev": ["pytest", "triton", "tokenizers", "lm_eval>=0.4.13"],
+        "dev": ["pytest", "triton", "tokenizers", "lm_eval>=0.4.13", "tensorboard", "wandb"],
     },
     entry_points={"console_scripts": ["elleci = elleci.cli:main"]},
     license="MIT",

@@ -1,13 +1,16 @@
-"""A small offline training loop shared by SFT, the DPO family and UNA (and their examples).
+"""`train_loop`: the examples' and the algorithms' training call, one batch per optimizer step, run by the
+one trainer of the `elleci` command (`elleci.trainer.Trainer`).
 
     history = train_loop(model, batch_fn, loss_fn, steps=200, lr=1e-3)
 
     batch_fn(step) -> batch               (e.g. `sample_batches(items, batch_size, seed, collate_fn)`)
     loss_fn(model, batch) -> (loss, metrics)
 
-One optimizer step per batch: AdamW over the trainable parameters (`elleci.train.make_optimizer`),
-warm-up + cosine schedule, gradient clipping, one logged line per `log_every` steps
-(`step 12 | loss 0.6931 | rewards/margin 0.12 | 310 tok/s`, also appended to `jsonl_path`).
+Each step's batch is one micro-batch of the Trainer (so its loss is back-propagated as it is), with AdamW over
+the trainable parameters (`elleci.train.make_optimizer`), warm-up (default max(1, steps // 10)) + cosine
+schedule, gradient clipping, and a logged record at step 1, every `log_every` steps and at the last step
+(`step 12/200 | loss 0.6931 | rewards/margin 0.12 | ... | 310 tok/s`, also appended to `jsonl_path`).
+For checkpoints, resume, accumulation and eval use the `Trainer` directly (as the `elleci` stages do).
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from ..train import MetricLogger, Throughput, make_optimizer, make_scheduler, optimizer_step
+from elleci.trainer import Trainer, TrainerConfig
+from elleci.trainer.reporting import JsonlReporter
 
 
 def sample_batches(items: Sequence, batch_size: int, seed: int, collate_fn: Callable) -> Callable[[int], object]:
@@ -32,40 +36,44 @@ def sample_batches(items: Sequence, batch_size: int, seed: int, collate_fn: Call
     return batch_fn
 
 
-def _tokens(batch) -> int:
-    """Scored tokens in a batch: the non-ignored entries of every label tensor (keys containing "labels"
-    in a dict batch, the second element of an (input_ids, labels) tuple)."""
-    if isinstance(batch, dict):
-        labels = [v for k, v in batch.items() if "labels" in k and torch.is_tensor(v)]
-    else:
-        labels = [batch[1]]
-    return int(sum((t != -100).sum() for t in labels))
+class BatchFnSource:
+    """A Trainer data source whose step `k` is the single already-collated batch `batch_fn(k)`."""
+
+    def __init__(self, batch_fn: Callable[[int], object]):
+        self.batch_fn = batch_fn
+
+    def step_items(self, step: int, batch_size: int) -> list:
+        return [self.batch_fn(step)]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _whole_batch(items: list):
+    return items[0]
+
+
+def _one_unit(batch) -> int:
+    return 1
 
 
 def train_loop(model: torch.nn.Module, batch_fn: Callable[[int], object],
                loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict]], *, steps: int, lr: float,
                weight_decay: float = 0.0, warmup_steps: int | None = None, max_grad_norm: float | None = 1.0,
                log_every: int = 10, jsonl_path=None, print_fn=print) -> list[dict]:
-    """Train for `steps` optimizer steps; returns the logged records (the last step is always logged)."""
+    """Train for `steps` optimizer steps; returns the Trainer's logged records ("step" counts optimizer steps
+    done, 1-based; "lr" is the LR the step used). print_fn=None: silent."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    optimizer = make_optimizer(model, lr, weight_decay)
-    if not any(g["params"] for g in optimizer.param_groups):
-        raise ValueError("model has no trainable parameters")
     warmup = max(1, steps // 10) if warmup_steps is None else warmup_steps
-    scheduler = make_scheduler(optimizer, "cosine", total_steps=steps, warmup_steps=min(warmup, steps - 1))
-    logger, tps, history = MetricLogger(jsonl_path, print_fn), Throughput(), []
-    model.train()
-    seen = 0
-    for step in range(steps):
-        batch = batch_fn(step)
-        loss, metrics = loss_fn(model, batch)
-        loss.backward()
-        grad_norm = optimizer_step(model, optimizer, scheduler, max_grad_norm)
-        seen += _tokens(batch)
-        if step % log_every == 0 or step == steps - 1:
-            history.append(logger.log(step, loss=loss.item(), **metrics, grad_norm=float(grad_norm),
-                                      lr=scheduler.get_last_lr()[0], tok_per_s=tps(seen)))
-            seen = 0
-    model.eval()
-    return history
+    config = TrainerConfig(steps=steps, batch_size=1, micro_batch_size=1, lr=lr, schedule="cosine",
+                           warmup_steps=min(warmup, steps - 1), weight_decay=weight_decay,
+                           max_grad_norm=max_grad_norm or 0.0, log_every=log_every,
+                           progress="lines" if print_fn is not None else "none", handle_signals=False)
+    reporters = [JsonlReporter(jsonl_path)] if jsonl_path is not None else []
+    trainer = Trainer(model, loss_fn, BatchFnSource(batch_fn), config, collate=_whole_batch, units=_one_unit,
+                      reporters=reporters, print_fn=print_fn)
+    return trainer.train()

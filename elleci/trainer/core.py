@@ -155,7 +155,7 @@ class Trainer:
                  collate: Callable | None = None, units: Callable = default_units, tokens: Callable = scored_tokens,
                  eval_data: Sequence | None = None, eval_fn: Callable | None = None, eval_tasks: Sequence[str] = (),
                  tokenizer=None, base: str | None = None, save_final: Callable | None = None,
-                 on_start: Callable | None = None, print_fn=print):
+                 on_start: Callable | None = None, reporters: Sequence = (), print_fn=print):
         self.model, self.step_fn, self.config = model, step_fn, config
         self.source = data if hasattr(data, "step_items") else ShuffledSource(data, config.seed)
         self.collate = collate or (lambda items: items)
@@ -163,6 +163,7 @@ class Trainer:
         self.eval_data, self.eval_fn, self.eval_tasks = eval_data, eval_fn, list(eval_tasks)
         self.tokenizer, self.base, self.print_fn = tokenizer, base, print_fn
         self._save_final, self.on_start = save_final, on_start
+        self.extra_reporters = list(reporters)           # objects with log(record) / close(), beside out_dir's
         self.rank, self.world = dist.rank(), dist.world_size()
         self.accumulation = accumulation_steps(config.batch_size, config.micro_batch_size, self.world)
         dist.broadcast_params(model)                     # all processes start from rank 0's weights
@@ -329,6 +330,7 @@ class Trainer:
             return self.history
         main = dist.is_main()
         reporters = make_reporters(c.report_to, self.out, c.compared_settings()) if self.out and main else []
+        reporters += self.extra_reporters if main else []
         progress = Progress(total, start, c.progress if main else "none", self.print_fn)
         previous = self._install_signals()
         window_tokens, window_t0 = 0, time.perf_counter()
