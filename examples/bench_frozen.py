@@ -139,7 +139,8 @@ def one_step_run(stack: str, T: int, preset: str, hf_tiny: bool, frozen_dir: str
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
     return dict(stack=stack, tokens=T, step1_s=times[0], step2_s=times[1], step2_cpu_s=cpu[1], build_s=build,
-                peak_rss_gb=vm_hwm_gb(), peak_rss_after_load_gb=rss_model, trainable=sum(p.numel() for p in params), loss=float(loss))
+                peak_rss_gb=vm_hwm_gb(), peak_rss_after_load_gb=rss_model, trainable=sum(p.numel() for p in params),
+                loss=float(loss.detach()))
 
 
 def _model_bytes(model) -> int:
