@@ -139,7 +139,8 @@ def one_step_run(stack: str, T: int, preset: str, hf_tiny: bool, frozen_dir: str
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
     return dict(stack=stack, tokens=T, step1_s=times[0], step2_s=times[1], step2_cpu_s=cpu[1], build_s=build,
-                peak_rss_gb=vm_hwm_gb(), peak_rss_after_load_gb=rss_model, trainable=sum(p.numel() for p in params), loss=float(loss))
+                peak_rss_gb=vm_hwm_gb(), peak_rss_after_load_gb=rss_model, trainable=sum(p.numel() for p in params),
+                loss=float(loss.detach()))
 
 
 def _model_bytes(model) -> int:
@@ -179,12 +180,18 @@ def one_decode_run(variant: str, preset: str) -> dict:
                 resident_gb=_model_bytes(model) / 1e9, peak_rss_gb=vm_hwm_gb(), tokens=out[0, 16:].tolist())
 
 
-def _spawn(args: list[str], pythonpath: str) -> dict:
+def _spawn(args: list[str], pythonpath: str, tries: int = 2) -> dict:
+    """Run one measurement in a fresh process; a failed one (e.g. killed when the machine ran short of
+    memory: other jobs share it) is retried once, and reported if it fails again."""
     env = dict(os.environ, PYTHONPATH=pythonpath)
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True, env=env)
-    if out.returncode != 0:
-        raise RuntimeError(f"{args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    for attempt in range(tries):
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), *args], capture_output=True, text=True,
+                             env=env)
+        if out.returncode == 0:
+            return json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"# {args[-3:]} failed (return code {out.returncode}, attempt {attempt + 1}): {out.stderr[-300:]!r}",
+              flush=True)
+    raise RuntimeError(f"{args} failed {tries} times")
 
 
 def _stats(values: list[float]) -> str:

@@ -75,7 +75,7 @@ from __future__ import annotations
 import torch
 
 from .dispatch import resolve_backend, triton_available
-from .scan_ref import scan_plan, ssm_scan_chunked, ssm_scan_ref
+from .scan_ref import scan_plan, ssm_scan_chunked, ssm_scan_ref, ssm_scan_segments
 
 __all__ = ["selective_scan", "selective_scan_ref", "ssm_scan"]
 
@@ -384,8 +384,11 @@ def ssm_scan(x, dt, A, B, C, D, h0=None, *, chunk_size: int = 16, seq_idx=None):
     h0 [b, c, N] or None; seq_idx [b, L] document indices or None -> (y [b, L, c], h_L [b, c, N]).
 
     Under `resolve_backend(x) == "triton"` (the default for CUDA tensors) the Triton kernel reads the
-    operands in their dtype (bf16 included) with an fp32 state; otherwise the PyTorch form `scan_plan` picks
-    runs on fp32 copies (fp64 stays fp64). y comes back in fp32 (fp64); the caller casts.
+    operands in their dtype (bf16 included) with an fp32 state; otherwise a PyTorch form runs on fp32
+    copies (fp64 stays fp64), the one `scan_ref.scan_plan` picks for these decays (the factored chunked
+    form at chunk_size or a smaller chunk, else the sequential or the per-channel chunked form; documents
+    force the per-channel form), the chunked forms without documents a segment of `scan_ref.SEGMENT` tokens
+    at a time (cache-sized temporaries). y comes back in fp32 (fp64); the caller casts.
     """
     if resolve_backend(x) == "triton":
         return selective_scan(x, dt, A, B, C, D, None if h0 is None else h0.float(), seq_idx)
@@ -396,4 +399,6 @@ def ssm_scan(x, dt, A, B, C, D, h0=None, *, chunk_size: int = 16, seq_idx=None):
         form, Q = scan_plan(dt, A, chunk_size, needs_grad)
     if form == "sequential":
         return ssm_scan_ref(x, dt, A, B, C, D, h0, seq_idx)
+    if seq_idx is None:
+        return ssm_scan_segments(x, dt, A, B, C, D, h0, chunk_size=Q, intra=form)
     return ssm_scan_chunked(x, dt, A, B, C, D, h0, chunk_size=Q, intra=form, seq_idx=seq_idx)

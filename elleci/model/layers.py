@@ -95,7 +95,11 @@ def _straight_through(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
 
 def _needs_grad(t: torch.Tensor) -> bool:
     """Whether autograd (or a torch.func transform, whose wrapped tensors may not say so) tracks t."""
-    return torch.is_grad_enabled() and (t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t))
+    if not torch.is_grad_enabled():
+        return False
+    if t.requires_grad or torch.compiler.is_compiling():      # (compile traces no functorch wrappers here)
+        return t.requires_grad
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 def ternary_weight(w: torch.Tensor) -> torch.Tensor:

@@ -243,3 +243,21 @@ def test_decoding_rows_use_the_integer_path_within_the_float_paths_rounding(monk
     assert len(calls) == 1
     err_float = (slow.double() - exact).abs().max()
     assert (fast.double() - exact).abs().max() <= max(err_float, 2 ** -8 * exact.abs().max())
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_load_original_with_dtype_converts_each_tensor_and_keeps_no_file_pages(tmp_path, zip_format):
+    """From a path with dtype: the file is mapped (zip format) or read (legacy), each tensor converted; the
+    result equals loading and casting, and owns its memory (writable, independent of the file)."""
+    model = _tiny()
+    path = tmp_path / "orig.pth"
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=zip_format)
+    from elleci.model import load_original
+    for dtype in (torch.bfloat16, torch.float32):
+        loaded = load_original(path, n_heads=4, dtype=dtype)
+        expected = {k: v.to(dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        got = loaded.state_dict()
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+        with torch.no_grad():
+            loaded.lm_head.weight.add_(1)                 # in place: would fail or write through a read-only map
+        assert torch.equal(load_original(path, n_heads=4, dtype=dtype).lm_head.weight, expected["lm_head.weight"])
