@@ -20,7 +20,7 @@ from elleci.algos.preference import collate_fn, pairwise_step
 
 from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, setting, tokenizer_for
 from .datasets import prompt_records
-from .dpo import LOSSES, check_pair_loss, loss_kwargs, token_reduction
+from .dpo import LOSSES, check_pair_loss, loss_kwargs, packing_length, token_reduction
 from .loading import load_model, load_tokenizer, model_kind
 from .online import PairRounds, check_verifier_spec, load_verifier, verifier_accuracy
 from .sections import PairLossSection, RolloutSection
@@ -57,6 +57,7 @@ class IterativeDPOSettings(TrainingSettings):
     iterative: IterativeSection = section(IterativeSection)
     loss: PairLossSection = section(PairLossSection)
     data_formats = ("auto",)
+    packing = "each micro-batch's chosen and rejected sequences of the round's pairs (batch_size counts pairs)"
 
     def check(self) -> None:
         super().check()
@@ -90,7 +91,8 @@ Config = IterativeDPOSettings
 
 
 def plan_shape(cfg) -> dict:
-    return {"sequences_per_micro_batch": 2 * cfg.train.micro_batch_size, "reference_copy": cfg.reward.source == "judge"}
+    return {"sequences_per_micro_batch": 2 * cfg.train.micro_batch_size, "reference_copy": cfg.reward.source == "judge",
+            "documents": cfg.data.packing}
 
 
 def reward_fn(cfg, model, tok):
@@ -153,5 +155,5 @@ def train_on_rounds(cfg, model, tok, rounds, evals, allow_changes):
         fn = load_verifier(cfg.reward.verifier)
         eval_fn = lambda m: verifier_accuracy(m, tok, evals, fn, max_new_tokens=cfg.eval.max_new_tokens,  # noqa
                                               batch_size=cfg.rollout.batch_size)
-    return run_trainer(cfg, model, step, rounds, collate=collate_fn("pairs", tok.pad_id), eval_fn=eval_fn,
+    return run_trainer(cfg, model, step, rounds, collate=collate_fn("pairs", tok.pad_id, packing_length(cfg)), eval_fn=eval_fn,
                        tokenizer=tok, allow_changes=allow_changes)

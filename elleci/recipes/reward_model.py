@@ -31,6 +31,8 @@ HEAD_FILE = "reward_head.safetensors"
 @dataclass
 class RewardModelSettings(TrainingSettings):
     data_formats = ("auto", "pairwise", "soft")
+    why_not_packing = ("the reward model reads one hidden state per sequence (its last token) through "
+                       "RewardModel.forward, which has no per-document read-out yet")
 
 
 Config = RewardModelSettings

@@ -44,6 +44,7 @@ class RLAIFVSettings(TrainingSettings):
     iterative: IterativeSection = section(IterativeSection)
     loss: PairLossSection = section(PairLossSection)
     data_formats = ("auto",)
+    packing = "each micro-batch's chosen and rejected sequences of the round's pairs (batch_size counts pairs)"
 
     def check(self) -> None:
         super().check()
@@ -66,7 +67,7 @@ Config = RLAIFVSettings
 
 def plan_shape(cfg) -> dict:
     return {"sequences_per_micro_batch": 2 * cfg.train.micro_batch_size,
-            "reference_copy": cfg.labeler.model != "self"}
+            "reference_copy": cfg.labeler.model != "self", "documents": cfg.data.packing}
 
 
 def run(cfg: RLAIFVSettings, *, allow_changes=()):
