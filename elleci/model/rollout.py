@@ -8,7 +8,8 @@
 What it does against one `generate` call over all P·G rows:
 1. Micro-batches by a token budget (`plan_micro_batches`). The rows (prompt i, sample j) are cut into
    micro-batches of n rows with n · (longest prompt in it + max_new_tokens) ≤ token_budget (a row alone
-   always runs), so cache and activation memory is bounded by the budget, not by P·G.
+   always runs), and n ≤ max_rows when given, so cache and activation memory is bounded by the budget,
+   not by P·G.
 2. Sorts prompts by length (longest first, `sort_by_length`): rows of similar lengths share a micro-batch,
    so left padding is small, and the largest micro-batch runs first (a budget too large fails at once).
 3. One prefill per prompt in each micro-batch (`share_prefill`): the prompt's state is cloned for its rows.
@@ -52,6 +53,7 @@ class RolloutConfig:
     sort_by_length: bool = True
     share_prefill: bool = True
     check_every: int = 8                 # tokens between the host's checks for finished rows (drops them)
+    max_rows: int | None = None          # rows per micro-batch at most (None: the token budget alone)
     decoder: str = "dynamic"             # "dynamic" (elleci.model.generation's cache) | "static" (elleci.model.decode)
     kv_mode: str = "kv"                  # static decoder: "kv" (K, V expanded once) | "latent" (MLA latents)
 
@@ -62,6 +64,9 @@ class RolloutConfig:
                 raise ValueError(f"rollout.{name} must be an int >= 1, got {v!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise ValueError(f"rollout.temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.max_rows is not None and (not isinstance(self.max_rows, int) or isinstance(self.max_rows, bool)
+                                          or self.max_rows < 1):
+            raise ValueError(f"rollout.max_rows must be None or an int >= 1, got {self.max_rows!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"rollout.top_k must be None or an int >= 1, got {self.top_k!r}")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
@@ -94,16 +99,17 @@ def row_generator(seed: int, row: int, device=None) -> torch.Generator:
 
 
 def plan_micro_batches(prompt_lengths: Sequence[int], num_samples: int, max_new_tokens: int, token_budget: int,
-                       sort_by_length: bool = True) -> list[list[tuple[int, int]]]:
+                       sort_by_length: bool = True, max_rows: int | None = None) -> list[list[tuple[int, int]]]:
     """Rows (prompt i, sample j) in micro-batches: n rows · (longest prompt + max_new_tokens) ≤ token_budget
-    (at least one row each). Prompts longest first when `sort_by_length` (stable), else in order."""
+    and n ≤ max_rows (at least one row each). Prompts longest first when `sort_by_length` (stable), else in order."""
     order = sorted(range(len(prompt_lengths)), key=lambda i: -prompt_lengths[i]) if sort_by_length \
         else list(range(len(prompt_lengths)))
     batches, current, longest = [], [], 0
     for i in order:
         for j in range(num_samples):
             wider = max(longest, prompt_lengths[i])
-            if current and (len(current) + 1) * (wider + max_new_tokens) > token_budget:
+            if current and ((len(current) + 1) * (wider + max_new_tokens) > token_budget
+                            or (max_rows is not None and len(current) + 1 > max_rows)):
                 batches.append(current)
                 current, wider = [], prompt_lengths[i]
             current.append((i, j))
@@ -126,7 +132,7 @@ def rollout(model, prompts: Sequence[Sequence[int]], cfg: RolloutConfig, *, num_
     completions = [[[] for _ in range(G)] for _ in prompts]
     stopped = [[False] * G for _ in prompts]
     plan = plan_micro_batches([len(p) for p in prompts], G, cfg.max_new_tokens, cfg.token_budget,
-                              cfg.sort_by_length)
+                              cfg.sort_by_length, cfg.max_rows)
     stats = {"micro_batches": len(plan), "prefill_tokens": 0, "decoded_rows": 0}
     static = None
     if cfg.decoder == "static":                      # one decoder: its buffers are reused while they fit

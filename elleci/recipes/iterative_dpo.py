@@ -1,6 +1,7 @@
 """`elleci iterative-dpo CONFIG`: online DPO in rounds (Xiong et al. 2023; the RLHFlow recipe).
 
-Each round: draw `prompts_per_round` prompts, sample k responses each from the current policy, score them,
+Each round: draw `prompts_per_round` prompts, sample k responses each from the current policy (through
+`elleci.model.rollout` with the [rollout] settings), score them,
 pair best vs worst (`pair_strategy`), store the reference log-probs with the pairs, then train
 train.steps / rounds DPO steps on them. Rewards ([reward] source):
     verifier      `verifier = "module:function"`, called fn(record, response) -> float
@@ -23,6 +24,7 @@ from .datasets import prompt_records
 from .dpo import LOSSES, check_pair_loss, loss_kwargs, packing_length, token_reduction
 from .loading import load_model, load_tokenizer, model_kind
 from .online import PairRounds, check_verifier_spec, load_verifier, verifier_accuracy
+from .rollouts import rollout_config
 from .sections import PairLossSection, RolloutSection
 
 NAME, HELP = "iterative-dpo", "online DPO rounds with rewards from a verifier, the policy itself, a judge or an RM"
@@ -121,8 +123,9 @@ def make_round(cfg, model, tok, prompts: list[dict], rewards):
     def make_records(r: int):
         records = [prompts[i] for i in step_indices(len(prompts), it.prompts_per_round, r, seed + 7919)]
         groups = sample_responses(model, tok, [rec["prompt"] for rec in records], ro.k, temperature=ro.temperature,
-                                  top_p=ro.top_p if ro.top_p < 1 else None, max_new_tokens=ro.max_new_tokens,
-                                  seed=seed * 1000 + r, batch_size=ro.batch_size)
+                                  top_p=ro.top_p if ro.top_p < 1 else None, top_k=ro.top_k or None,
+                                  max_new_tokens=ro.max_new_tokens, seed=seed * 1000 + r, batch_size=ro.batch_size,
+                                  rollout=rollout_config(ro))
         scores = rewards(records, groups)
         pairs = build_pairs([rec["prompt"] for rec in records], groups, scores, strategy=it.pair_strategy,
                             length_penalty=it.length_penalty, seed=seed * 1000 + r)
