@@ -140,7 +140,8 @@ STEP_REFERENCES = ("adapters", "frozen", "snapshot")       # + "precomputed", re
 def _response_logps(model, b: dict, prefix: str, token_reduction: str) -> torch.Tensor:
     """Log-probs of a feedback batch's responses (prefix "") or mismatched pairs ("kl_"), padded or packed."""
     if prefix + "packed" in b:
-        return packed_sequence_logprobs(model, b[prefix + "packed"], token_reduction=token_reduction)[b[prefix + "index"]]
+        logps = packed_sequence_logprobs(model, b[prefix + "packed"], token_reduction=token_reduction)
+        return logps[b[prefix + "index"]]
     return sequence_logprobs(model, b[prefix + "ids"], b[prefix + "labels"], token_reduction=token_reduction)
 
 

@@ -44,7 +44,7 @@ class TrainingSettings:
     distributed: DistributedSection = section(DistributedSection)
 
     data_formats = ("auto",)          # the [data] format values this stage reads
-    packing = ""                      # what [data] packing = true packs in this stage ("": refused, with why_not_packing)
+    packing = ""                      # what [data] packing = true packs here ("": refused, why_not_packing says why)
     why_not_packing = "its batches are not built from packed rows"
 
     def __post_init__(self):

@@ -158,5 +158,5 @@ def train_on_rounds(cfg, model, tok, rounds, evals, allow_changes):
         fn = load_verifier(cfg.reward.verifier)
         eval_fn = lambda m: verifier_accuracy(m, tok, evals, fn, max_new_tokens=cfg.eval.max_new_tokens,  # noqa
                                               batch_size=cfg.rollout.batch_size)
-    return run_trainer(cfg, model, step, rounds, collate=collate_fn("pairs", tok.pad_id, packing_length(cfg)), eval_fn=eval_fn,
-                       tokenizer=tok, allow_changes=allow_changes)
+    return run_trainer(cfg, model, step, rounds, collate=collate_fn("pairs", tok.pad_id, packing_length(cfg)),
+                       eval_fn=eval_fn, tokenizer=tok, allow_changes=allow_changes)
