@@ -66,7 +66,7 @@ class TrainingSettings:
                                 f"got {self.data.format!r}")
         if self.data.packing and not self.packing:
             fail("data.packing", f"packing is not supported by this stage: {self.why_not_packing} "
-                                 "(supported: sft, dpo, una, iterative-dpo, rlaif-v)")
+                                 "(supported: sft, dpo, una, reward-model, iterative-dpo, rlaif-v)")
         t, world = self.train, int(os.environ.get("WORLD_SIZE", "1"))
         if t.batch_size % (t.micro_batch_size * world):
             fail("train.batch_size", f"{t.batch_size} must be a multiple of micro_batch_size {t.micro_batch_size} "

@@ -47,12 +47,13 @@ class DataSection:
     max_length: int = setting(1024, "tokens per sequence (prompt + response); longer responses are cut, "
                                     "records whose prompt alone is too long are skipped", ge=8)
     max_examples: int = setting(0, "use only the first N records of each file (0: all)", ge=0)
-    packing: bool = setting(False, "sft, dpo, una, iterative-dpo, rlaif-v: several sequences per row of "
-                                   "max_length (first-fit decreasing), each its own document (seq_idx: no state or attention crosses a boundary), so "
-                                   "no compute goes to padding. sft: the examples are packed once, before "
-                                   "training, and train.batch_size / micro_batch_size count packed rows; the "
-                                   "others: each micro-batch's sequences (chosen and rejected, or responses) are "
-                                   "packed, and batch_size still counts pairs / records")
+    packing: bool = setting(False, "sft, dpo, una, reward-model, iterative-dpo, rlaif-v: several sequences per "
+                                   "row of max_length (first-fit decreasing), each its own document (seq_idx: no "
+                                   "state or attention crosses a boundary), so no compute goes to padding. sft: "
+                                   "the examples are packed once, before training, and train.batch_size / "
+                                   "micro_batch_size count packed rows; the others: each micro-batch's sequences "
+                                   "(chosen and rejected, responses, or response_a and response_b) are packed, "
+                                   "and batch_size still counts pairs / records")
 
 
 @dataclass
