@@ -1,6 +1,7 @@
 """The online stages' [rollout] settings (through `elleci.model.rollout`) and GRPO's [loss] variants: the
 mapping onto RolloutConfig, seeded rollouts that do not depend on the scheduling settings, DAPO's dynamic
 sampling by hand, and `elleci grpo` end to end with dapo + clip-higher + filter_groups."""
+import copy
 import dataclasses
 import json
 import sys
@@ -140,3 +141,29 @@ def test_grpo_cli_dapo_clip_higher_filter_groups_beta_zero(tmp_path):
     for r in rec:                       # a second round exactly when the first had an uninformative group
         assert r["filter/sample_rounds"] == (1 if r["filter/informative_groups"] == 1 else 2)
     assert any(r["filter/sample_rounds"] == 2 for r in rec)
+
+
+@pytest.mark.parametrize("aggregation", ["grpo", "bnpo", "dr_grpo", "dapo", "luspo"])
+def test_grpo_step_loss_through_the_trainer_by_hand(policy, aggregation):
+    """At μ = 1 (ratio 1, β 0) the per-token loss is −Â, so each aggregation's step loss is a hand formula of
+    the advantages and completion lengths; the trainer's accumulation over micro-batches (grpo.UNITS) must
+    give exactly it: completions of 1, 2, 3, 5 tokens, advantages 1, −2, 0.5, 3, micro-batches of 2."""
+    from elleci.trainer import Trainer, TrainerConfig
+    lengths, adv = [1, 2, 3, 5], [1.0, -2.0, 0.5, 3.0]
+    items = [{"ids": [7, 8, 9] + [10] * n, "labels": [-100] * 3 + [10] * n, "advantage": a}
+             for n, a in zip(lengths, adv)]
+    cfg = grpo_cfg("loss.beta=0", f"loss.aggregation={aggregation}", "rollout.max_new_tokens=6")
+
+    class Fixed:                                            # a source that returns these completions in order
+        def step_items(self, step, batch_size):
+            return items
+    m = copy.deepcopy(policy).train()
+    tc = TrainerConfig(steps=1, batch_size=4, micro_batch_size=2, lr=1e-3, optimizer="sgd", schedule="constant",
+                       progress="none", handle_signals=False)
+    loss = Trainer(m, grpo.make_step(cfg, "none"), Fixed(), tc, collate=grpo.make_collate(0),
+                   units=grpo.UNITS[aggregation], print_fn=lambda *a: None).train()[0]["loss"]
+    tok = [-a * n for a, n in zip(adv, lengths)]                 # Σ_t ℓ per completion
+    want = {"grpo": sum(-a for a in adv) / 4,
+            "bnpo": ((tok[0] + tok[1]) / 3 + (tok[2] + tok[3]) / 8) / 2,
+            "dr_grpo": sum(tok) / (4 * 6), "dapo": sum(tok) / sum(lengths), "luspo": sum(tok) / 4}[aggregation]
+    assert abs(loss - want) < 1e-6, (loss, want)
