@@ -15,7 +15,8 @@ Components (bytes):
                      and dtypes, no storage, nothing loaded) with a saved-tensors hook that adds up the
                      distinct storages saved (parameters excluded). With gradient checkpointing: the input of
                      every block (sequences · length · d_model) plus one block's saved tensors (recomputed in
-                     the backward pass).
+                     the backward pass). Packed rows ([data] packing, `documents=True`) are traced with a
+                     seq_idx: the scan's per-channel chunk form and the block-diagonal attention mask.
     backward working set   one block's saved tensors again: the gradients a block's backward creates while its
                      saved tensors are still alive (with checkpointing, beside the block being recomputed)
     log-prob head    h [tokens, d] saved for the head, plus its working set: the chunked head holds at most
@@ -66,9 +67,10 @@ def _storage_key(t: torch.Tensor):
 
 
 def traced_activations(config: ElleciConfig, *, dtype: torch.dtype, lora: LoraConfig | None, sequences: int,
-                       length: int) -> tuple[int, int]:
+                       length: int, documents: bool = False) -> tuple[int, int]:
     """(bytes autograd saves over all blocks for one micro-batch, the largest single block's share), from a
-    forward of the real architecture on fake tensors (no memory, no weights)."""
+    forward of the real architecture on fake tensors (no memory, no weights). documents=True: packed rows
+    (two documents per row: a seq_idx forces the per-channel scan form and the block-diagonal mask)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from elleci.kernels import use_backend
     default = torch.get_default_dtype()
@@ -85,6 +87,8 @@ def traced_activations(config: ElleciConfig, *, dtype: torch.dtype, lora: LoraCo
         params = {_storage_key(p) for p in model.parameters()}
         x = torch.zeros(sequences, length, config.d_model, dtype=dtype, requires_grad=True)
         positions = torch.arange(length).expand(sequences, length)
+        seq_idx = (torch.arange(length) >= length // 2).to(torch.int32).expand(sequences, length) \
+            if documents else None
         for block in model.blocks:
             saved: dict = {}
 
@@ -94,14 +98,14 @@ def traced_activations(config: ElleciConfig, *, dtype: torch.dtype, lora: LoraCo
                     saved[key] = t.untyped_storage().nbytes()
                 return t
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                x = block(x, None, positions, None, None)
+                x = block(x, None, positions, None, None, seq_idx=seq_idx)
             per_block.append(sum(saved.values()))
     return sum(per_block), max(per_block)
 
 
 def memory_plan(config: ElleciConfig, *, dtype: torch.dtype = torch.float32, lora: LoraConfig | None = None,
                 sequences: int = 1, length: int = 1024, checkpointing: bool = False, optimizer: str = "adamw",
-                reference_copy: bool = False, cuda: bool = False) -> MemoryPlan:
+                reference_copy: bool = False, cuda: bool = False, documents: bool = False) -> MemoryPlan:
     """The plan (module docstring) of one optimizer step whose micro-batches hold `sequences` × `length` tokens."""
     with torch.device("meta"):
         model = ElleciLM(config).to(dtype)
@@ -116,7 +120,8 @@ def memory_plan(config: ElleciConfig, *, dtype: torch.dtype = torch.float32, lor
         trainable, grad_bytes = base_numel, b
     cache = sum(m.weight.numel() for m in model.modules() if isinstance(m, BitLinear)) * b \
         if BitLinear.cache_weights else 0
-    full, one_block = traced_activations(config, dtype=dtype, lora=lora, sequences=sequences, length=length)
+    full, one_block = traced_activations(config, dtype=dtype, lora=lora, sequences=sequences, length=length,
+                                         documents=documents)
     tokens = sequences * length
     with_ckpt = config.n_layers * tokens * config.d_model * b + one_block
     chunk = min(HEAD_CHUNK, tokens)
@@ -190,7 +195,8 @@ def plan_for_config(cfg, shape: dict) -> MemoryPlan:
     return memory_plan(config, dtype=torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32,
                        lora=lora, sequences=shape["sequences_per_micro_batch"], length=cfg.data.max_length,
                        checkpointing=cfg.model.gradient_checkpointing, optimizer=cfg.train.optimizer,
-                       reference_copy=shape.get("reference_copy", False), cuda=device.type == "cuda")
+                       reference_copy=shape.get("reference_copy", False), cuda=device.type == "cuda",
+                       documents=shape.get("documents", False))
 
 
 def check_fits(cfg, plan: MemoryPlan) -> None:

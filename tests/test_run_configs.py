@@ -48,11 +48,11 @@ def test_merge_configs_read():
 
 
 @functools.cache
-def _peak(sequences: int, length: int) -> int:
+def _peak(sequences: int, length: int, documents: bool = False) -> int:
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=["in_proj", "out_proj", "w_q", "w_kv_down", "w_kv_up",
                                                            "w_out"])
     return memory_plan(ElleciConfig.from_name("elleci-v1"), dtype=torch.bfloat16, lora=lora, sequences=sequences,
-                       length=length, checkpointing=True, cuda=True).peak
+                       length=length, checkpointing=True, cuda=True, documents=documents).peak
 
 
 @pytest.mark.parametrize("name", sorted(FILES))
@@ -61,4 +61,4 @@ def test_elleci_v1_configs_fit_a_12gb_gpu_by_the_plan(name):
     assert cfg.model.dtype == "bfloat16" and cfg.model.gradient_checkpointing and cfg.lora.r == 16
     shape = module.plan_shape(cfg)
     assert not shape["reference_copy"]
-    assert _peak(shape["sequences_per_micro_batch"], cfg.data.max_length) < 11 * 2 ** 30
+    assert _peak(shape["sequences_per_micro_batch"], cfg.data.max_length, shape.get("documents", False)) < 11 * 2 ** 30

@@ -126,6 +126,17 @@ def pack_and_collate(examples: Sequence[Example], pad_token_id: int, max_length:
     return collate_packed(pack_examples(examples, max_length), pad_token_id, max_length)
 
 
+def pack_sequences(examples: Sequence[Example], pad_token_id: int, max_length: int
+                   ) -> tuple[PackedBatch, torch.Tensor]:
+    """Pack examples (first-fit decreasing, rows as long as the fullest bin) → (batch, where): where [n] long,
+    where[i] = the doc_index of example i, i.e. the position of its value in `packed_sequence_logprobs`."""
+    bins = ffd_bins([len(ids) for ids, _ in examples], max_length)
+    batch = collate_packed([[examples[i] for i in b] for b in bins], pad_token_id)
+    where = torch.empty(len(examples), dtype=torch.long)
+    where[torch.tensor([i for b in bins for i in b], dtype=torch.long)] = torch.arange(len(examples))
+    return batch, where
+
+
 def packed_sequence_logprobs(model, batch: PackedBatch, *, token_reduction: str = "sum") -> torch.Tensor:
     """log π of every packed example's labels: [n_examples] in `doc_index` order (row-major over the bins),
     the sum ("sum") or mean ("mean") over its scored tokens: what `sequence_logprobs` gives each example

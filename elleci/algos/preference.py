@@ -33,6 +33,7 @@ import torch
 from .reference import check_reference, resolve_reference
 from .chat import collate, encode_prompt_response
 from .logprobs import IGNORE_INDEX, concatenated_logprobs, sequence_logprobs
+from .packing import pack_sequences, packed_sequence_logprobs
 
 
 def encode_pairs(tokenizer, records: Sequence[dict], max_len: int | None = None) -> list[dict]:
@@ -75,30 +76,50 @@ def _floats(items, key):
     return torch.tensor([it[key] for it in items], dtype=torch.float32)
 
 
-def pair_collate(items: Sequence[dict], pad_token_id: int) -> dict:
+def pair_collate(items: Sequence[dict], pad_token_id: int, packing_length: int | None = None) -> dict:
+    """Right-padded chosen and rejected batches; packing_length L: instead, all 2n sequences packed into
+    rows of ≤ L tokens (`packing.pack_sequences`; "packed", "chosen_index", "rejected_index"), each its own
+    document, read back per sequence by `packed_sequence_logprobs` (the labels stay, padded, for the
+    token counts)."""
     c_ids, c_lab = collate([it["chosen"] for it in items], pad_token_id)
     r_ids, r_lab = collate([it["rejected"] for it in items], pad_token_id)
-    return {"chosen_ids": c_ids, "chosen_labels": c_lab, "rejected_ids": r_ids, "rejected_labels": r_lab,
-            "ref_chosen_logps": _floats(items, "ref_chosen_logps"),
+    out = {"chosen_labels": c_lab, "chosen_ids": c_ids, "rejected_ids": r_ids, "rejected_labels": r_lab}
+    if packing_length:
+        del out["chosen_ids"], out["rejected_ids"]
+        n = len(items)
+        out["packed"], where = pack_sequences([it["chosen"] for it in items] + [it["rejected"] for it in items],
+                                              pad_token_id, packing_length)
+        out["chosen_index"], out["rejected_index"] = where[:n], where[n:]
+    return {**out, "ref_chosen_logps": _floats(items, "ref_chosen_logps"),
             "ref_rejected_logps": _floats(items, "ref_rejected_logps"), "pad_token_id": pad_token_id}
 
 
-def feedback_collate(items: Sequence[dict], pad_token_id: int) -> dict:
-    ids, labels = collate([it["response"] for it in items], pad_token_id)
-    out = {"ids": ids, "labels": labels, "target": _floats(items, "target"),
-           "ref_logps": _floats(items, "ref_logps"), "pad_token_id": pad_token_id}
+def _responses(out: dict, prefix: str, examples, pad_token_id: int, packing_length: int | None) -> None:
+    ids, out[prefix + "labels"] = collate(examples, pad_token_id)
+    if packing_length:
+        out[prefix + "packed"], out[prefix + "index"] = pack_sequences(examples, pad_token_id, packing_length)
+    else:
+        out[prefix + "ids"] = ids
+
+
+def feedback_collate(items: Sequence[dict], pad_token_id: int, packing_length: int | None = None) -> dict:
+    """Right-padded responses (and KTO's mismatched pairs); packing_length L: packed as `pair_collate` does."""
+    out = {}
+    _responses(out, "", [it["response"] for it in items], pad_token_id, packing_length)
+    out.update({"target": _floats(items, "target"), "ref_logps": _floats(items, "ref_logps"),
+                "pad_token_id": pad_token_id})
     if all("kl_response" in it for it in items):                         # KTO's mismatched pairs
-        out["kl_ids"], out["kl_labels"] = collate([it["kl_response"] for it in items], pad_token_id)
+        _responses(out, "kl_", [it["kl_response"] for it in items], pad_token_id, packing_length)
         out["ref_kl_logps"] = _floats(items, "ref_kl_logps")
     return out
 
 
-def collate_fn(kind: str, pad_token_id: int) -> Callable:
-    """`sample_batches` collate for "pairs" or "feedback" items."""
+def collate_fn(kind: str, pad_token_id: int, packing_length: int | None = None) -> Callable:
+    """`sample_batches` collate for "pairs" or "feedback" items (packed into rows of packing_length when given)."""
     fns = {"pairs": pair_collate, "feedback": feedback_collate}
     if kind not in fns:
         raise ValueError(f"unknown item kind {kind!r}; choose one of {sorted(fns)}")
-    return functools.partial(fns[kind], pad_token_id=pad_token_id)
+    return functools.partial(fns[kind], pad_token_id=pad_token_id, packing_length=packing_length)
 
 
 def _to(batch: dict, device) -> dict:
@@ -106,11 +127,22 @@ def _to(batch: dict, device) -> dict:
 
 
 def _pair_logps(model, b: dict, token_reduction: str):
+    if "packed" in b:                                                    # pair_collate(..., packing_length)
+        logps = packed_sequence_logprobs(model, b["packed"], token_reduction=token_reduction)
+        return logps[b["chosen_index"]], logps[b["rejected_index"]]
     return concatenated_logprobs(model, b["chosen_ids"], b["chosen_labels"], b["rejected_ids"], b["rejected_labels"],
                                  token_reduction=token_reduction, pad_token_id=b["pad_token_id"])
 
 
 STEP_REFERENCES = ("adapters", "frozen", "snapshot")       # + "precomputed", read from the batch
+
+
+def _response_logps(model, b: dict, prefix: str, token_reduction: str) -> torch.Tensor:
+    """Log-probs of a feedback batch's responses (prefix "") or mismatched pairs ("kl_"), padded or packed."""
+    if prefix + "packed" in b:
+        logps = packed_sequence_logprobs(model, b[prefix + "packed"], token_reduction=token_reduction)
+        return logps[b[prefix + "index"]]
+    return sequence_logprobs(model, b[prefix + "ids"], b[prefix + "labels"], token_reduction=token_reduction)
 
 
 def _reference_call(resolved: dict, reference, model, fn):
@@ -204,21 +236,20 @@ def feedback_step(loss_fn: Callable, *, reference="precomputed", token_reduction
 
     def step(model, batch):
         b = _to(batch, next(model.parameters()).device)
-        logps = sequence_logprobs(model, b["ids"], b["labels"], token_reduction=token_reduction)
-        score = lambda m, ids, labels: sequence_logprobs(m, ids, labels, token_reduction=token_reduction)  # noqa: E731
+        logps = _response_logps(model, b, "", token_reduction)
+        score = lambda m, prefix: _response_logps(m, b, prefix, token_reduction)  # noqa: E731
         if reference == "precomputed":
             ref = _stored(b, "ref_logps", "ref_logps")
         else:
-            ref = _reference_call(resolved, reference, model, lambda m: score(m, b["ids"], b["labels"]))
+            ref = _reference_call(resolved, reference, model, lambda m: score(m, ""))
         kw = dict(loss_kw)
         if kl_baseline:
-            if "kl_ids" not in b:
+            if "kl_labels" not in b:
                 raise ValueError("kl_baseline needs mismatched pairs in the items: encode_feedback(..., kl_pairs=True)")
             with torch.no_grad():
-                kw["kl_policy_logps"] = score(model, b["kl_ids"], b["kl_labels"])
+                kw["kl_policy_logps"] = score(model, "kl_")
             kw["kl_ref_logps"] = (_stored(b, "ref_kl_logps", "ref_kl_logps") if reference == "precomputed" else
-                                  _reference_call(resolved, reference, model,
-                                                  lambda m: score(m, b["kl_ids"], b["kl_labels"])))
+                                  _reference_call(resolved, reference, model, lambda m: score(m, "kl_")))
         loss, metrics = loss_fn(logps, ref, b["target"], **kw)
         return _with_nll(loss, metrics, nll_weight, token_reduction, logps, b["labels"],
                          (b["target"] == 1).float(), "nll/desired")

@@ -18,6 +18,7 @@ decoding batches and so the draws are those of K separate prefills, and the text
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -85,22 +86,42 @@ def complete(model, tokenizer, ids: Sequence[Sequence[int]], *, max_new_tokens: 
 
 def sample_responses(model, tokenizer, prompts: Sequence, k: int = 4, *, temperature: float = 1.0,
                      top_p: float | None = None, top_k: int | None = None, max_new_tokens: int = 64,
-                     seed: int = 0, batch_size: int = 64, chat: bool = True, share_prefill: bool = True
-                     ) -> list[list[str]]:
+                     seed: int = 0, batch_size: int = 64, chat: bool = True, share_prefill: bool = True,
+                     rollout=None) -> list[list[str]]:
     """K sampled responses per prompt → [len(prompts)][k] strings (same settings, independent draws).
 
     Each prompt is prefilled once and its cache cloned k times (`share_prefill=False`: k prefills, the
-    same texts); batches of batch_size // k prompts (module docstring)."""
+    same texts); batches of batch_size // k prompts (module docstring).
+
+    rollout: an `elleci.model.rollout.RolloutConfig`: generate through `rollout` instead (token-budget
+    micro-batches, length sorting, early stop, its decoder and sharing; every response from its own
+    generator seeded from (seed, row)); the sampling arguments here replace the config's."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if temperature <= 0:
         raise ValueError("sample_responses needs temperature > 0 (use complete(..., temperature=0) for greedy)")
     ids = prompt_ids(tokenizer, prompts, chat=chat)
+    if rollout is not None:
+        return _rollout_texts(model, tokenizer, ids, k, dataclasses.replace(
+            rollout, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens), seed)
     gen = torch.Generator(device=_device(model)).manual_seed(seed)
     flat = complete(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, generator=gen, batch_size=batch_size, num_return_sequences=k,
                     share_prefill=share_prefill)   # prompt-major: rows i*k .. i*k+k-1
     return [flat[i * k:(i + 1) * k] for i in range(len(prompts))]
+
+
+def response_text(tokenizer, completion: Sequence[int], stopped: bool) -> str:
+    """A completion's text: its stop id (when it stopped) and ids past the tokenizer's vocabulary dropped."""
+    vocab = getattr(tokenizer, "vocab_size", None)
+    kept = [t for t in (completion[:-1] if stopped else completion) if vocab is None or 0 <= t < vocab]
+    return tokenizer.decode(kept, skip_special_tokens=True)
+
+
+def _rollout_texts(model, tokenizer, ids, k: int, cfg, seed: int) -> list[list[str]]:
+    from elleci.model.rollout import rollout
+    out = rollout(model, ids, cfg, num_samples=k, eos_token_id=stop_ids(tokenizer), seed=seed)
+    return [[response_text(tokenizer, c, s) for c, s in zip(cs, ss)] for cs, ss in zip(out.completions, out.stopped)]
 
 
 @torch.no_grad()

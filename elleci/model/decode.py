@@ -105,13 +105,14 @@ class StaticDecoder:
     # ---- the two phases ---------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, *, seq_idx: torch.Tensor | None = None,
-                num_return_sequences: int = 1) -> torch.Tensor:
+                num_return_sequences: int = 1, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Left-padded prompts ids, mask [B, P] -> logits [B·G, V] fp32 of each row's last token.
 
         Runs `model.hidden_states` with the dynamic cache (the reference code) and copies its state into
         the buffers, allocating them (and dropping the graph) only when they do not fit. seq_idx [B, P]:
         packed documents, decoding continues each row's last one (`elleci.model.documents`).
         num_return_sequences G: each prompt's state is prefilled once and cloned into G rows (prompt-major).
+        rows [n] long: instead, decoding row k continues prompt rows[k] (any number of clones per prompt).
         """
         G = check_group_size(num_return_sequences)
         P = ids.shape[1]
@@ -124,9 +125,10 @@ class StaticDecoder:
                                 seq_idx=seq_idx)
         logits = model.lm_head(h[:, -1]).float()
         layers, mask = prompt_state(model, prefill, self.kv_mode), prefill.mask   # (seq_idx masks earlier documents)
-        if G > 1:                                                            # one prefill, G copies of the state
-            group = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(G)
-            layers, mask, logits = select_state_rows(layers, group), mask[group], logits[group]
+        if G > 1 and rows is None:                                           # one prefill, G copies of the state
+            rows = torch.arange(ids.shape[0], device=ids.device).repeat_interleave(G)
+        if rows is not None:
+            layers, mask, logits = select_state_rows(layers, rows), mask[rows], logits[rows]
         if self.cache is None or not self.cache.fits(layers, mask):
             self.cache = StaticCache.like(layers, mask.shape[0], self.max_len, self.kv_mode, self.device)
             self._graph = self._pinned = None

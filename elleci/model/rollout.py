@@ -8,13 +8,19 @@
 What it does against one `generate` call over all P·G rows:
 1. Micro-batches by a token budget (`plan_micro_batches`). The rows (prompt i, sample j) are cut into
    micro-batches of n rows with n · (longest prompt in it + max_new_tokens) ≤ token_budget (a row alone
-   always runs), so cache and activation memory is bounded by the budget, not by P·G.
+   always runs), and n ≤ max_rows when given, so cache and activation memory is bounded by the budget,
+   not by P·G.
 2. Sorts prompts by length (longest first, `sort_by_length`): rows of similar lengths share a micro-batch,
    so left padding is small, and the largest micro-batch runs first (a budget too large fails at once).
 3. One prefill per prompt in each micro-batch (`share_prefill`): the prompt's state is cloned for its rows.
 4. Stops finished rows early: every `check_every` tokens the host looks at which rows have emitted a stop
    id and drops them from the batch (`InferenceCache.select_rows`), so later steps compute only the rows
    still running. (`generate` keeps feeding finished rows pad tokens until every row has stopped.)
+5. decoder = "static": the static-cache decoder of `elleci.model.decode` (preallocated buffers, no host
+   sync per token, a CUDA graph on CUDA; `kv_mode` "kv" or "latent"). Its shapes are fixed, so finished
+   rows are not dropped: they are fed pad tokens, and the micro-batch ends at the first check where every
+   row has stopped. Its logits equal the dynamic decoder's to rounding (1e-10 in float64: the same
+   tokens; in bf16 a near-tie can resolve differently, as between any two decoders).
 
 Seeds. Row (i, j) samples from its own generator, seeded from (seed, i·G + j) alone, so the tokens of a
 row do not depend on the budget, the sorting, the sharing, the early stop or the other prompts: row (i, j)
@@ -28,9 +34,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .decode import StaticDecoder
 from .generation import eos_and_pad, left_pad, sample_next
+from .static_cache import KV_MODES
 
 _MASK64 = 0xFFFFFFFFFFFFFFFF
+DECODERS = ("dynamic", "static")
 
 
 @dataclass
@@ -44,6 +53,9 @@ class RolloutConfig:
     sort_by_length: bool = True
     share_prefill: bool = True
     check_every: int = 8                 # tokens between the host's checks for finished rows (drops them)
+    max_rows: int | None = None          # rows per micro-batch at most (None: the token budget alone)
+    decoder: str = "dynamic"             # "dynamic" (elleci.model.generation's cache) | "static" (elleci.model.decode)
+    kv_mode: str = "kv"                  # static decoder: "kv" (K, V expanded once) | "latent" (MLA latents)
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "token_budget", "check_every"):
@@ -52,10 +64,16 @@ class RolloutConfig:
                 raise ValueError(f"rollout.{name} must be an int >= 1, got {v!r}")
         if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
             raise ValueError(f"rollout.temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}")
+        if self.max_rows is not None and (not isinstance(self.max_rows, int) or isinstance(self.max_rows, bool)
+                                          or self.max_rows < 1):
+            raise ValueError(f"rollout.max_rows must be None or an int >= 1, got {self.max_rows!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"rollout.top_k must be None or an int >= 1, got {self.top_k!r}")
         if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise ValueError(f"rollout.top_p must be None or in (0, 1], got {self.top_p!r}")
+        for name, allowed in (("decoder", DECODERS), ("kv_mode", KV_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"rollout.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("sort_by_length", "share_prefill"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"rollout.{name} must be true or false, got {getattr(self, name)!r}")
@@ -81,16 +99,17 @@ def row_generator(seed: int, row: int, device=None) -> torch.Generator:
 
 
 def plan_micro_batches(prompt_lengths: Sequence[int], num_samples: int, max_new_tokens: int, token_budget: int,
-                       sort_by_length: bool = True) -> list[list[tuple[int, int]]]:
+                       sort_by_length: bool = True, max_rows: int | None = None) -> list[list[tuple[int, int]]]:
     """Rows (prompt i, sample j) in micro-batches: n rows · (longest prompt + max_new_tokens) ≤ token_budget
-    (at least one row each). Prompts longest first when `sort_by_length` (stable), else in order."""
+    and n ≤ max_rows (at least one row each). Prompts longest first when `sort_by_length` (stable), else in order."""
     order = sorted(range(len(prompt_lengths)), key=lambda i: -prompt_lengths[i]) if sort_by_length \
         else list(range(len(prompt_lengths)))
     batches, current, longest = [], [], 0
     for i in order:
         for j in range(num_samples):
             wider = max(longest, prompt_lengths[i])
-            if current and (len(current) + 1) * (wider + max_new_tokens) > token_budget:
+            if current and ((len(current) + 1) * (wider + max_new_tokens) > token_budget
+                            or (max_rows is not None and len(current) + 1 > max_rows)):
                 batches.append(current)
                 current, wider = [], prompt_lengths[i]
             current.append((i, j))
@@ -113,28 +132,71 @@ def rollout(model, prompts: Sequence[Sequence[int]], cfg: RolloutConfig, *, num_
     completions = [[[] for _ in range(G)] for _ in prompts]
     stopped = [[False] * G for _ in prompts]
     plan = plan_micro_batches([len(p) for p in prompts], G, cfg.max_new_tokens, cfg.token_budget,
-                              cfg.sort_by_length)
+                              cfg.sort_by_length, cfg.max_rows)
     stats = {"micro_batches": len(plan), "prefill_tokens": 0, "decoded_rows": 0}
+    static = None
+    if cfg.decoder == "static":                      # one decoder: its buffers are reused while they fit
+        static = StaticDecoder(model, max(map(len, prompts)) + cfg.max_new_tokens, cfg.kv_mode)
     was_training = model.training
     model.eval()
     try:
         for rows in plan:
-            _decode(model, prompts, rows, cfg, G, eos, pad, seed, device, completions, stopped, stats)
+            if static is None:
+                _decode(model, prompts, rows, cfg, G, eos, pad, seed, device, completions, stopped, stats)
+            else:
+                _decode_static(static, prompts, rows, cfg, G, eos, pad, seed, device, completions, stopped, stats)
     finally:
         model.train(was_training)
     return Rollouts(completions, stopped, stats)
 
 
+def _prompt_batch(prompts, rows, cfg, pad, device):
+    """Left-padded prompt ids, mask of a micro-batch, and `group` (the prompt row of each decoding row)
+    when the prefill is shared (one prefill per distinct prompt), else None (one prefill per row)."""
+    heads = [k for k, (i, _) in enumerate(rows) if k == 0 or rows[k - 1][0] != i]     # first row of each prompt
+    if not cfg.share_prefill:
+        ids, mask = left_pad([prompts[i] for i, _ in rows], pad_token_id=pad, device=device)
+        return ids, mask, None
+    ids, mask = left_pad([prompts[rows[k][0]] for k in heads], pad_token_id=pad, device=device)
+    counts = torch.tensor([b - a for a, b in zip(heads, heads[1:] + [len(rows)])], device=device)
+    return ids, mask, torch.arange(len(heads), device=device).repeat_interleave(counts)
+
+
+def _sample(logits, cfg, gens) -> torch.Tensor:
+    """Next token of each row from logits [n, V], row r from its own generator gens[r]."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    return torch.cat([sample_next(logits[r:r + 1], cfg.temperature, cfg.top_k, cfg.top_p, g)
+                      for r, g in enumerate(gens)])
+
+
+def _decode_static(decoder, prompts, rows, cfg, G, eos, pad, seed, device, completions, stopped, stats) -> None:
+    """`_decode` with the static decoder: finished rows are fed pad (fixed shapes), the loop ends at the
+    first check where every row has stopped."""
+    ids, mask, group = _prompt_batch(prompts, rows, cfg, pad, device)
+    stats["prefill_tokens"] += int(mask.sum())
+    logits = decoder.prefill(ids, mask, rows=group)                      # [n, V] fp32
+    gens = [row_generator(seed, i * G + j, device) for i, j in rows]
+    eos_t = torch.tensor(eos, dtype=torch.long, device=device)
+    finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+    for step in range(cfg.max_new_tokens):
+        nxt = torch.where(finished, torch.full((len(rows),), pad, device=device), _sample(logits, cfg, gens))
+        stats["decoded_rows"] += len(rows)
+        for (i, j), t, done in zip(rows, nxt.tolist(), finished.tolist()):
+            if not done:
+                completions[i][j].append(t)
+        if eos:
+            finished |= torch.isin(nxt, eos_t)
+        if step + 1 == cfg.max_new_tokens or (eos and (step + 1) % cfg.check_every == 0 and bool(finished.all())):
+            break
+        logits = decoder.step(nxt)
+    for i, j in rows:
+        stopped[i][j] = bool(completions[i][j]) and completions[i][j][-1] in eos
+
+
 def _decode(model, prompts, rows, cfg, G, eos, pad, seed, device, completions, stopped, stats) -> None:
     """Decode one micro-batch of rows [(i, j)], writing completions[i][j] and stopped[i][j]."""
-    heads = [k for k, (i, _) in enumerate(rows) if k == 0 or rows[k - 1][0] != i]     # first row of each prompt
-    if cfg.share_prefill:
-        ids, mask = left_pad([prompts[rows[k][0]] for k in heads], pad_token_id=pad, device=device)
-        counts = torch.tensor([b - a for a, b in zip(heads, heads[1:] + [len(rows)])], device=device)
-        group = torch.arange(len(heads), device=device).repeat_interleave(counts)
-    else:
-        ids, mask = left_pad([prompts[i] for i, _ in rows], pad_token_id=pad, device=device)
-        group = None
+    ids, mask, group = _prompt_batch(prompts, rows, cfg, pad, device)
     stats["prefill_tokens"] += int(mask.sum())
     cache = model.new_cache(ids.shape[0])
     h = model.hidden_states(ids, attention_mask=None if bool(mask.all()) else mask, cache=cache)[:, -1]
@@ -147,12 +209,7 @@ def _decode(model, prompts, rows, cfg, G, eos, pad, seed, device, completions, s
     finished = torch.zeros(len(active), dtype=torch.bool, device=device)
     for step in range(cfg.max_new_tokens):
         logits = model.lm_head(h).float()                                # [n, V]
-        if cfg.temperature == 0:
-            nxt = logits.argmax(-1)
-        else:
-            nxt = torch.cat([sample_next(logits[r:r + 1], cfg.temperature, cfg.top_k, cfg.top_p, g)
-                             for r, g in enumerate(gens)])
-        nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+        nxt = torch.where(finished, torch.full_like(finished, pad, dtype=torch.long), _sample(logits, cfg, gens))
         stats["decoded_rows"] += len(active)
         for (i, j), t, done in zip(active, nxt.tolist(), finished.tolist()):
             if not done:

@@ -44,6 +44,8 @@ class TrainingSettings:
     distributed: DistributedSection = section(DistributedSection)
 
     data_formats = ("auto",)          # the [data] format values this stage reads
+    packing = ""                      # what [data] packing = true packs here ("": refused, why_not_packing says why)
+    why_not_packing = "its batches are not built from packed rows"
 
     def __post_init__(self):
         check_fields(self)            # types and ranges; `check` (required keys, files, rules across keys) follows
@@ -62,6 +64,9 @@ class TrainingSettings:
         if self.data.format not in self.data_formats:
             fail("data.format", f"must be one of {', '.join(map(repr, self.data_formats))} for this stage, "
                                 f"got {self.data.format!r}")
+        if self.data.packing and not self.packing:
+            fail("data.packing", f"packing is not supported by this stage: {self.why_not_packing} "
+                                 "(supported: sft, dpo, una, reward-model, iterative-dpo, rlaif-v)")
         t, world = self.train, int(os.environ.get("WORLD_SIZE", "1"))
         if t.batch_size % (t.micro_batch_size * world):
             fail("train.batch_size", f"{t.batch_size} must be a multiple of micro_batch_size {t.micro_batch_size} "

@@ -31,6 +31,7 @@ class DPOSettings(TrainingSettings):
     loss: PairLossSection = section(PairLossSection)
     reference: ReferenceSection = section(ReferenceSection)
     data_formats = ("auto", "pairwise")
+    packing = "each micro-batch's chosen and rejected sequences (batch_size counts pairs)"
 
     def check(self) -> None:
         super().check()
@@ -74,8 +75,13 @@ Config = DPOSettings
 
 
 def plan_shape(cfg) -> dict:
-    return {"sequences_per_micro_batch": 2 * cfg.train.micro_batch_size,
-            "reference_copy": cfg.reference.kind == "frozen"}
+    return {"sequences_per_micro_batch": 2 * cfg.train.micro_batch_size,       # packed: at most that many rows
+            "reference_copy": cfg.reference.kind == "frozen", "documents": cfg.data.packing}
+
+
+def packing_length(cfg) -> int | None:
+    """[data] packing: each micro-batch's sequences in rows of ≤ max_length tokens (else None: padded)."""
+    return cfg.data.max_length if cfg.data.packing else None
 
 
 def reference_for(kind: str, model, items_list, *, pad_id: int, batch_size: int, token_reduction: str):
@@ -110,5 +116,5 @@ def run(cfg: DPOSettings, *, allow_changes=()):
     attach_lora(cfg, model)
     step = pairwise_step(LOSSES[cfg.loss.type], reference=ref, token_reduction=token_reduction(cfg.loss),
                          nll_weight=cfg.loss.nll_weight, **loss_kwargs(cfg.loss))
-    return run_trainer(cfg, model, step, train, collate=collate_fn("pairs", tok.pad_id), eval_data=evals or None,
-                       tokenizer=tok, allow_changes=allow_changes)
+    return run_trainer(cfg, model, step, train, collate=collate_fn("pairs", tok.pad_id, packing_length(cfg)),
+                       eval_data=evals or None, tokenizer=tok, allow_changes=allow_changes)

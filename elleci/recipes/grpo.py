@@ -1,10 +1,14 @@
 """`elleci grpo CONFIG`: GRPO (DeepSeekMath, Shao et al. 2024) with rewards from a `module:function` verifier.
 
 Each optimizer step draws P = train.batch_size / rollout.group_size prompts (from (seed, step)), samples G
-completions per prompt in generate calls of at most rollout.batch_size sequences, scores each completion with
-fn(record, response), and turns the rewards into group-relative advantages (r − mean_g) / (std_g + 1e-4).
-The loss (clipped surrogate + β·k3 KL to the reference, `grpo_loss`) is then accumulated over micro-batches
-of train.micro_batch_size completions: the P×G sequences never go through one backward pass. With one update
+completions per prompt through `elleci.model.rollout` ([rollout]: micro-batches of at most rollout.batch_size
+sequences and token_budget tokens, prompts sorted by length, one prefill per prompt, finished completions
+dropped, the dynamic or static decoder; `recipes.rollouts`), scores each completion with fn(record,
+response), and turns the rewards into group-relative advantages (r − mean_g) / (std_g + 1e-4); with
+[loss] filter_groups, DAPO's dynamic sampling replaces the all-equal groups first. The loss (`grpo_loss`:
+clipped surrogate with epsilon / epsilon_high / delta, token or sequence (GSPO) ratios, + β·k3 KL to the
+reference; β = 0 loads and runs no reference) is then accumulated over micro-batches of
+train.micro_batch_size completions: the P×G sequences never go through one backward pass. With one update
 per batch of samples the ratio is 1 (π_old = π_θ), as in the paper's μ = 1.
 Eval: the verifier's mean reward on [data] eval with greedy decoding, or with budget forcing (s1:
 `eval.budget` thinking tokens, then "Final Answer:") when eval.budget > 0.
@@ -12,6 +16,7 @@ Eval: the verifier's mean reward on [data] eval with greedy decoding, or with bu
 from __future__ import annotations
 
 import copy
+import random
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +31,7 @@ import elleci.algos.reasoning.grpo as grpo_algos
 import elleci.algos.reasoning.long_cot as long_cot_algos
 from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, setting, tokenizer_for
 from .datasets import prompt_records
+from . import rollouts
 from .online import check_verifier_spec, load_verifier, verifier_accuracy
 from .sections import ReinforceLossSection, RolloutSection
 
@@ -64,10 +70,18 @@ class GRPOSettings(TrainingSettings):
             check_verifier_spec(self.reward.verifier)
         except ValueError as e:
             fail("reward.verifier", str(e))
-        if self.reference.kind == "adapters" and not self.uses_lora:
+        if self.reference.kind == "adapters" and not self.uses_lora and self.loss.beta:
             fail("reference.kind", "adapters needs a [lora] section")
+        check_loss(self.loss)
         if self.reference.kind == "none" and self.loss.beta:
             fail("loss.beta", "reference.kind = none has no KL term: set loss.beta = 0")
+
+
+def check_loss(loss) -> None:
+    """Rules across the [loss] keys (their own ranges are checked by the schema)."""
+    eps_high = loss.epsilon_high or loss.epsilon
+    if loss.delta and not loss.delta > 1 + eps_high:
+        fail("loss.delta", f"must be > 1 + epsilon_high = {1 + eps_high:g} (or 0: off), got {loss.delta:g}")
 
 
 Config = GRPOSettings
@@ -85,28 +99,28 @@ class Rollouts:
         self.metrics: dict = {}
 
     def step_items(self, step: int, batch_size: int) -> list[dict]:
-        ro, seed, G = self.cfg.rollout, self.cfg.train.seed, self.cfg.rollout.group_size
+        seed, G, loss = self.cfg.train.seed, self.cfg.rollout.group_size, self.cfg.loss
         P = batch_size // G
-        records = [self.prompts[i] for i in step_indices(len(self.prompts), P, step, seed)]
-        device = next(self.model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-        chunk = max(1, ro.batch_size // G)
-        sample_groups = grpo_algos.sample_groups
-        rows, comps, stopped = [], [], []
-        for i in range(0, P, chunk):                                       # rollouts in micro-batches too
-            r, c, s = sample_groups(self.model, self.tok, [rec["prompt"] for rec in records[i:i + chunk]], G,
-                                    max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
-                                    top_p=ro.top_p if ro.top_p < 1 else None, generator=gen)
-            rows, comps, stopped = rows + r, comps + c, stopped + s
-        texts = [self.tok.decode([t for t in (c[:-1] if s else c) if t < self.tok.vocab_size],
-                                 skip_special_tokens=True) for c, s in zip(comps, stopped)]
-        rewards = torch.tensor([float(self.verifier(records[n // G], t)) for n, t in enumerate(texts)])
-        adv = grpo_algos.group_advantages(rewards.view(P, G), scale=self.cfg.loss.scale).flatten()
+        first = step_indices(len(self.prompts), P, step, seed)
+        used, rng = set(first), random.Random(f"grpo/{seed}/{step}")
+
+        def draw(r: int):                                  # sampling round r: the step's prompts, then fresh ones
+            idx = first if r == 0 else rollouts.fresh_prompts(len(self.prompts), used, P, rng)
+            return None if idx is None else rollouts.sample_groups(
+                self.model, self.tok, [self.prompts[i] for i in idx], G, rollouts.rollout_config(self.cfg.rollout),
+                seed=rollouts.step_seed(seed, step, r), reward=self.verifier)
+        groups, sampled, rounds = rollouts.dynamic_sampling(draw, P, loss.max_sample_rounds if loss.filter_groups
+                                                            else 1)
+        adv = grpo_algos.group_advantages(groups.rewards.view(P, G), scale=loss.scale).flatten()
+        rewards, comps = sampled.rewards, sampled.comps                   # the metrics of the first round
         self.metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1
                         else 0.0, "completion_length": sum(map(len, comps)) / len(comps),
-                        "stopped": sum(stopped) / len(stopped)}
+                        "stopped": sum(sampled.stopped) / len(comps)}
+        if loss.filter_groups:
+            self.metrics.update({"filter/informative_groups": len(sampled.informative()) / P,
+                                 "filter/sample_rounds": rounds})
         return [{"ids": r + c, "labels": [IGNORE_INDEX] * len(r) + c, "advantage": float(a)}
-                for r, c, a in zip(rows, comps, adv.tolist())]
+                for r, c, a in zip(groups.rows, groups.comps, adv.tolist())]
 
     def step_metrics(self) -> dict:
         return self.metrics
@@ -123,6 +137,13 @@ def make_collate(pad_id: int):
         ids, labels = collate([(it["ids"], it["labels"]) for it in items], pad_id)
         return {"ids": ids, "labels": labels, "advantages": torch.tensor([it["advantage"] for it in items])}
     return collate_rollouts
+
+
+# the trainer's normaliser of each aggregation (loss = Σ_i n_i l_i / Σ_i n_i over a step's micro-batches i):
+# per-sequence means by sequences, DAPO's step token mean by tokens, TRL's bnpo (a token mean per micro-batch,
+# averaged over micro-batches) by 1 per micro-batch
+UNITS = {"grpo": sequences, "dr_grpo": sequences, "luspo": sequences, "dapo": scored_tokens,
+         "bnpo": lambda batch: 1}
 
 
 def make_step(cfg: GRPOSettings, reference):
@@ -143,7 +164,9 @@ def make_step(cfg: GRPOSettings, reference):
         logps = sequence_logprobs(model, ids, labels, token_reduction="none")         # [B, L-1]
         mask = labels[:, 1:] != IGNORE_INDEX
         return grpo_loss(logps, logps.detach(), adv, mask, ref_logps=ref_logps(model, ids, labels),
-                         epsilon=cfg.loss.epsilon, beta=cfg.loss.beta, aggregate=aggregate)
+                         epsilon=cfg.loss.epsilon, epsilon_high=cfg.loss.epsilon_high or None,
+                         delta=cfg.loss.delta or None, importance_sampling_level=cfg.loss.importance_sampling_level,
+                         beta=cfg.loss.beta, aggregate=aggregate)
     return step
 
 
@@ -166,8 +189,8 @@ def run(cfg: GRPOSettings, *, allow_changes=()):
     verifier = load_verifier(cfg.reward.verifier)
     print(f"{d.train}: {len(prompts)} prompts; verifier {cfg.reward.verifier}")
     model = load_policy(cfg, lora=False)
-    reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.reference.kind == "frozen" else \
-        cfg.reference.kind
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if cfg.reference.kind == "frozen" and \
+        cfg.loss.beta else cfg.reference.kind if cfg.loss.beta else "none"      # beta = 0: no reference at all
     attach_lora(cfg, model)
 
     def evaluate(m):
@@ -176,7 +199,7 @@ def run(cfg: GRPOSettings, *, allow_changes=()):
         return verifier_accuracy(m, tok, evals, verifier, max_new_tokens=cfg.eval.max_new_tokens,
                                  batch_size=cfg.rollout.batch_size)
     eval_fn = evaluate if evals else None
-    units = sequences if cfg.loss.aggregation in ("grpo", "dr_grpo") else scored_tokens
+    units = UNITS[cfg.loss.aggregation]
     return run_trainer(cfg, model, make_step(cfg, reference), Rollouts(model, tok, prompts, verifier, cfg),
                        collate=make_collate(tok.pad_id), units=units, eval_fn=eval_fn, tokenizer=tok,
                        allow_changes=allow_changes)

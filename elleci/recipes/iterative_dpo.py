@@ -1,6 +1,7 @@
 """`elleci iterative-dpo CONFIG`: online DPO in rounds (Xiong et al. 2023; the RLHFlow recipe).
 
-Each round: draw `prompts_per_round` prompts, sample k responses each from the current policy, score them,
+Each round: draw `prompts_per_round` prompts, sample k responses each from the current policy (through
+`elleci.model.rollout` with the [rollout] settings), score them,
 pair best vs worst (`pair_strategy`), store the reference log-probs with the pairs, then train
 train.steps / rounds DPO steps on them. Rewards ([reward] source):
     verifier      `verifier = "module:function"`, called fn(record, response) -> float
@@ -20,9 +21,10 @@ from elleci.algos.preference import collate_fn, pairwise_step
 
 from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, setting, tokenizer_for
 from .datasets import prompt_records
-from .dpo import LOSSES, check_pair_loss, loss_kwargs, token_reduction
+from .dpo import LOSSES, check_pair_loss, loss_kwargs, packing_length, token_reduction
 from .loading import load_model, load_tokenizer, model_kind
 from .online import PairRounds, check_verifier_spec, load_verifier, verifier_accuracy
+from .rollouts import rollout_config
 from .sections import PairLossSection, RolloutSection
 
 NAME, HELP = "iterative-dpo", "online DPO rounds with rewards from a verifier, the policy itself, a judge or an RM"
@@ -57,6 +59,7 @@ class IterativeDPOSettings(TrainingSettings):
     iterative: IterativeSection = section(IterativeSection)
     loss: PairLossSection = section(PairLossSection)
     data_formats = ("auto",)
+    packing = "each micro-batch's chosen and rejected sequences of the round's pairs (batch_size counts pairs)"
 
     def check(self) -> None:
         super().check()
@@ -90,7 +93,8 @@ Config = IterativeDPOSettings
 
 
 def plan_shape(cfg) -> dict:
-    return {"sequences_per_micro_batch": 2 * cfg.train.micro_batch_size, "reference_copy": cfg.reward.source == "judge"}
+    return {"sequences_per_micro_batch": 2 * cfg.train.micro_batch_size, "reference_copy": cfg.reward.source == "judge",
+            "documents": cfg.data.packing}
 
 
 def reward_fn(cfg, model, tok):
@@ -119,8 +123,9 @@ def make_round(cfg, model, tok, prompts: list[dict], rewards):
     def make_records(r: int):
         records = [prompts[i] for i in step_indices(len(prompts), it.prompts_per_round, r, seed + 7919)]
         groups = sample_responses(model, tok, [rec["prompt"] for rec in records], ro.k, temperature=ro.temperature,
-                                  top_p=ro.top_p if ro.top_p < 1 else None, max_new_tokens=ro.max_new_tokens,
-                                  seed=seed * 1000 + r, batch_size=ro.batch_size)
+                                  top_p=ro.top_p if ro.top_p < 1 else None, top_k=ro.top_k or None,
+                                  max_new_tokens=ro.max_new_tokens, seed=seed * 1000 + r, batch_size=ro.batch_size,
+                                  rollout=rollout_config(ro))
         scores = rewards(records, groups)
         pairs = build_pairs([rec["prompt"] for rec in records], groups, scores, strategy=it.pair_strategy,
                             length_penalty=it.length_penalty, seed=seed * 1000 + r)
@@ -153,5 +158,5 @@ def train_on_rounds(cfg, model, tok, rounds, evals, allow_changes):
         fn = load_verifier(cfg.reward.verifier)
         eval_fn = lambda m: verifier_accuracy(m, tok, evals, fn, max_new_tokens=cfg.eval.max_new_tokens,  # noqa
                                               batch_size=cfg.rollout.batch_size)
-    return run_trainer(cfg, model, step, rounds, collate=collate_fn("pairs", tok.pad_id), eval_fn=eval_fn,
-                       tokenizer=tok, allow_changes=allow_changes)
+    return run_trainer(cfg, model, step, rounds, collate=collate_fn("pairs", tok.pad_id, packing_length(cfg)),
+                       eval_fn=eval_fn, tokenizer=tok, allow_changes=allow_changes)

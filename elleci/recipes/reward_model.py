@@ -31,13 +31,15 @@ HEAD_FILE = "reward_head.safetensors"
 @dataclass
 class RewardModelSettings(TrainingSettings):
     data_formats = ("auto", "pairwise", "soft")
+    packing = "each micro-batch's response_a and response_b sequences (batch_size counts pairs)"
 
 
 Config = RewardModelSettings
 
 
 def plan_shape(cfg) -> dict:
-    return {"sequences_per_micro_batch": 2 * cfg.train.micro_batch_size, "reference_copy": False}
+    return {"sequences_per_micro_batch": 2 * cfg.train.micro_batch_size, "reference_copy": False,
+            "documents": cfg.data.packing}
 
 
 def load_reward_model(path: str, *, device=None, dtype=None) -> RewardModel:
@@ -68,5 +70,6 @@ def run(cfg: RewardModelSettings, *, allow_changes=()):
         ckpt.save_final(final, rm.backbone, tok, base=base_of(cfg), base_seed=cfg.train.seed,
                         extra_files={HEAD_FILE: write_head})
     return run_trainer(cfg, rm, rm_algo.reward_model_step, train,
-                       collate=functools.partial(rm_algo.preference_collate, pad_token_id=tok.pad_id),
+                       collate=functools.partial(rm_algo.preference_collate, pad_token_id=tok.pad_id,
+                                                 packing_length=d.max_length if d.packing else None),
                        eval_data=evals, tokenizer=tok, allow_changes=allow_changes, save_final=save)

@@ -21,6 +21,7 @@ from .dpo import check_pair_loss, token_reduction
 from .iterative_dpo import IterativeSection, train_on_rounds
 from .loading import load_model, model_kind
 from .online import PairRounds
+from .rollouts import rollout_config
 from .sections import PairLossSection, RolloutSection
 
 NAME, HELP = "rlaif-v", "RLAIF-V: DPO pairs from claims verified against a passage field"
@@ -44,6 +45,7 @@ class RLAIFVSettings(TrainingSettings):
     iterative: IterativeSection = section(IterativeSection)
     loss: PairLossSection = section(PairLossSection)
     data_formats = ("auto",)
+    packing = "each micro-batch's chosen and rejected sequences of the round's pairs (batch_size counts pairs)"
 
     def check(self) -> None:
         super().check()
@@ -66,7 +68,7 @@ Config = RLAIFVSettings
 
 def plan_shape(cfg) -> dict:
     return {"sequences_per_micro_batch": 2 * cfg.train.micro_batch_size,
-            "reference_copy": cfg.labeler.model != "self"}
+            "reference_copy": cfg.labeler.model != "self", "documents": cfg.data.packing}
 
 
 def run(cfg: RLAIFVSettings, *, allow_changes=()):
@@ -86,9 +88,10 @@ def run(cfg: RLAIFVSettings, *, allow_changes=()):
     def make_records(r: int):
         chosen = [items[i] for i in step_indices(len(items), it.prompts_per_round, r, cfg.train.seed + 7919)]
         records, stats = collect_pairs(model, labeler, tok, chosen, k=ro.k, temperature=ro.temperature,
-                                       top_p=ro.top_p if ro.top_p < 1 else None, max_new_tokens=ro.max_new_tokens,
-                                       seed=cfg.train.seed * 1000 + r, divider=divider, undecidable=lab.undecidable,
-                                       batch_size=ro.batch_size)
+                                       top_p=ro.top_p if ro.top_p < 1 else None, top_k=ro.top_k or None,
+                                       max_new_tokens=ro.max_new_tokens, seed=cfg.train.seed * 1000 + r,
+                                       divider=divider, undecidable=lab.undecidable, batch_size=ro.batch_size,
+                                       rollout=rollout_config(ro))
         return records, {f"round/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}
     rounds = PairRounds(model, tok, make_records, steps_per_round=cfg.train.steps // it.rounds,
                         reference=it.reference_policy, seed=cfg.train.seed, max_length=d.max_length,

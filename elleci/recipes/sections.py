@@ -47,6 +47,13 @@ class DataSection:
     max_length: int = setting(1024, "tokens per sequence (prompt + response); longer responses are cut, "
                                     "records whose prompt alone is too long are skipped", ge=8)
     max_examples: int = setting(0, "use only the first N records of each file (0: all)", ge=0)
+    packing: bool = setting(False, "sft, dpo, una, reward-model, iterative-dpo, rlaif-v: several sequences per "
+                                   "row of max_length (first-fit decreasing), each its own document (seq_idx: no "
+                                   "state or attention crosses a boundary), so no compute goes to padding. sft: "
+                                   "the examples are packed once, before training, and train.batch_size / "
+                                   "micro_batch_size count packed rows; the others: each micro-batch's sequences "
+                                   "(chosen and rejected, responses, or response_a and response_b) are packed, "
+                                   "and batch_size still counts pairs / records")
 
 
 @dataclass
@@ -126,18 +133,55 @@ class ReferenceSection:
 
 @dataclass
 class RolloutSection:
+    """How the online stages sample (`elleci.model.rollout`, via `recipes.rollouts.rollout_config`): every
+    response (prompt i, sample j) draws from its own generator seeded from (seed, round or step, i, j), so
+    the texts do not depend on token_budget, sort_by_length, share_prefill, check_every or the decoder."""
     k: int = setting(4, "iterative-dpo / rlaif-v: responses sampled per prompt", ge=2)
     group_size: int = setting(4, "grpo: completions per prompt (G)", ge=2)
     temperature: float = setting(1.0, "sampling temperature", gt=0)
     top_p: float = setting(1.0, "nucleus sampling (1: off)", gt=0, le=1)
+    top_k: int = setting(0, "sample among the k most likely tokens (0: off)", ge=0)
     max_new_tokens: int = setting(64, "tokens generated per response", ge=1)
-    batch_size: int = setting(16, "sequences per generate call (rollouts are generated in these chunks)", ge=1)
+    batch_size: int = setting(16, "sequences per generation micro-batch at most (also the judges' batch)", ge=1)
+    token_budget: int = setting(0, "rows × (longest prompt in the micro-batch + max_new_tokens) per generation "
+                                   "micro-batch at most: bounds the cache memory whatever the prompt lengths "
+                                   "(0: no token bound, batch_size rows)", ge=0)
+    sort_by_length: bool = setting(True, "generate the prompts longest first, so a micro-batch holds prompts of "
+                                         "similar lengths (little left padding)")
+    share_prefill: bool = setting(True, "prefill each prompt once per micro-batch and clone its state (SSM state, "
+                                        "conv window, MLA cache) for its samples, instead of one prefill per sample")
+    check_every: int = setting(8, "tokens between the host's checks for finished responses (the dynamic decoder "
+                                  "drops them from the batch; the static one stops when all are done)", ge=1)
+    decoder: str = setting("dynamic", "dynamic (the growing cache; finished rows dropped) or static (preallocated "
+                                      "buffers, no host sync per token, a CUDA graph on CUDA)",
+                           choices=("dynamic", "static"))
+    kv_mode: str = setting("kv", "static decoder: kv (each token's K, V expanded once: fast) or latent (MLA "
+                                 "latents only: 2d/r less cache memory)", choices=("kv", "latent"))
 
 
 @dataclass
 class ReinforceLossSection:
-    beta: float = setting(0.04, "grpo: weight of the k3 KL to the reference (0: no reference)", ge=0)
-    epsilon: float = setting(0.2, "grpo: clip range of the ratio", gt=0)
-    aggregation: str = setting("grpo", "grpo (mean of per-sequence token means), bnpo (token mean), dr_grpo",
-                               choices=("grpo", "bnpo", "dr_grpo"))
+    """GRPO's loss (`elleci.algos.reasoning.grpo_loss`): TRL's loss_type "dapo" is aggregation = "dapo"; DAPO is
+    aggregation "dapo" + epsilon_high 0.28 + filter_groups + beta 0; GSPO is importance_sampling_level
+    "sequence"; INTELLECT-2's two-sided clipping is delta = 4."""
+    beta: float = setting(0.04, "weight of the k3 KL to the reference (0: no KL term, and no reference is "
+                                "loaded or run; TRL's default is 0)", ge=0)
+    epsilon: float = setting(0.2, "clip range of the ratio: [1 - epsilon, 1 + epsilon_high]", gt=0)
+    epsilon_high: float = setting(0.0, "upper clip range (DAPO's clip-higher, 0.28 in the paper); 0: = epsilon",
+                                  ge=0)
+    delta: float = setting(0.0, "two-sided clipping: the ratio's cap for negative advantages (INTELLECT-2: 4); "
+                                "0: off; else > 1 + epsilon_high", ge=0)
+    importance_sampling_level: str = setting("token", "token (the ratio per token) or sequence (GSPO: the "
+                                                      "length-normalised sequence ratio)",
+                                             choices=("token", "sequence"))
+    aggregation: str = setting("grpo", "grpo (mean of per-sequence token means, the paper), bnpo (token mean of "
+                                       "each micro-batch), dr_grpo (token sum / (B · max_new_tokens)), dapo (token "
+                                       "sum / the step's completion tokens; TRL's default), luspo (mean of "
+                                       "per-sequence token sums)",
+                               choices=("grpo", "bnpo", "dr_grpo", "dapo", "luspo"))
     scale: str = setting("group", "advantage scaling: group std, batch std, none", choices=("group", "batch", "none"))
+    filter_groups: bool = setting(False, "DAPO's dynamic sampling: drop groups whose G rewards are all equal (no "
+                                         "policy gradient) and sample fresh prompts in their place")
+    max_sample_rounds: int = setting(3, "filter_groups: sampling rounds per step at most; when they find fewer "
+                                        "informative groups than needed, the step is filled up with dropped ones "
+                                        "(zero advantage)", ge=1)

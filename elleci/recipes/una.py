@@ -14,7 +14,7 @@ from elleci.algos.preference import collate_fn, feedback_step
 
 from .common import TrainingSettings, attach_lora, fail, load_policy, run_trainer, section, setting, tokenizer_for
 from .datasets import feedback_items
-from .dpo import check_reference, reference_for
+from .dpo import check_reference, packing_length, reference_for
 from .sections import ReferenceSection
 
 NAME, HELP = "una", "UNA on binary (thumbs up/down) or scored feedback"
@@ -37,6 +37,7 @@ class UNASettings(TrainingSettings):
     loss: UNALossSection = section(UNALossSection)
     reference: ReferenceSection = section(ReferenceSection)
     data_formats = ("auto", "binary", "scored")
+    packing = "each micro-batch's responses (and KTO's mismatched pairs; batch_size counts records)"
 
     def check(self) -> None:
         super().check()
@@ -52,7 +53,8 @@ Config = UNASettings
 
 
 def plan_shape(cfg) -> dict:
-    return {"sequences_per_micro_batch": cfg.train.micro_batch_size, "reference_copy": cfg.reference.kind == "frozen"}
+    return {"sequences_per_micro_batch": cfg.train.micro_batch_size, "reference_copy": cfg.reference.kind == "frozen",
+            "documents": cfg.data.packing}
 
 
 def step_for(cfg, reference):
@@ -78,5 +80,6 @@ def run(cfg: UNASettings, *, allow_changes=()):
     ref = reference_for(cfg.reference.kind, model, [train, evals], pad_id=tok.pad_id,
                         batch_size=cfg.train.micro_batch_size, token_reduction="sum")
     attach_lora(cfg, model)
-    return run_trainer(cfg, model, step_for(cfg, ref), train, collate=collate_fn("feedback", tok.pad_id),
+    return run_trainer(cfg, model, step_for(cfg, ref), train,
+                       collate=collate_fn("feedback", tok.pad_id, packing_length(cfg)),
                        eval_data=evals or None, tokenizer=tok, allow_changes=allow_changes)

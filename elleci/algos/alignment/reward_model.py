@@ -40,6 +40,7 @@ from torch import nn
 from elleci.algos.chat import encode_prompt_response
 from elleci.algos.losses import check_reduction, reduce, weighted_logsigmoid
 from elleci.algos.loop import sample_batches, train_loop
+from elleci.algos.packing import pack_sequences
 
 Tensor = torch.Tensor
 
@@ -110,6 +111,13 @@ class RewardModel(nn.Module):
         last = h[torch.arange(len(h), device=h.device), lengths.to(h.device) - 1]   # [B, d]
         return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()        # [B]
 
+    def packed_rewards(self, input_ids: Tensor, seq_idx: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+        """Rewards of sequences packed as documents (`elleci.algos.packing`): input_ids, seq_idx [R, L]; the
+        last token of sequence k at (rows[k], cols[k]) → [n]. Each document is read as if alone."""
+        h = self.backbone.hidden_states(input_ids, seq_idx=seq_idx)        # [R, L, d]
+        last = h[rows.to(h.device), cols.to(h.device)]                     # [n, d]
+        return self.head(last.to(self.head.weight.dtype)).squeeze(-1).float()
+
     def encode(self, contexts: Sequence, responses: Sequence[str]) -> list[list[int]]:
         """Token ids of each chat-encoded (context, response)."""
         if len(contexts) != len(responses):
@@ -167,17 +175,34 @@ def encode_preferences(tokenizer, records: Sequence[dict], max_len: int | None =
     return items
 
 
-def preference_collate(items: Sequence[dict], pad_token_id: int) -> dict:
-    """Items → one right-padded batch holding the a rows then the b rows (one backbone forward)."""
-    ids, lengths = _pad([it["a"] for it in items] + [it["b"] for it in items], pad_token_id)
+def preference_collate(items: Sequence[dict], pad_token_id: int, packing_length: int | None = None) -> dict:
+    """Items → one right-padded batch holding the a rows then the b rows (one backbone forward).
+
+    packing_length L: instead the 2B sequences packed into rows of ≤ L tokens ("packed", and "rows", "cols":
+    where each sequence's last token is), as `RewardModel.packed_rewards` reads them."""
+    seqs = [it["a"] for it in items] + [it["b"] for it in items]
+    ids, lengths = _pad(seqs, pad_token_id)
     labels = ids.masked_fill(torch.arange(ids.shape[1]) >= lengths[:, None], -100)   # tokens seen (tok/s)
-    return {"ids": ids, "lengths": lengths, "p_a": torch.tensor([it["p_a"] for it in items]), "labels": labels}
+    out = {"labels": labels, "lengths": lengths, "ids": ids, "p_a": torch.tensor([it["p_a"] for it in items])}
+    if packing_length:
+        del out["ids"]
+        packed, where = pack_sequences([(s, s) for s in seqs], pad_token_id, packing_length)
+        flat = packed.doc_index.flatten()                                   # [R·L], -1 on padding
+        pos = torch.arange(flat.numel())
+        last = torch.full((len(seqs),), -1, dtype=torch.long).scatter_reduce(0, flat[flat >= 0], pos[flat >= 0],
+                                                                          "amax")[where]   # per sequence
+        out.update(packed=packed, rows=last // packed.doc_index.shape[1], cols=last % packed.doc_index.shape[1])
+    return out
 
 
 def reward_model_step(rm: RewardModel, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
     """step(model, batch) for `train_loop`: rewards of the a and b rows, then `soft_bt_loss`."""
     device = next(rm.parameters()).device
-    r = rm(batch["ids"].to(device), batch["lengths"].to(device))          # [2B]
+    if "packed" in batch:                                                 # preference_collate(..., packing_length)
+        p = batch["packed"]
+        r = rm.packed_rewards(p.input_ids.to(device), p.seq_idx.to(device), batch["rows"], batch["cols"])
+    else:
+        r = rm(batch["ids"].to(device), batch["lengths"].to(device))      # [2B]
     ra, rb = r.chunk(2)
     return soft_bt_loss(ra, rb, batch["p_a"].to(device))
 

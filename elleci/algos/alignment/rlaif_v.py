@@ -136,14 +136,15 @@ def collect_pairs(policy, labeler, tokenizer, items: Sequence, *, k: int = 4, te
                   divider: Callable[[str, str], list[str]] = split_claims,
                   question_fn: Callable[[str], str] = claim_to_question, min_diff: float = 1,
                   max_pairs: int | None = 2, balance: bool = True, undecidable: str = "no",
-                  chat: bool = True, batch_size: int = 64) -> tuple[list[dict], dict]:
+                  chat: bool = True, batch_size: int = 64, rollout=None) -> tuple[list[dict], dict]:
     """One RLAIF-V data round (steps 1–6 of the module docstring) -> ({"prompt", "chosen", "rejected"}
     records, stats). Candidates: k samples per prompt from `policy` with identical settings; claims by
-    `divider(answer, question)`, questions by `question_fn(claim)`, judged by `labeler` in one batch."""
+    `divider(answer, question)`, questions by `question_fn(claim)`, judged by `labeler` in one batch.
+    rollout: a `RolloutConfig` for the sampling (`sample_responses(..., rollout=)`)."""
     sources = [_source(x) for x in items]
     groups = sample_responses(policy, tokenizer, [p for p, _, _ in sources], k=k, temperature=temperature,
                               top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, seed=seed,
-                              batch_size=batch_size, chat=chat)
+                              batch_size=batch_size, chat=chat, rollout=rollout)
     claims = [[[c for c in divider(text, q) if _WORD.search(c)] for text in group]
               for (_, _, q), group in zip(sources, groups)]
     prompts = [labeler_prompt(passage, question_fn(c), undecidable=undecidable)
