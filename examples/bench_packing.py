@@ -39,6 +39,7 @@ from elleci.algos.sft import encode_sft, sft_step
 from elleci.bench import live_tensor_peak_mib
 from elleci.data import read_sft
 from elleci.model import ElleciConfig, ElleciLM, Tokenizer
+from elleci.model.rollout import RolloutConfig, rollout
 
 DATA = Path(__file__).resolve().parents[1] / "configs" / "tiny" / "data" / "alpaca_style.jsonl"
 
@@ -146,8 +147,13 @@ def bench_groups(preset: str, args) -> None:
     ids = torch.randint(4, model.config.vocab_size, (P, args.prompt_len), generator=g)
 
     static = args.decoder == "static-kv"
+    prompts = ids.tolist()
 
     def call(share: bool, n: int):
+        if args.decoder.startswith("rollout-"):          # the online stages' path: elleci.model.rollout
+            cfg = RolloutConfig(max_new_tokens=n, temperature=1.0, token_budget=P * G * (args.prompt_len + n),
+                                share_prefill=share, decoder=args.decoder.split("-")[1], check_every=16)
+            return lambda: rollout(model, prompts, cfg, num_samples=G, seed=1)
         return lambda: model.generate(ids, n, temperature=1.0, num_return_sequences=G, share_prefill=share,
                                       generator=torch.Generator().manual_seed(1), static=static)
 
@@ -229,8 +235,10 @@ def main(argv=None):
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--new", type=int, default=64)
-    ap.add_argument("--decoder", default="generate", choices=["generate", "static-kv"],
-                    help="groups: the dynamic-cache generate, or the static-cache decoder with expanded K/V")
+    ap.add_argument("--decoder", default="generate",
+                    choices=["generate", "static-kv", "rollout-dynamic", "rollout-static"],
+                    help="groups: the dynamic-cache generate, the static-cache decoder with expanded K/V, or "
+                         "elleci.model.rollout (what the online stages call) with either decoder")
     ap.add_argument("--grpo-prompts", type=int, default=8)
     ap.add_argument("--grpo-prompt-len", type=int, default=128)
     ap.add_argument("--grpo-micro", type=int, default=8)

@@ -387,7 +387,7 @@ def ssm_scan(x, dt, A, B, C, D, h0=None, *, chunk_size: int = 16, seq_idx=None):
     operands in their dtype (bf16 included) with an fp32 state; otherwise a PyTorch form runs on fp32
     copies (fp64 stays fp64), the one `scan_ref.scan_plan` picks for these decays (the factored chunked
     form at chunk_size or a smaller chunk, else the sequential or the per-channel chunked form; documents
-    force the per-channel form), the chunked forms without documents a segment of `scan_ref.SEGMENT` tokens
+    force the per-channel form), the factored form without documents a segment of `scan_ref.SEGMENT` tokens
     at a time (cache-sized temporaries). y comes back in fp32 (fp64); the caller casts.
     """
     if resolve_backend(x) == "triton":
@@ -399,6 +399,6 @@ def ssm_scan(x, dt, A, B, C, D, h0=None, *, chunk_size: int = 16, seq_idx=None):
         form, Q = scan_plan(dt, A, chunk_size, needs_grad)
     if form == "sequential":
         return ssm_scan_ref(x, dt, A, B, C, D, h0, seq_idx)
-    if seq_idx is None:
-        return ssm_scan_segments(x, dt, A, B, C, D, h0, chunk_size=Q, intra=form)
+    if seq_idx is None and form == "factored":    # segments measured faster for this form; the per-channel
+        return ssm_scan_segments(x, dt, A, B, C, D, h0, chunk_size=Q, intra=form)   # form checkpoints its blocks
     return ssm_scan_chunked(x, dt, A, B, C, D, h0, chunk_size=Q, intra=form, seq_idx=seq_idx)
