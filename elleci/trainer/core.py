@@ -24,6 +24,12 @@ With `out_dir`: metrics.jsonl (+ reporters), checkpoint-<step>/ every `checkpoin
 end (the last `keep` kept), final/ (model or adapter, tokenizer). Re-running with the same out_dir resumes
 from the newest complete checkpoint; SIGINT / SIGTERM finish the current step, save, and raise
 `TrainingInterrupted`. `on_start(step)` runs once the resume check passed, before the first step.
+
+Hooks: a step whose source returns NO items makes no update (no forward, no optimizer or scheduler step;
+it still counts and logs `step_metrics()`: GRPO finding no informative group); `on_step_end(trainer, step,
+metrics)` runs on every process after each step (`step` 1-based, `metrics` as logged: e.g. an epoch-end
+snapshot); `optimizers=(optimizer, scheduler)` replaces the config's (transformers' Trainer argument) for an
+algorithm's own AdamW constants or schedule (resume compares only `run_config`: put what they change there).
 """
 from __future__ import annotations
 
@@ -155,14 +161,15 @@ class Trainer:
                  collate: Callable | None = None, units: Callable = default_units, tokens: Callable = scored_tokens,
                  eval_data: Sequence | None = None, eval_fn: Callable | None = None, eval_tasks: Sequence[str] = (),
                  tokenizer=None, base: str | None = None, save_final: Callable | None = None,
-                 on_start: Callable | None = None, print_fn=print):
+                 on_start: Callable | None = None, on_step_end: Callable | None = None,
+                 optimizers: tuple = (None, None), print_fn=print):
         self.model, self.step_fn, self.config = model, step_fn, config
         self.source = data if hasattr(data, "step_items") else ShuffledSource(data, config.seed)
         self.collate = collate or (lambda items: items)
         self.units, self.tokens = units, tokens
         self.eval_data, self.eval_fn, self.eval_tasks = eval_data, eval_fn, list(eval_tasks)
         self.tokenizer, self.base, self.print_fn = tokenizer, base, print_fn
-        self._save_final, self.on_start = save_final, on_start
+        self._save_final, self.on_start, self.on_step_end = save_final, on_start, on_step_end
         self.rank, self.world = dist.rank(), dist.world_size()
         self.accumulation = accumulation_steps(config.batch_size, config.micro_batch_size, self.world)
         dist.broadcast_params(model)                     # all processes start from rank 0's weights
@@ -172,8 +179,9 @@ class Trainer:
             self.total_steps = steps_for_epochs(len(self.source), config.batch_size, config.epochs)
         else:
             raise ValueError("this data source has no length: give steps, not epochs")
-        self.optimizer = self._optimizer()
-        self.scheduler = self._scheduler()
+        optimizer, scheduler = optimizers
+        self.optimizer = optimizer if optimizer is not None else self._optimizer()
+        self.scheduler = scheduler if scheduler is not None else self._scheduler()
         self.out = Path(config.out_dir) if config.out_dir else None
         self._stop: int | None = None
         self.history: list[dict] = []
@@ -217,6 +225,8 @@ class Trainer:
         """Forward/backward over this process's micro-batches of optimizer step `step`, then the update.
         Returns (metrics, tokens processed here)."""
         items = self.source.step_items(step, self.config.batch_size)
+        if len(items) == 0:                                           # nothing to learn from: no update
+            return dict(self.source.step_metrics()) if hasattr(self.source, "step_metrics") else {}, 0
         batches = [self.collate(c) for c in micro_batches(items, self.config.micro_batch_size, self.rank,
                                                           self.world)]
         units = [float(self.units(b)) for b in batches]
@@ -346,6 +356,8 @@ class Trainer:
                               reporters, progress)
                 if self._has_eval() and ((c.eval_every and done % c.eval_every == 0) or done == total):
                     self._log({"step": done, **self.evaluate()}, reporters, progress)
+                if self.on_step_end is not None:
+                    self.on_step_end(self, done, metrics)
                 stop = int(dist.all_reduce_max(self._stop or 0))   # a signal on any process stops all here
                 if stop:
                     self._stop = self._stop or stop
