@@ -9,7 +9,8 @@ See `elleci.trainer.core` for the contract of `step_fn` and the accumulation ari
 from .batching import ShuffledSource, accumulation_steps, default_units, micro_batches, scored_tokens, sequences, \
     step_indices
 from .checkpoints import ResumeMismatch
-from .core import Trainer, TrainerConfig, TrainingInterrupted, trl_aliases
+from .core import Trainer, TrainerConfig, TrainingInterrupted
+from .metrics import trl_aliases
 
 __all__ = ["Trainer", "TrainerConfig", "TrainingInterrupted", "ResumeMismatch", "ShuffledSource",
            "accumulation_steps", "micro_batches", "step_indices", "default_units", "scored_tokens", "sequences",

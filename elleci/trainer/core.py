@@ -24,6 +24,12 @@ With `out_dir`: metrics.jsonl (+ reporters), checkpoint-<step>/ every `checkpoin
 end (the last `keep` kept), final/ (model or adapter, tokenizer). Re-running with the same out_dir resumes
 from the newest complete checkpoint; SIGINT / SIGTERM finish the current step, save, and raise
 `TrainingInterrupted`. `on_start(step)` runs once the resume check passed, before the first step.
+
+Hooks: a step whose source returns NO items makes no update (no forward, no optimizer or scheduler step;
+it still counts and logs `step_metrics()`: GRPO finding no informative group); `on_step_end(trainer, step,
+metrics)` runs on every process after each step (`step` 1-based, `metrics` as logged: e.g. an epoch-end
+snapshot); `optimizers=(optimizer, scheduler)` replaces the config's (transformers' Trainer argument) for an
+algorithm's own AdamW constants or schedule (resume compares only `run_config`: put what they change there).
 """
 from __future__ import annotations
 
@@ -44,11 +50,11 @@ from . import checkpoints as ckpt
 from . import distributed as dist
 from .batching import ShuffledSource, accumulation_steps, default_units, micro_batches, scored_tokens, \
     steps_for_epochs
+from .metrics import WeightedMean, trl_aliases
 from .reporting import Progress, check_reporters, make_reporters
 
 SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw", "sgd")
-TRL_NAMES = {"rewards/accuracy": "rewards/accuracies", "rewards/margin": "rewards/margins"}
 # TrainerConfig fields that do not change what is computed (not compared on resume)
 NOT_COMPARED = {"out_dir", "log_every", "eval_every", "checkpoint_every", "keep", "report_to", "progress",
                 "run_config", "allow_changes", "handle_signals", "micro_batch_size"}
@@ -105,64 +111,20 @@ class TrainerConfig:
         return {f"trainer.{k}": v for k, v in dataclasses.asdict(self).items() if k not in NOT_COMPARED}
 
 
-def trl_aliases(metrics: dict) -> dict:
-    """Add TRL's names (`rewards/accuracies`, `rewards/margins`) beside ours where they differ."""
-    out = dict(metrics)
-    for ours, theirs in TRL_NAMES.items():
-        for prefix in ("", "eval_"):
-            if prefix + ours in metrics:
-                out[prefix + theirs] = metrics[prefix + ours]
-    return out
-
-
-class _Mean:
-    """Σ w·x / Σ w per key (keys may be missing from some micro-batches); counts (keys ending in "/tokens")
-    are summed instead."""
-
-    def __init__(self):
-        self.num, self.den, self.counts = {}, {}, {}
-
-    def add(self, metrics: dict, w: float) -> None:
-        self.add_counts(metrics)
-        for k, v in metrics.items():
-            v = float(v.item() if hasattr(v, "item") else v)
-            self.num[k] = self.num.get(k, 0.0) + v * w
-            self.den[k] = self.den.get(k, 0.0) + w
-
-    def add_counts(self, metrics: dict) -> None:
-        for k, v in metrics.items():
-            if k.endswith("/tokens"):
-                self.counts[k] = self.counts.get(k, 0.0) + float(v.item() if hasattr(v, "item") else v)
-
-    def merge_across_processes(self) -> "_Mean":
-        """Σ over processes of every numerator, denominator and count (a weighted mean of the whole step)."""
-        if dist.world_size() == 1:
-            return self
-        merged = _Mean()
-        for num, den, counts in dist.gather_objects((self.num, self.den, self.counts)):
-            for mine, theirs in ((merged.num, num), (merged.den, den), (merged.counts, counts)):
-                for k, v in theirs.items():
-                    mine[k] = mine.get(k, 0.0) + v
-        return merged
-
-    def result(self) -> dict:
-        out = {k: self.num[k] / self.den[k] for k in self.num if self.den[k] > 0 and k not in self.counts}
-        return {**out, **self.counts}
-
-
 class Trainer:
     def __init__(self, model: torch.nn.Module, step_fn: Callable, data, config: TrainerConfig, *,
                  collate: Callable | None = None, units: Callable = default_units, tokens: Callable = scored_tokens,
                  eval_data: Sequence | None = None, eval_fn: Callable | None = None, eval_tasks: Sequence[str] = (),
                  tokenizer=None, base: str | None = None, save_final: Callable | None = None,
-                 on_start: Callable | None = None, reporters: Sequence = (), print_fn=print):
+                 on_start: Callable | None = None, on_step_end: Callable | None = None,
+                 optimizers: tuple = (None, None), reporters: Sequence = (), print_fn=print):
         self.model, self.step_fn, self.config = model, step_fn, config
         self.source = data if hasattr(data, "step_items") else ShuffledSource(data, config.seed)
         self.collate = collate or (lambda items: items)
         self.units, self.tokens = units, tokens
         self.eval_data, self.eval_fn, self.eval_tasks = eval_data, eval_fn, list(eval_tasks)
         self.tokenizer, self.base, self.print_fn = tokenizer, base, print_fn
-        self._save_final, self.on_start = save_final, on_start
+        self._save_final, self.on_start, self.on_step_end = save_final, on_start, on_step_end
         self.extra_reporters = list(reporters)           # objects with log(record) / close(), beside out_dir's
         self.rank, self.world = dist.rank(), dist.world_size()
         self.accumulation = accumulation_steps(config.batch_size, config.micro_batch_size, self.world)
@@ -173,8 +135,9 @@ class Trainer:
             self.total_steps = steps_for_epochs(len(self.source), config.batch_size, config.epochs)
         else:
             raise ValueError("this data source has no length: give steps, not epochs")
-        self.optimizer = self._optimizer()
-        self.scheduler = self._scheduler()
+        optimizer, scheduler = optimizers
+        self.optimizer = optimizer if optimizer is not None else self._optimizer()
+        self.scheduler = scheduler if scheduler is not None else self._scheduler()
         self.out = Path(config.out_dir) if config.out_dir else None
         self._stop: int | None = None
         self.history: list[dict] = []
@@ -218,12 +181,14 @@ class Trainer:
         """Forward/backward over this process's micro-batches of optimizer step `step`, then the update.
         Returns (metrics, tokens processed here)."""
         items = self.source.step_items(step, self.config.batch_size)
+        if len(items) == 0:                                           # nothing to learn from: no update
+            return dict(self.source.step_metrics()) if hasattr(self.source, "step_metrics") else {}, 0
         batches = [self.collate(c) for c in micro_batches(items, self.config.micro_batch_size, self.rank,
                                                           self.world)]
         units = [float(self.units(b)) for b in batches]
         total = dist.all_reduce_sum(sum(units))                       # N: units of the whole step
         self.model.train()
-        mean, loss_sum, n_tokens = _Mean(), 0.0, 0
+        mean, loss_sum, n_tokens = WeightedMean(), 0.0, 0
         for b, n in zip(batches, units):
             loss, metrics = self.step_fn(self.model, b)               # mean over the micro-batch's n units
             if total > 0 and n > 0:
@@ -249,7 +214,7 @@ class Trainer:
         self.model.eval()
         try:
             if self.eval_data:
-                mean, loss_sum, total = _Mean(), 0.0, 0.0
+                mean, loss_sum, total = WeightedMean(), 0.0, 0.0
                 step = self.config.micro_batch_size          # process r takes micro-batches r, r + W, ...
                 for i in range(self.rank * step, len(self.eval_data), step * self.world):
                     b = self.collate(list(self.eval_data[i: i + step]))
@@ -348,6 +313,8 @@ class Trainer:
                               reporters, progress)
                 if self._has_eval() and ((c.eval_every and done % c.eval_every == 0) or done == total):
                     self._log({"step": done, **self.evaluate()}, reporters, progress)
+                if self.on_step_end is not None:
+                    self.on_step_end(self, done, metrics)
                 stop = int(dist.all_reduce_max(self._stop or 0))   # a signal on any process stops all here
                 if stop:
                     self._stop = self._stop or stop

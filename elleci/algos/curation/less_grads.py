@@ -32,7 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.func import functional_call, grad, vmap
 
-from elleci.train import make_optimizer, optimizer_step
+from elleci.train import make_optimizer
+from elleci.trainer import Trainer, TrainerConfig
 from elleci.algos.chat import collate
 from elleci.algos.logprobs import IGNORE_INDEX, sequence_logprobs
 from elleci.algos.sft import sft_step
@@ -111,35 +112,60 @@ def _snapshot(model, optimizer, lrs: list[float], betas, eps: float, step: int) 
                             lr=sum(lrs) / len(lrs), betas=tuple(betas), eps=eps, step=step)
 
 
+class _EpochBatches:
+    """The warm-up's data source for the trainer: step k is batch j of epoch e (k = e·per_epoch + j), each epoch
+    a (seed, epoch) permutation cut into batches of `batch_size` (the last one smaller); a pure function of
+    (seed, step), so there is no state to keep."""
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, seed: int):
+        self.examples, self.batch_size, self.seed = examples, batch_size, seed
+        self.per_epoch = -(-len(examples) // batch_size)
+
+    def step_items(self, step: int, batch_size: int) -> list[Example]:
+        epoch, j = divmod(step, self.per_epoch)
+        return [self.examples[i] for i in _epoch_batches(len(self.examples), self.batch_size, self.seed, epoch)[j]]
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def warmup_lora(model: torch.nn.Module, examples: Sequence[Example], *, epochs: int, batch_size: int, lr: float,
                 pad_token_id: int, seed: int = 0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                 warmup_ratio: float = 0.03, max_grad_norm: float | None = 1.0, log_every: int = 10,
                 print_fn=print) -> list[WarmupCheckpoint]:
     """Train the model's LoRA on `examples` (SFT loss) for `epochs` epochs; a `WarmupCheckpoint` per epoch.
-    print_fn=None: silent."""
+    Runs on `elleci.trainer.Trainer` (one batch per step; the AdamW constants and the linear schedule above
+    passed as its `optimizers`; the snapshot taken by `on_step_end` at each epoch's last step). print_fn=None:
+    silent."""
     if epochs < 1 or batch_size < 1 or not examples:
         raise ValueError(f"need epochs >= 1, batch_size >= 1 and examples, got {epochs}, {batch_size}, {len(examples)}")
     lora_parameters(model)
     print_fn = print_fn or (lambda *_: None)
     optimizer = make_optimizer(model, lr, weight_decay=0.0, betas=betas, eps=eps)
-    per_epoch = -(-len(examples) // batch_size)
+    source = _EpochBatches(examples, batch_size, seed)
+    per_epoch = source.per_epoch
     scheduler = _linear_schedule(optimizer, epochs * per_epoch, warmup_ratio)
-    model.train()
-    ckpts, step = [], 0
-    for epoch in range(epochs):
-        lrs = []
-        for idx in _epoch_batches(len(examples), batch_size, seed, epoch):
-            lrs.append(scheduler.get_last_lr()[0])                     # the LR this step uses
-            loss, _ = sft_step(model, collate([examples[i] for i in idx], pad_token_id))
-            loss.backward()
-            norm = optimizer_step(model, optimizer, scheduler, max_grad_norm)
-            if step % log_every == 0:
-                print_fn(f"warmup step {step} | epoch {epoch} | loss {loss.item():.4f} | grad_norm {norm:.4f} | "
-                         f"lr {lrs[-1]:.2e}")
-            step += 1
-        ckpts.append(_snapshot(model, optimizer, lrs, betas, eps, step))
-        print_fn(f"warmup checkpoint {epoch} | step {step} | mean lr {ckpts[-1].lr:.3e}")
-    model.eval()
+    ckpts, lrs = [], []
+
+    def at_step_end(trainer, done: int, metrics: dict) -> None:
+        step, epoch = done - 1, (done - 1) // per_epoch
+        lrs.append(metrics["lr"])                                          # the LR this step used
+        if step % log_every == 0:
+            print_fn(f"warmup step {step} | epoch {epoch} | loss {metrics['loss']:.4f} | grad_norm "
+                     f"{metrics['grad_norm']:.4f} | lr {lrs[-1]:.2e}")
+        if done % per_epoch == 0:
+            ckpts.append(_snapshot(model, optimizer, lrs, betas, eps, done))
+            lrs.clear()
+            print_fn(f"warmup checkpoint {epoch} | step {done} | mean lr {ckpts[-1].lr:.3e}")
+
+    cfg = TrainerConfig(steps=epochs * per_epoch, batch_size=batch_size, micro_batch_size=batch_size, lr=lr,
+                        max_grad_norm=max_grad_norm or 0.0, seed=seed, log_every=epochs * per_epoch, progress="none",
+                        handle_signals=False)
+    Trainer(model, sft_step, source, cfg, collate=lambda items: collate(items, pad_token_id),
+            on_step_end=at_step_end, optimizers=(optimizer, scheduler), print_fn=print_fn).train()
     return ckpts
 
 

@@ -16,7 +16,8 @@ the loss, not to the reward; μ policy updates per batch of samples (μ = 1 ⇒ 
 
 The pieces: `grpo_advantages` (outcome / process advantages, Kimi length reward, `informative_groups`) and
 `grpo_loss` (the losses, the k3 KL, the aggregations; TRL's `loss_type` values map onto them there). This
-module is the loop: sample G completions per prompt, reward them, advantages, μ updates in micro-batches.
+module samples G completions per prompt, rewards them and computes advantages (`draw_step`); `run_grpo` runs
+the μ updates per sampled batch, in micro-batches, on the one trainer (`grpo_rollouts`: source, collate, step).
 Rewards: `reward_fn` gives (correct, formatted); the reward is correct plus `format_weight` if formatted (the
 arithmetic testbed's: `elleci.testbed.arithmetic_rewards`); optional Kimi k1.5 length reward.
 
@@ -56,10 +57,10 @@ import torch
 
 from elleci._checks import check_choice, check_int, check_number
 from elleci.model.lora import lora_modules
-from elleci.train import MetricLogger, make_optimizer, make_scheduler, optimizer_step
-from elleci.algos.chat import collate
+from elleci.train import MetricLogger, make_optimizer, make_scheduler
+from elleci.trainer import Trainer, TrainerConfig
 from elleci.algos.reference import resolve_reference
-from elleci.algos.logprobs import IGNORE_INDEX, sequence_logprobs
+from elleci.algos.logprobs import sequence_logprobs
 from elleci.algos.sampling import prompt_ids, stop_ids
 from elleci.algos.reasoning.grpo_advantages import (SCALES, STDS, group_advantages, informative_groups,
                                                     kimi_length_reward, process_advantages)
@@ -67,6 +68,7 @@ from elleci.algos.reasoning.grpo_loss import (AGGREGATIONS, IMPORTANCE_LEVELS, O
                                               accumulation_weight, aggregator, cispo_loss, dr_grpo_sum, grpo_loss,
                                               k3_kl, sapo_loss, seq_mean_token_mean, seq_sum_mean,
                                               step_token_mean, token_mean, vespo_loss)
+from elleci.algos.reasoning.grpo_rollouts import GRPORollouts, grpo_collate, grpo_step_fn, grpo_units, step_record
 
 __all__ = ["GRPOConfig", "run_grpo", "draw_step", "sample_round", "sample_groups", "Groups", "reference_logps_fn",
            "process_grid", "token_ends",
@@ -313,32 +315,6 @@ def process_grid(tokenizer, rows, comps, steps, group_size: int, width: int, *, 
 
 # ----------------------------------------------------------------------------------------- the loop
 
-def _update(model, optimizer, scheduler, cfg: GRPOConfig, ids, labels, mask, adv, ref_fn) -> tuple[float, dict, float]:
-    """μ policy updates on one step's batch, each over micro-batches of `cfg.micro_batch_size` completions:
-    (loss, metrics averaged over micro-batches, grad norm) of the last update."""
-    n = ids.shape[0]
-    size = n if cfg.micro_batch_size is None else cfg.micro_batch_size
-    chunks = [slice(i, min(i + size, n)) for i in range(0, n, size)]
-    aggregate = aggregator(cfg.aggregation, cfg.max_new_tokens, num_items=int(mask.sum()))   # dapo: the step's tokens
-    weight, objective = accumulation_weight(cfg.aggregation, len(chunks)), cfg.objective_fn()
-    with torch.no_grad():
-        refs = [ref_fn(ids[c], labels[c]) if ref_fn is not None else None for c in chunks]
-    olds = [None] * len(chunks)
-    model.train()
-    for _ in range(cfg.mu):
-        total, sums = 0.0, {}
-        for k, c in enumerate(chunks):
-            logps = sequence_logprobs(model, ids[c], labels[c], token_reduction="none")   # [n_c, L-1]
-            olds[k] = logps.detach() if olds[k] is None else olds[k]             # π_old = the sampling policy
-            loss, metrics = objective(logps, olds[k], adv[c], mask[c], ref_logps=refs[k], aggregate=aggregate)
-            (loss if weight == 1.0 else loss * weight).backward()
-            total += loss.item() * weight
-            for key, v in metrics.items():
-                sums[key] = sums.get(key, 0.0) + v.item() / len(chunks)
-        grad_norm = optimizer_step(model, optimizer, scheduler, cfg.max_grad_norm)
-    return total, sums, grad_norm
-
-
 def run_grpo(model, tokenizer, problems: Sequence, cfg: GRPOConfig, *, reward_fn: Callable, render: Callable,
              step_fn: Callable | None = None, jsonl_path=None, print_fn=print) -> list[dict]:
     """`cfg.steps` GRPO steps on prompts drawn from `problems`; one logged line per step with the mean
@@ -347,43 +323,31 @@ def run_grpo(model, tokenizer, problems: Sequence, cfg: GRPOConfig, *, reward_fn
 
     `render(problem)` -> the chat messages of its prompt; `reward_fn(problem, text, stopped)` -> (correct,
     well formatted); `step_fn(problem, text, correct)` -> [(character end, reward)] per step, needed for
-    `advantage="process"` (the arithmetic testbed's are `elleci.testbed.arithmetic_rewards`)."""
-    G = cfg.group_size
+    `advantage="process"` (the arithmetic testbed's are `elleci.testbed.arithmetic_rewards`).
+
+    Runs on `elleci.trainer.Trainer` (`grpo_rollouts`: cfg.steps · μ trainer steps, one per policy update;
+    AdamW with weight decay 0 and the constant schedule after `warmup_steps` updates); no checkpoints."""
     if cfg.advantage == "process" and step_fn is None:
         raise ValueError("advantage='process' needs step_fn(problem, text, correct) -> [(end, reward)]")
-    device = next(model.parameters()).device
     ref_fn = reference_logps_fn(model, cfg.reference) if cfg.beta != 0 else None   # β = 0: no reference at all
     optimizer = make_optimizer(model, cfg.lr, weight_decay=0.0)
     scheduler = make_scheduler(optimizer, "constant", warmup_steps=cfg.warmup_steps)
-    logger = MetricLogger(jsonl_path, print_fn)
-    gen, history = torch.Generator(device=device).manual_seed(cfg.seed), []
-    for step in range(cfg.steps):
-        t0 = time.perf_counter()
-        batch, first, rounds = draw_step(model, tokenizer, problems, cfg, step, generator=gen, reward_fn=reward_fn,
-                                         render=render)
-        seen = dict(reward=first.rewards.mean().item(), accuracy=first.correct.mean().item(),
-                    format=first.fmt.mean().item(), length=sum(map(len, first.comps)) / len(first.comps),
-                    zero_variance=1 - informative_groups(first.rewards.view(-1, G)).float().mean().item())
-        if cfg.filter_groups:
-            seen.update(rounds=rounds, groups=batch.n_groups)
-        if batch.n_groups == 0:                                                   # nothing informative: no update
-            history.append(logger.log(step, **seen, seconds=time.perf_counter() - t0))
-            continue
-        ids, labels = collate([(r + c, [IGNORE_INDEX] * len(r) + c) for r, c in zip(batch.rows, batch.comps)],
-                              tokenizer.pad_id)
-        ids, labels = ids.to(device), labels.to(device)
-        mask = labels[:, 1:] != IGNORE_INDEX                                     # [N, L-1] completion tokens
-        if cfg.advantage == "outcome":
-            adv = group_advantages(batch.rewards.view(-1, G), std=cfg.std, eps=cfg.eps, scale=cfg.scale).flatten()
-        else:
-            steps = [step_fn(o, t, bool(c)) for o, t, c in zip(batch.objs, batch.texts, batch.correct)]
-            adv = process_grid(tokenizer, batch.rows, batch.comps, steps, G, mask.shape[1], std=cfg.std, eps=cfg.eps)
-        loss, metrics, grad_norm = _update(model, optimizer, scheduler, cfg, ids, labels, mask, adv.to(device), ref_fn)
-        record = {"loss": loss, **{k: seen[k] for k in ("reward", "accuracy", "format", "length")}}
-        for key, name in (("grpo/kl", "kl"), ("grpo/clip_ratio", "clip_ratio")):
-            if key in metrics:
-                record[name] = metrics[key]
-        record.update({k: v for k, v in seen.items() if k not in record})       # zero_variance (rounds, groups)
-        history.append(logger.log(step, **record, grad_norm=grad_norm, seconds=time.perf_counter() - t0))
-    model.eval()
+    source = GRPORollouts(model, tokenizer, problems, cfg, reward_fn=reward_fn, render=render, step_fn=step_fn,
+                          ref_fn=ref_fn)
+    n = min(cfg.prompts_per_step, len(problems)) * cfg.group_size            # completions of a full step
+    micro = cfg.micro_batch_size or n
+    tcfg = TrainerConfig(steps=cfg.steps * cfg.mu, batch_size=-(-n // micro) * micro, micro_batch_size=micro,
+                         lr=cfg.lr, schedule="constant", max_grad_norm=cfg.max_grad_norm or 0.0, seed=cfg.seed,
+                         log_every=cfg.steps * cfg.mu, progress="none", handle_signals=False)
+    logger, history = MetricLogger(jsonl_path, print_fn), []
+
+    def log_sampled_step(trainer, done: int, metrics: dict) -> None:        # after the μ-th update of a batch
+        s, u = divmod(done - 1, cfg.mu)
+        if u == cfg.mu - 1:
+            record = step_record(source.step_metrics(), metrics)
+            history.append(logger.log(s, **record, seconds=time.perf_counter() - source.t0))
+
+    Trainer(model, grpo_step_fn(cfg), source, tcfg, collate=grpo_collate(tokenizer.pad_id),
+            units=grpo_units(cfg.aggregation), on_step_end=log_sampled_step, optimizers=(optimizer, scheduler),
+            print_fn=print_fn or (lambda *_: None)).train()
     return history
