@@ -383,13 +383,10 @@ def ssm_scan(x, dt, A, B, C, D, h0=None, *, chunk_size: int = 16, seq_idx=None):
     """The Mamba mixer's scan, one dispatcher: x, dt [b, L, c]; A, D [c] (fp32 or fp64); B, C [b, L, N];
     h0 [b, c, N] or None; seq_idx [b, L] document indices or None -> (y [b, L, c], h_L [b, c, N]).
 
-    Under `resolve_backend(x) == "triton"` (the default for CUDA tensors) the Triton kernel reads the
-    operands in their dtype (bf16 included) with an fp32 state; otherwise a PyTorch form runs on fp32
-    copies (fp64 stays fp64), the one `scan_ref.scan_plan` picks for these decays (the factored chunked
-    form at chunk_size or a smaller chunk, else the sequential or the per-channel chunked form; documents
-    force the per-channel form), the factored form without documents a segment of `scan_ref.SEGMENT` tokens
-    at a time (cache-sized temporaries). y comes back in fp32 (fp64); the caller casts.
-    """
+    Triton backend (the default on CUDA): the kernel reads the operands in their dtype with an fp32 state.
+    Otherwise the PyTorch form `scan_ref.scan_plan` picks (factored chunks, else sequential or per-channel;
+    documents force per-channel) on fp32 copies (fp64 stays fp64), the factored form in segments of
+    `scan_ref.SEGMENT` tokens (cache-sized temporaries). y comes back in fp32 (fp64); the caller casts."""
     if resolve_backend(x) == "triton":
         return selective_scan(x, dt, A, B, C, D, None if h0 is None else h0.float(), seq_idx)
     f = torch.promote_types(x.dtype, torch.float32)
@@ -399,6 +396,6 @@ def ssm_scan(x, dt, A, B, C, D, h0=None, *, chunk_size: int = 16, seq_idx=None):
         form, Q = scan_plan(dt, A, chunk_size, needs_grad)
     if form == "sequential":
         return ssm_scan_ref(x, dt, A, B, C, D, h0, seq_idx)
-    if seq_idx is None and form == "factored":    # segments measured faster for this form; the per-channel
-        return ssm_scan_segments(x, dt, A, B, C, D, h0, chunk_size=Q, intra=form)   # form checkpoints its blocks
+    if seq_idx is None and form == "factored":    # per-channel: blocks checkpointed by ssm_scan_chunked
+        return ssm_scan_segments(x, dt, A, B, C, D, h0, chunk_size=Q, intra=form)
     return ssm_scan_chunked(x, dt, A, B, C, D, h0, chunk_size=Q, intra=form, seq_idx=seq_idx)
