@@ -3,11 +3,10 @@
     y, h_final = selective_scan(x, dt, A, B, C, D, h0=None, seq_idx=None)   # Triton kernel or reference
     y, h_final = selective_scan_ref(x, dt, A, B, C, D, h0=None)             # the sequential PyTorch reference
 
-Shapes: x, dt [b, L, c]; A, D [c] (A < 0, one value per channel: the per-head A repeated); B, C [b, L, N]
-(one group shared by all channels); h0 [b, c, N] or None (zeros); seq_idx [b, L] integer document indices
-or None (packed documents: the state restarts at zero where seq_idx changes, see `scan_ref`). Returns
-y [b, L, c] in x's dtype and the final state h_L [b, c, N] in fp32. x, dt, B, C may be bf16 / fp16 / fp32;
-the state and every sum are fp32.
+Shapes: x, dt [b, L, c]; A, D [c] (A < 0, the per-head A repeated per channel); B, C [b, L, N] (one group);
+h0 [b, c, N] or None (zeros); seq_idx [b, L] document indices or None (the state restarts at zero where it
+changes, see `scan_ref`). Returns y [b, L, c] in x's dtype and h_L [b, c, N] in fp32; x, dt, B, C may be
+bf16 / fp16 / fp32, the state and every sum are fp32.
 
 Maths. With the log-decay a_t = A dt_t and the input u_t = dt_t x_t (both [c]),
 
