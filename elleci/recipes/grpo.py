@@ -52,6 +52,7 @@ class GRPOSettings(TrainingSettings):
     loss: ReinforceLossSection = section(ReinforceLossSection)
     reference: GRPOReferenceSection = section(GRPOReferenceSection)
     data_formats = ("auto",)
+    fsdp_supported = False        # generates with the policy / writes its own final/: ddp
 
     def check(self) -> None:
         super().check()

@@ -31,6 +31,7 @@ HEAD_FILE = "reward_head.safetensors"
 @dataclass
 class RewardModelSettings(TrainingSettings):
     data_formats = ("auto", "pairwise", "soft")
+    fsdp_supported = False        # generates with the policy / writes its own final/: ddp
 
 
 Config = RewardModelSettings

@@ -44,6 +44,7 @@ class RLAIFVSettings(TrainingSettings):
     iterative: IterativeSection = section(IterativeSection)
     loss: PairLossSection = section(PairLossSection)
     data_formats = ("auto",)
+    fsdp_supported = False        # generates with the policy / writes its own final/: ddp
 
     def check(self) -> None:
         super().check()

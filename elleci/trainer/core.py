@@ -38,10 +38,13 @@ from pathlib import Path
 
 import torch
 
+from elleci.model.lora import lora_modules
 from elleci.train import make_optimizer, make_scheduler, optimizer_step, param_groups
 
 from . import checkpoints as ckpt
 from . import distributed as dist
+from . import fsdp
+from . import sharded_checkpoints as sharded_ckpt
 from .batching import ShuffledSource, accumulation_steps, default_units, micro_batches, scored_tokens, \
     steps_for_epochs
 from .reporting import Progress, check_reporters, make_reporters
@@ -51,7 +54,8 @@ OPTIMIZERS = ("adamw", "sgd")
 TRL_NAMES = {"rewards/accuracy": "rewards/accuracies", "rewards/margin": "rewards/margins"}
 # TrainerConfig fields that do not change what is computed (not compared on resume)
 NOT_COMPARED = {"out_dir", "log_every", "eval_every", "checkpoint_every", "keep", "report_to", "progress",
-                "run_config", "allow_changes", "handle_signals", "micro_batch_size"}
+                "run_config", "allow_changes", "handle_signals", "micro_batch_size", "strategy",
+                "mixed_precision"}
 
 
 class TrainingInterrupted(RuntimeError):
@@ -90,6 +94,8 @@ class TrainerConfig:
     run_config: dict | None = None    # settings compared on resume (default: this config's computational fields)
     allow_changes: Sequence[str] = ()
     handle_signals: bool = True
+    strategy: str = "auto"            # under torchrun: ddp | fsdp | auto (ddp for LoRA, fsdp for full fine-tuning)
+    mixed_precision: str | None = None   # fsdp: "bfloat16" = bf16 compute, fp32 gradient reduction
 
     def __post_init__(self):
         for name, allowed in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS)):
@@ -166,6 +172,10 @@ class Trainer:
         self.rank, self.world = dist.rank(), dist.world_size()
         self.accumulation = accumulation_steps(config.batch_size, config.micro_batch_size, self.world)
         dist.broadcast_params(model)                     # all processes start from rank 0's weights
+        self.strategy = dist.resolve_strategy(config.strategy, bool(lora_modules(model)), save_final is None)
+        self.sharded = self.world > 1 and self.strategy == "fsdp"
+        if self.sharded:
+            fsdp.shard_model(model, config.mixed_precision)     # FSDP2: per block, then the root
         if config.steps:
             self.total_steps = config.steps
         elif hasattr(self.source, "__len__"):
@@ -223,14 +233,18 @@ class Trainer:
         total = dist.all_reduce_sum(sum(units))                       # N: units of the whole step
         self.model.train()
         mean, loss_sum, n_tokens = _Mean(), 0.0, 0
-        for b, n in zip(batches, units):
-            loss, metrics = self.step_fn(self.model, b)               # mean over the micro-batch's n units
-            if total > 0 and n > 0:
-                (loss * (n / total)).backward()                       # Σ_i n_i l_i / N
+        for i, (b, n) in enumerate(zip(batches, units)):
+            with fsdp.gradient_sync(self.model, i == len(batches) - 1):   # fsdp: reduce on the last backward
+                loss, metrics = self.step_fn(self.model, b)           # mean over the micro-batch's n units
+                if total > 0 and n > 0:
+                    (loss * (n / total)).backward()                   # Σ_i n_i l_i / N
+                elif self.sharded:                                    # every process joins every reduce-scatter
+                    (loss.nan_to_num() * 0.0).backward()
             loss_sum += float(loss.detach()) * n
             mean.add(metrics, n)
             n_tokens += self.tokens(b)
-        dist.all_reduce_grads(self.model)                             # Σ over processes: the global gradient
+        if not self.sharded:
+            dist.all_reduce_grads(self.model)                         # Σ over processes: the global gradient
         mean = mean.merge_across_processes()
         lr = self.scheduler.get_last_lr()[0]                          # the LR this update uses
         grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.max_grad_norm or None)
@@ -250,12 +264,16 @@ class Trainer:
             if self.eval_data:
                 mean, loss_sum, total = _Mean(), 0.0, 0.0
                 step = self.config.micro_batch_size          # process r takes micro-batches r, r + W, ...
-                for i in range(self.rank * step, len(self.eval_data), step * self.world):
+                starts = list(range(self.rank * step, len(self.eval_data), step * self.world))
+                rounds = math.ceil(math.ceil(len(self.eval_data) / step) / self.world)
+                for k in range(rounds if self.sharded else len(starts)):   # fsdp: every process runs each
+                    i = starts[k] if k < len(starts) else 0                  # forward (a spare one is not counted)
                     b = self.collate(list(self.eval_data[i: i + step]))
-                    n = float(self.units(b))
                     loss, metrics = self.step_fn(self.model, b)
-                    loss_sum, total = loss_sum + float(loss) * n, total + n
-                    mean.add(metrics, n)
+                    if k < len(starts):
+                        n = float(self.units(b))
+                        loss_sum, total = loss_sum + float(loss) * n, total + n
+                        mean.add(metrics, n)
                 mean.num["__loss"], mean.den["__loss"] = loss_sum, total
                 merged = mean.merge_across_processes().result()
                 out["loss"] = merged.pop("__loss", math.nan)
@@ -277,6 +295,10 @@ class Trainer:
         if self.out is None:
             return None
         path = None
+        if self.sharded:                      # FSDP: every process writes its shard (torch.distributed.checkpoint)
+            extra = {"source": self.source.state_dict(), "samples_seen": done * self.config.batch_size}
+            return sharded_ckpt.save(self.out, done, self.model, self.optimizer, self.scheduler, extra=extra,
+                                     run_config=self.config.compared_settings(), keep=self.config.keep)
         if dist.is_main():                    # DDP: every process holds the same weights and optimizer state
             extra = {"source": self.source.state_dict(), "samples_seen": done * self.config.batch_size}
             path = ckpt.save(self.out, done, self.model, self.optimizer, self.scheduler, extra=extra,
@@ -288,8 +310,10 @@ class Trainer:
         if self.out is None:
             return 0
         dist.barrier()                        # every process sees the same newest checkpoint
-        got = ckpt.resume(self.out, self.model, self.optimizer, self.scheduler,
-                          run_config=self.config.compared_settings(), allow_changes=self.config.allow_changes)
+        sharded = self.sharded or sharded_ckpt.is_sharded_checkpoint(ckpt.latest_checkpoint(self.out, ckpt.PREFIX))
+        got = (sharded_ckpt if sharded else ckpt).resume(
+            self.out, self.model, self.optimizer, self.scheduler, run_config=self.config.compared_settings(),
+            allow_changes=self.config.allow_changes)
         if got is None:
             ckpt.truncate_metrics(self.out / "metrics.jsonl", 0)    # a run that died before its first checkpoint
             return 0
@@ -302,13 +326,19 @@ class Trainer:
         return step
 
     def save_final(self) -> Path | None:
-        if self.out is None or not dist.is_main():
+        if self.out is None:
+            return None
+        model = self.model
+        if self.sharded:                      # gathered on rank 0 into a plain model: a single-file checkpoint
+            state = fsdp.full_state_dict(self.model)
+            model = fsdp.unsharded_copy(self.model, state) if dist.is_main() else None
+        if not dist.is_main():
             return None
         final = self.out / "final"
         if self._save_final is not None:
             self._save_final(final)
         else:
-            ckpt.save_final(final, self.model, self.tokenizer, base=self.base, base_seed=self.config.seed)
+            ckpt.save_final(final, model, self.tokenizer, base=self.base, base_seed=self.config.seed)
         return final
 
     # ---- the loop ----------------------------------------------------------------------------

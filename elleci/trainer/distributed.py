@@ -67,14 +67,19 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
-def resolve_strategy(strategy: str, uses_lora: bool) -> str:
-    """"auto": ddp for LoRA; for full fine-tuning too in this version ("fsdp" is refused, see the README)."""
+def resolve_strategy(strategy: str, uses_lora: bool, fsdp_supported: bool = True) -> str:
+    """"auto": ddp for LoRA (the trainable part is small: replicate it), fsdp for full fine-tuning (shard the
+    weights, gradients and optimizer state: `elleci.trainer.fsdp`). A stage that cannot run sharded
+    (`fsdp_supported=False`: it generates with the policy, or writes its own final/) gets ddp from "auto"
+    and refuses "fsdp"."""
     if strategy not in STRATEGIES:
         raise ValueError(f"distributed.strategy = {strategy!r}; choose one of {STRATEGIES}")
-    if strategy == "fsdp":
-        raise ValueError("distributed.strategy = 'fsdp' is not implemented yet (issue 20, point 3); "
-                         "use 'ddp' (every process holds the whole model)")
-    return "ddp"
+    if strategy == "fsdp" and not fsdp_supported:
+        raise ValueError("distributed.strategy = 'fsdp' is not supported by this stage (it generates with the "
+                         "policy or writes its own final/); use 'ddp' or 'auto'")
+    if strategy == "auto":
+        return "ddp" if uses_lora or not fsdp_supported else "fsdp"
+    return strategy
 
 
 def _tensor_device(model: torch.nn.Module):
