@@ -236,10 +236,7 @@ class Trainer:
         for i, (b, n) in enumerate(zip(batches, units)):
             with fsdp.gradient_sync(self.model, i == len(batches) - 1):   # fsdp: reduce on the last backward
                 loss, metrics = self.step_fn(self.model, b)           # mean over the micro-batch's n units
-                if total > 0 and n > 0:
-                    (loss * (n / total)).backward()                   # Σ_i n_i l_i / N
-                elif self.sharded:                                    # every process joins every reduce-scatter
-                    (loss.nan_to_num() * 0.0).backward()
+                fsdp.backward(loss, n, total, self.sharded)           # (n / N) l: Σ_i n_i l_i / N
             loss_sum += float(loss.detach()) * n
             mean.add(metrics, n)
             n_tokens += self.tokens(b)
@@ -264,13 +261,10 @@ class Trainer:
             if self.eval_data:
                 mean, loss_sum, total = _Mean(), 0.0, 0.0
                 step = self.config.micro_batch_size          # process r takes micro-batches r, r + W, ...
-                starts = list(range(self.rank * step, len(self.eval_data), step * self.world))
-                rounds = math.ceil(math.ceil(len(self.eval_data) / step) / self.world)
-                for k in range(rounds if self.sharded else len(starts)):   # fsdp: every process runs each
-                    i = starts[k] if k < len(starts) else 0                  # forward (a spare one is not counted)
+                for i, counted in fsdp.eval_starts(len(self.eval_data), step, self.rank, self.world, self.sharded):
                     b = self.collate(list(self.eval_data[i: i + step]))
                     loss, metrics = self.step_fn(self.model, b)
-                    if k < len(starts):
+                    if counted:                               # fsdp: a spare forward (not counted) joins the gathers
                         n = float(self.units(b))
                         loss_sum, total = loss_sum + float(loss) * n, total + n
                         mean.add(metrics, n)
@@ -295,12 +289,11 @@ class Trainer:
         if self.out is None:
             return None
         path = None
+        extra = {"source": self.source.state_dict(), "samples_seen": done * self.config.batch_size}
         if self.sharded:                      # FSDP: every process writes its shard (torch.distributed.checkpoint)
-            extra = {"source": self.source.state_dict(), "samples_seen": done * self.config.batch_size}
             return sharded_ckpt.save(self.out, done, self.model, self.optimizer, self.scheduler, extra=extra,
                                      run_config=self.config.compared_settings(), keep=self.config.keep)
         if dist.is_main():                    # DDP: every process holds the same weights and optimizer state
-            extra = {"source": self.source.state_dict(), "samples_seen": done * self.config.batch_size}
             path = ckpt.save(self.out, done, self.model, self.optimizer, self.scheduler, extra=extra,
                              run_config=self.config.compared_settings(), keep=self.config.keep)
         dist.barrier()                        # no process runs ahead of a checkpoint being published
@@ -318,7 +311,7 @@ class Trainer:
             ckpt.truncate_metrics(self.out / "metrics.jsonl", 0)    # a run that died before its first checkpoint
             return 0
         step, extra, path = got
-        _recompute_lr(self.optimizer, self.scheduler)
+        ckpt.recompute_lr(self.optimizer, self.scheduler)
         self.source.load_state_dict((extra or {}).get("source", {}))
         if dist.is_main():
             ckpt.truncate_metrics(self.out / "metrics.jsonl", step)
@@ -328,10 +321,7 @@ class Trainer:
     def save_final(self) -> Path | None:
         if self.out is None:
             return None
-        model = self.model
-        if self.sharded:                      # gathered on rank 0 into a plain model: a single-file checkpoint
-            state = fsdp.full_state_dict(self.model)
-            model = fsdp.unsharded_copy(self.model, state) if dist.is_main() else None
+        model = fsdp.gathered(self.model) if self.sharded else self.model   # fsdp: rank 0 gets a plain copy
         if not dist.is_main():
             return None
         final = self.out / "final"
@@ -394,17 +384,6 @@ class Trainer:
                 r.close()
         self.model.eval()
         return self.history
-
-
-def _recompute_lr(optimizer, scheduler) -> None:
-    """Set each group's LR to base_lr · λ(step), as the uninterrupted run computed it (a loaded LR rescaled by
-    new_base / old_base can be one ulp off even when the base did not change)."""
-    lambdas = getattr(scheduler, "lr_lambdas", None)
-    if lambdas is None:
-        return
-    for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, lambdas):
-        g["lr"] = base * fn(scheduler.last_epoch)
-    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _run_eval_tasks(model, tokenizer, tasks) -> dict:

@@ -98,6 +98,15 @@ def gradient_sync(model: nn.Module, sync: bool):
         model.set_requires_gradient_sync(True)
 
 
+def backward(loss: torch.Tensor, n: float, total: float, sharded: bool) -> None:
+    """Back-propagate (n / N) · loss, the micro-batch's share of the step's loss; nothing when it has no units,
+    except under FSDP, where every process must join every reduce-scatter: then 0 · loss."""
+    if total > 0 and n > 0:
+        (loss * (n / total)).backward()
+    elif sharded:
+        (loss.nan_to_num() * 0.0).backward()
+
+
 def full_value(x):
     """A DTensor's full value (a replicated or partial norm, a sharded tensor); anything else unchanged."""
     return x.full_tensor() if hasattr(x, "full_tensor") else x
@@ -107,6 +116,25 @@ def full_state_dict(model: nn.Module) -> dict:
     """{name: full CPU tensor} on rank 0, {} elsewhere. A collective: every process calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def gathered(model: nn.Module) -> nn.Module | None:
+    """Rank 0: a plain copy of the sharded model (`unsharded_copy`); None elsewhere. A collective."""
+    state = full_state_dict(model)
+    return unsharded_copy(model, state) if torch.distributed.get_rank() == 0 else None
+
+
+def eval_starts(n_items: int, micro_batch_size: int, rank: int, world: int, every_process: bool
+                ) -> list[tuple[int, int]]:
+    """(start, counted) of the eval micro-batches of process `rank`: micro-batches rank, rank + W, ... With
+    `every_process` (FSDP: each forward all-gathers, so every process must run as many) a process with one
+    fewer repeats micro-batch 0 with counted = 0."""
+    starts = list(range(rank * micro_batch_size, n_items, micro_batch_size * world))
+    out = [(i, 1) for i in starts]
+    if every_process:
+        rounds = -(-(-(-n_items // micro_batch_size)) // world)          # ceil(ceil(n / micro) / W)
+        out += [(0, 0)] * (rounds - len(starts))
+    return out
 
 
 def unsharded_copy(model: nn.Module, state: dict) -> nn.Module:
