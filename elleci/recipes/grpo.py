@@ -28,6 +28,7 @@ from .common import TrainingSettings, attach_lora, fail, load_policy, run_traine
 from .datasets import prompt_records
 from .online import check_verifier_spec, load_verifier, verifier_accuracy
 from .sections import ReinforceLossSection, RolloutSection
+from .sharding import chunk_seed, chunked, sharded_chunks
 
 NAME, HELP = "grpo", "GRPO with rewards from a module:function verifier"
 
@@ -90,18 +91,19 @@ class Rollouts:
         P = batch_size // G
         records = [self.prompts[i] for i in step_indices(len(self.prompts), P, step, seed)]
         device = next(self.model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + step)
-        chunk = max(1, ro.batch_size // G)
-        sample_groups = grpo_algos.sample_groups
-        rows, comps, stopped = [], [], []
-        for i in range(0, P, chunk):                                       # rollouts in micro-batches too
-            r, c, s = sample_groups(self.model, self.tok, [rec["prompt"] for rec in records[i:i + chunk]], G,
-                                    max_new_tokens=ro.max_new_tokens, temperature=ro.temperature,
-                                    top_p=ro.top_p if ro.top_p < 1 else None, generator=gen)
-            rows, comps, stopped = rows + r, comps + c, stopped + s
-        texts = [self.tok.decode([t for t in (c[:-1] if s else c) if t < self.tok.vocab_size],
-                                 skip_special_tokens=True) for c, s in zip(comps, stopped)]
-        rewards = torch.tensor([float(self.verifier(records[n // G], t)) for n, t in enumerate(texts)])
+        chunks = chunked(records, ro.batch_size // G)                      # rollouts in micro-batches too
+
+        def rollout(c):                 # chunk c, sampled and scored by the process that owns it (sharding.py)
+            gen = torch.Generator(device=device).manual_seed(chunk_seed(seed, step, c))
+            r, comps, stop = grpo_algos.sample_groups(
+                self.model, self.tok, [rec["prompt"] for rec in chunks[c]], G, max_new_tokens=ro.max_new_tokens,
+                temperature=ro.temperature, top_p=ro.top_p if ro.top_p < 1 else None, generator=gen)
+            texts = [self.tok.decode([t for t in (x[:-1] if s else x) if t < self.tok.vocab_size],
+                                     skip_special_tokens=True) for x, s in zip(comps, stop)]
+            return [(*row, float(self.verifier(chunks[c][n // G], texts[n])))
+                    for n, row in enumerate(zip(r, comps, stop))]
+        rows, comps, stopped, scores = map(list, zip(*sharded_chunks(len(chunks), rollout)))
+        rewards = torch.tensor(scores)
         adv = grpo_algos.group_advantages(rewards.view(P, G), scale=self.cfg.loss.scale).flatten()
         self.metrics = {"reward": rewards.mean().item(), "reward_std": rewards.std().item() if len(rewards) > 1
                         else 0.0, "completion_length": sum(map(len, comps)) / len(comps),

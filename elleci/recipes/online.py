@@ -87,7 +87,10 @@ class PairRounds:
                            token_reduction=self.token_reduction)
 
     def _start_round(self, r: int) -> None:
-        records, stats = from_main(lambda: self.make_records(r))   # one round for all processes: rank 0's
+        if getattr(self.make_records, "sharded", False):              # sharded itself (recipes/sharding.py)
+            records, stats = self.make_records(r)
+        else:
+            records, stats = from_main(lambda: self.make_records(r))  # one round for all processes: rank 0's
         items = self._encode(records)
         if items:
             if self.initial is not None:
