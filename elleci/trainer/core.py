@@ -42,8 +42,8 @@ from elleci.model.lora import lora_modules
 from elleci.train import make_optimizer, make_scheduler, optimizer_step, param_groups
 
 from . import checkpoints as ckpt
+from . import ddp, fsdp
 from . import distributed as dist
-from . import fsdp
 from . import sharded_checkpoints as sharded_ckpt
 from .batching import ShuffledSource, accumulation_steps, default_units, micro_batches, scored_tokens, \
     steps_for_epochs
@@ -171,11 +171,14 @@ class Trainer:
         self._save_final, self.on_start = save_final, on_start
         self.rank, self.world = dist.rank(), dist.world_size()
         self.accumulation = accumulation_steps(config.batch_size, config.micro_batch_size, self.world)
-        dist.broadcast_params(model)                     # all processes start from rank 0's weights
         self.strategy = dist.resolve_strategy(config.strategy, bool(lora_modules(model)), save_final is None)
         self.sharded = self.world > 1 and self.strategy == "fsdp"
-        if self.sharded:
+        self._forward = lambda b: step_fn(model, b)
+        if self.sharded:                                 # all processes start from rank 0's weights
+            dist.broadcast_params(model)
             fsdp.shard_model(model, config.mixed_precision)     # FSDP2: per block, then the root
+        elif self.world > 1:
+            self._forward = ddp.wrap(model, step_fn)     # DistributedDataParallel around the step (ddp.py)
         if config.steps:
             self.total_steps = config.steps
         elif hasattr(self.source, "__len__"):
@@ -234,14 +237,13 @@ class Trainer:
         self.model.train()
         mean, loss_sum, n_tokens = _Mean(), 0.0, 0
         for i, (b, n) in enumerate(zip(batches, units)):
-            with fsdp.gradient_sync(self.model, i == len(batches) - 1):   # fsdp: reduce on the last backward
-                loss, metrics = self.step_fn(self.model, b)           # mean over the micro-batch's n units
-                fsdp.backward(loss, n, total, self.sharded)           # (n / N) l: Σ_i n_i l_i / N
+            last = i == len(batches) - 1                              # reduce (Σ over processes) on the
+            with fsdp.gradient_sync(self.model, last), ddp.no_sync(self._forward, last):   # last backward only
+                loss, metrics = self._forward(b)                      # mean over the micro-batch's n units
+                fsdp.backward(loss, n, total, self.world > 1)         # (n / N) l: Σ_i n_i l_i / N
             loss_sum += float(loss.detach()) * n
             mean.add(metrics, n)
             n_tokens += self.tokens(b)
-        if not self.sharded:
-            dist.all_reduce_grads(self.model)                         # Σ over processes: the global gradient
         mean = mean.merge_across_processes()
         lr = self.scheduler.get_last_lr()[0]                          # the LR this update uses
         grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.max_grad_norm or None)

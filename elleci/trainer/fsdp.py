@@ -98,12 +98,12 @@ def gradient_sync(model: nn.Module, sync: bool):
         model.set_requires_gradient_sync(True)
 
 
-def backward(loss: torch.Tensor, n: float, total: float, sharded: bool) -> None:
+def backward(loss: torch.Tensor, n: float, total: float, collective: bool) -> None:
     """Back-propagate (n / N) · loss, the micro-batch's share of the step's loss; nothing when it has no units,
-    except under FSDP, where every process must join every reduce-scatter: then 0 · loss."""
+    except with several processes (DDP, FSDP), where every process must join every reduction: 0 · loss."""
     if total > 0 and n > 0:
         (loss * (n / total)).backward()
-    elif sharded:
+    elif collective:
         (loss.nan_to_num() * 0.0).backward()
 
 
