@@ -20,6 +20,7 @@ process sees (one node, or a shared file system across nodes).
 from __future__ import annotations
 
 import json
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -104,7 +105,9 @@ def load(path, model, optimizer, scheduler, *, run_config: dict | None, allow_ch
         raise ResumeMismatch(path, diffs)
     current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     states = _states(model, optimizer)
-    dcp.load(states, checkpoint_id=path / SHARDS)
+    with warnings.catch_warnings():              # one process without a group: loading here is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(states, checkpoint_id=path / SHARDS)
     set_model_state_dict(model, states["model"])
     set_optimizer_state_dict(model, optimizer, states["optim"])
     scheduler.load_state_dict(state["scheduler"])
