@@ -26,6 +26,7 @@ STAGES = {
                                                       "judging itself (RLAIF), a judge model or a reward model"),
     "rlaif-v": ("elleci.recipes.rlaif_v", "RLAIF-V: pairs from claims verified against a passage field"),
     "grpo": ("elleci.recipes.grpo", "GRPO with rewards from a module:function verifier"),
+    "fslora": ("elleci.recipes.fslora", "FSLoRA: federated sketching LoRA, clients simulated or on ranks"),
 }
 TOOLS = {
     "convert": ("elleci.recipes.convert", "an original .pth (or a preset) -> an elleci model directory"),

@@ -218,6 +218,7 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler
     params = [p for p in model.parameters() if p.grad is not None]
     max_norm = max_grad_norm if max_grad_norm else math.inf
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm     # FSDP: a DTensor over the shards
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if scheduler is not None:

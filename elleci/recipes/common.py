@@ -46,6 +46,7 @@ class TrainingSettings:
     data_formats = ("auto",)          # the [data] format values this stage reads
     packing = ""                      # what [data] packing = true packs here ("": refused, why_not_packing says why)
     why_not_packing = "its batches are not built from packed rows"
+    fsdp_supported = True             # False: a stage that generates with the policy or writes its own final/
 
     def __post_init__(self):
         check_fields(self)            # types and ranges; `check` (required keys, files, rules across keys) follows
@@ -72,7 +73,7 @@ class TrainingSettings:
             fail("train.batch_size", f"{t.batch_size} must be a multiple of micro_batch_size {t.micro_batch_size} "
                                      f"× world size {world} = {t.micro_batch_size * world}")
         try:
-            resolve_strategy(self.distributed.strategy, self.uses_lora)
+            resolve_strategy(self.distributed.strategy, self.uses_lora, self.fsdp_supported)
         except ValueError as e:
             fail("distributed.strategy", str(e))
         if t.steps == 0 and t.epochs == 0:
@@ -132,7 +133,9 @@ def trainer_config(cfg, *, allow_changes=(), steps: int | None = None, batch_siz
                          optimizer=t.optimizer, seed=t.seed, out_dir=cfg.out_dir, log_every=cfg.log.every,
                          eval_every=cfg.eval.every, checkpoint_every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                          report_to=tuple(cfg.log.report_to), progress=cfg.log.progress,
-                         run_config=compared_settings(cfg), allow_changes=tuple(allow_changes))
+                         run_config=compared_settings(cfg), allow_changes=tuple(allow_changes),
+                         strategy=resolve_strategy(cfg.distributed.strategy, cfg.uses_lora, cfg.fsdp_supported),
+                         mixed_precision="bfloat16" if cfg.model.dtype == "bfloat16" else None)
 
 
 def tokenizer_for(cfg):

@@ -16,6 +16,8 @@ Eval: the verifier's mean reward on [data] eval with greedy decoding, or with bu
 from __future__ import annotations
 
 import copy
+import functools
+import operator
 import random
 from dataclasses import dataclass
 
@@ -34,6 +36,7 @@ from .datasets import prompt_records
 from . import rollouts
 from .online import check_verifier_spec, load_verifier, verifier_accuracy
 from .sections import ReinforceLossSection, RolloutSection
+from .sharding import chunk_seed, chunked, sharded_chunks
 
 NAME, HELP = "grpo", "GRPO with rewards from a module:function verifier"
 
@@ -58,6 +61,7 @@ class GRPOSettings(TrainingSettings):
     loss: ReinforceLossSection = section(ReinforceLossSection)
     reference: GRPOReferenceSection = section(GRPOReferenceSection)
     data_formats = ("auto",)
+    fsdp_supported = False        # generates with the policy / writes its own final/: ddp
 
     def check(self) -> None:
         super().check()
@@ -103,12 +107,19 @@ class Rollouts:
         P = batch_size // G
         first = step_indices(len(self.prompts), P, step, seed)
         used, rng = set(first), random.Random(f"grpo/{seed}/{step}")
+        config = rollouts.rollout_config(self.cfg.rollout)
 
         def draw(r: int):                                  # sampling round r: the step's prompts, then fresh ones
             idx = first if r == 0 else rollouts.fresh_prompts(len(self.prompts), used, P, rng)
-            return None if idx is None else rollouts.sample_groups(
-                self.model, self.tok, [self.prompts[i] for i in idx], G, rollouts.rollout_config(self.cfg.rollout),
-                seed=rollouts.step_seed(seed, step, r), reward=self.verifier)
+            if idx is None:
+                return None
+            chunks = chunked([self.prompts[i] for i in idx], self.cfg.rollout.batch_size // G)
+            base = rollouts.step_seed(seed, step, r)
+
+            def work(c):                # chunk c, sampled and scored by the process that owns it (sharding.py)
+                return [rollouts.sample_groups(self.model, self.tok, chunks[c], G, config, seed=chunk_seed(base, c),
+                                               reward=self.verifier)]
+            return functools.reduce(operator.add, sharded_chunks(len(chunks), work))
         groups, sampled, rounds = rollouts.dynamic_sampling(draw, P, loss.max_sample_rounds if loss.filter_groups
                                                             else 1)
         adv = grpo_algos.group_advantages(groups.rewards.view(P, G), scale=loss.scale).flatten()

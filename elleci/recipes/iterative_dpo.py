@@ -26,6 +26,7 @@ from .loading import load_model, load_tokenizer, model_kind
 from .online import PairRounds, check_verifier_spec, load_verifier, verifier_accuracy
 from .rollouts import rollout_config
 from .sections import PairLossSection, RolloutSection
+from .sharding import chunk_seed, chunked, sharded_chunks
 
 NAME, HELP = "iterative-dpo", "online DPO rounds with rewards from a verifier, the policy itself, a judge or an RM"
 
@@ -60,6 +61,7 @@ class IterativeDPOSettings(TrainingSettings):
     loss: PairLossSection = section(PairLossSection)
     data_formats = ("auto",)
     packing = "each micro-batch's chosen and rejected sequences of the round's pairs (batch_size counts pairs)"
+    fsdp_supported = False        # generates with the policy / writes its own final/: ddp
 
     def check(self) -> None:
         super().check()
@@ -122,16 +124,22 @@ def make_round(cfg, model, tok, prompts: list[dict], rewards):
 
     def make_records(r: int):
         records = [prompts[i] for i in step_indices(len(prompts), it.prompts_per_round, r, seed + 7919)]
-        groups = sample_responses(model, tok, [rec["prompt"] for rec in records], ro.k, temperature=ro.temperature,
-                                  top_p=ro.top_p if ro.top_p < 1 else None, top_k=ro.top_k or None,
-                                  max_new_tokens=ro.max_new_tokens, seed=seed * 1000 + r, batch_size=ro.batch_size,
-                                  rollout=rollout_config(ro))
-        scores = rewards(records, groups)
+        chunks = chunked(records, max(1, ro.batch_size // ro.k))
+
+        def work(c):                    # chunk c, sampled and scored by the process that owns it (sharding.py)
+            groups = sample_responses(model, tok, [rec["prompt"] for rec in chunks[c]], ro.k,
+                                      temperature=ro.temperature, top_p=ro.top_p if ro.top_p < 1 else None,
+                                      top_k=ro.top_k or None, max_new_tokens=ro.max_new_tokens,
+                                      seed=chunk_seed(seed, r, c), batch_size=ro.batch_size,
+                                      rollout=rollout_config(ro))
+            return list(zip(groups, rewards(chunks[c], groups)))
+        groups, scores = map(list, zip(*sharded_chunks(len(chunks), work)))
         pairs = build_pairs([rec["prompt"] for rec in records], groups, scores, strategy=it.pair_strategy,
                             length_penalty=it.length_penalty, seed=seed * 1000 + r)
         flat = [x for s in scores for x in s]
         spread = sum(max(s) - min(s) for s in scores) / len(scores)
         return pairs, {"round/reward_mean": sum(flat) / len(flat), "round/reward_spread": spread}
+    make_records.sharded = True         # every process calls it (PairRounds), each generating its chunks
     return make_records
 
 

@@ -19,9 +19,6 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-
-
 from elleci.algos.reference import swapped_parameters, trainable_state
 from elleci.trainer.batching import step_indices
 from elleci.trainer.distributed import from_main, is_main
@@ -87,7 +84,10 @@ class PairRounds:
                            token_reduction=self.token_reduction)
 
     def _start_round(self, r: int) -> None:
-        records, stats = from_main(lambda: self.make_records(r))   # one round for all processes: rank 0's
+        if getattr(self.make_records, "sharded", False):              # sharded itself (recipes/sharding.py)
+            records, stats = self.make_records(r)
+        else:
+            records, stats = from_main(lambda: self.make_records(r))  # one round for all processes: rank 0's
         items = self._encode(records)
         if items:
             if self.initial is not None:

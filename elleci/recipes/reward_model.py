@@ -32,6 +32,7 @@ HEAD_FILE = "reward_head.safetensors"
 class RewardModelSettings(TrainingSettings):
     data_formats = ("auto", "pairwise", "soft")
     packing = "each micro-batch's response_a and response_b sequences (batch_size counts pairs)"
+    fsdp_supported = False        # generates with the policy / writes its own final/: ddp
 
 
 Config = RewardModelSettings

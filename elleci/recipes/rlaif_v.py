@@ -46,6 +46,7 @@ class RLAIFVSettings(TrainingSettings):
     loss: PairLossSection = section(PairLossSection)
     data_formats = ("auto",)
     packing = "each micro-batch's chosen and rejected sequences of the round's pairs (batch_size counts pairs)"
+    fsdp_supported = False        # generates with the policy / writes its own final/: ddp
 
     def check(self) -> None:
         super().check()

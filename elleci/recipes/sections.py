@@ -85,7 +85,9 @@ class CheckpointSection:
 @dataclass
 class DistributedSection:
     strategy: str = setting("auto", "under torchrun: ddp (each process holds the model; gradients all-reduced "
-                                    "once per step), fsdp (not implemented yet), auto (ddp)",
+                                    "once per step), fsdp (FSDP2: weights, gradients and optimizer state "
+                                    "sharded per block), auto (ddp for LoRA, fsdp for full fine-tuning; ddp "
+                                    "for the online stages and the reward model)",
                             choices=("auto", "ddp", "fsdp"))
 
 

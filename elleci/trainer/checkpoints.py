@@ -26,7 +26,7 @@ from elleci.checkpointing import latest_checkpoint, publish_dir, remove_dir
 from elleci.resume import ResumeMismatch, load_checkpoint, save_checkpoint, truncate_metrics
 
 __all__ = ["ResumeMismatch", "trainable_module", "save", "resume", "save_final", "checkpoint_dirs",
-           "truncate_metrics", "publish_dir"]
+           "truncate_metrics", "publish_dir", "recompute_lr"]
 
 
 class _Trainable(nn.Module):
@@ -100,3 +100,13 @@ def save_final(directory, model, tokenizer=None, *, base: str | None = None, bas
             write(tmp / name)
     return directory
 
+
+def recompute_lr(optimizer, scheduler) -> None:
+    """Set each group's LR to base_lr · λ(step), as the uninterrupted run computed it (a loaded LR rescaled by
+    new_base / old_base can be one ulp off even when the base did not change)."""
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if lambdas is None:
+        return
+    for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, lambdas):
+        g["lr"] = base * fn(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]

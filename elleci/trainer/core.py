@@ -44,10 +44,13 @@ from pathlib import Path
 
 import torch
 
+from elleci.model.lora import lora_modules
 from elleci.train import make_optimizer, make_scheduler, optimizer_step, param_groups
 
 from . import checkpoints as ckpt
+from . import ddp, fsdp
 from . import distributed as dist
+from . import sharded_checkpoints as sharded_ckpt
 from .batching import ShuffledSource, accumulation_steps, default_units, micro_batches, scored_tokens, \
     steps_for_epochs
 from .metrics import WeightedMean, trl_aliases
@@ -57,7 +60,8 @@ SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 # TrainerConfig fields that do not change what is computed (not compared on resume)
 NOT_COMPARED = {"out_dir", "log_every", "eval_every", "checkpoint_every", "keep", "report_to", "progress",
-                "run_config", "allow_changes", "handle_signals", "micro_batch_size"}
+                "run_config", "allow_changes", "handle_signals", "micro_batch_size", "strategy",
+                "mixed_precision"}
 
 
 class TrainingInterrupted(RuntimeError):
@@ -96,6 +100,8 @@ class TrainerConfig:
     run_config: dict | None = None    # settings compared on resume (default: this config's computational fields)
     allow_changes: Sequence[str] = ()
     handle_signals: bool = True
+    strategy: str = "auto"            # under torchrun: ddp | fsdp | auto (ddp for LoRA, fsdp for full fine-tuning)
+    mixed_precision: str | None = None   # fsdp: "bfloat16" = bf16 compute, fp32 gradient reduction
 
     def __post_init__(self):
         for name, allowed in (("schedule", SCHEDULES), ("optimizer", OPTIMIZERS)):
@@ -128,7 +134,14 @@ class Trainer:
         self.extra_reporters = list(reporters)           # objects with log(record) / close(), beside out_dir's
         self.rank, self.world = dist.rank(), dist.world_size()
         self.accumulation = accumulation_steps(config.batch_size, config.micro_batch_size, self.world)
-        dist.broadcast_params(model)                     # all processes start from rank 0's weights
+        self.strategy = dist.resolve_strategy(config.strategy, bool(lora_modules(model)), save_final is None)
+        self.sharded = self.world > 1 and self.strategy == "fsdp"
+        self._forward = lambda b: step_fn(model, b)
+        if self.sharded:                                 # all processes start from rank 0's weights
+            dist.broadcast_params(model)
+            fsdp.shard_model(model, config.mixed_precision)     # FSDP2: per block, then the root
+        elif self.world > 1:
+            self._forward = ddp.wrap(model, step_fn)     # DistributedDataParallel around the step (ddp.py)
         if config.steps:
             self.total_steps = config.steps
         elif hasattr(self.source, "__len__"):
@@ -189,14 +202,14 @@ class Trainer:
         total = dist.all_reduce_sum(sum(units))                       # N: units of the whole step
         self.model.train()
         mean, loss_sum, n_tokens = WeightedMean(), 0.0, 0
-        for b, n in zip(batches, units):
-            loss, metrics = self.step_fn(self.model, b)               # mean over the micro-batch's n units
-            if total > 0 and n > 0:
-                (loss * (n / total)).backward()                       # Σ_i n_i l_i / N
+        for i, (b, n) in enumerate(zip(batches, units)):
+            last = i == len(batches) - 1                              # reduce (Σ over processes) on the
+            with fsdp.gradient_sync(self.model, last), ddp.no_sync(self._forward, last):   # last backward only
+                loss, metrics = self._forward(b)                      # mean over the micro-batch's n units
+                fsdp.backward(loss, n, total, self.world > 1)         # (n / N) l: Σ_i n_i l_i / N
             loss_sum += float(loss.detach()) * n
             mean.add(metrics, n)
             n_tokens += self.tokens(b)
-        dist.all_reduce_grads(self.model)                             # Σ over processes: the global gradient
         mean = mean.merge_across_processes()
         lr = self.scheduler.get_last_lr()[0]                          # the LR this update uses
         grad_norm = optimizer_step(self.model, self.optimizer, self.scheduler, self.config.max_grad_norm or None)
@@ -216,12 +229,13 @@ class Trainer:
             if self.eval_data:
                 mean, loss_sum, total = WeightedMean(), 0.0, 0.0
                 step = self.config.micro_batch_size          # process r takes micro-batches r, r + W, ...
-                for i in range(self.rank * step, len(self.eval_data), step * self.world):
+                for i, counted in fsdp.eval_starts(len(self.eval_data), step, self.rank, self.world, self.sharded):
                     b = self.collate(list(self.eval_data[i: i + step]))
-                    n = float(self.units(b))
                     loss, metrics = self.step_fn(self.model, b)
-                    loss_sum, total = loss_sum + float(loss) * n, total + n
-                    mean.add(metrics, n)
+                    if counted:                               # fsdp: a spare forward (not counted) joins the gathers
+                        n = float(self.units(b))
+                        loss_sum, total = loss_sum + float(loss) * n, total + n
+                        mean.add(metrics, n)
                 mean.num["__loss"], mean.den["__loss"] = loss_sum, total
                 merged = mean.merge_across_processes().result()
                 out["loss"] = merged.pop("__loss", math.nan)
@@ -243,8 +257,11 @@ class Trainer:
         if self.out is None:
             return None
         path = None
+        extra = {"source": self.source.state_dict(), "samples_seen": done * self.config.batch_size}
+        if self.sharded:                      # FSDP: every process writes its shard (torch.distributed.checkpoint)
+            return sharded_ckpt.save(self.out, done, self.model, self.optimizer, self.scheduler, extra=extra,
+                                     run_config=self.config.compared_settings(), keep=self.config.keep)
         if dist.is_main():                    # DDP: every process holds the same weights and optimizer state
-            extra = {"source": self.source.state_dict(), "samples_seen": done * self.config.batch_size}
             path = ckpt.save(self.out, done, self.model, self.optimizer, self.scheduler, extra=extra,
                              run_config=self.config.compared_settings(), keep=self.config.keep)
         dist.barrier()                        # no process runs ahead of a checkpoint being published
@@ -254,13 +271,15 @@ class Trainer:
         if self.out is None:
             return 0
         dist.barrier()                        # every process sees the same newest checkpoint
-        got = ckpt.resume(self.out, self.model, self.optimizer, self.scheduler,
-                          run_config=self.config.compared_settings(), allow_changes=self.config.allow_changes)
+        sharded = self.sharded or sharded_ckpt.is_sharded_checkpoint(ckpt.latest_checkpoint(self.out, ckpt.PREFIX))
+        got = (sharded_ckpt if sharded else ckpt).resume(
+            self.out, self.model, self.optimizer, self.scheduler, run_config=self.config.compared_settings(),
+            allow_changes=self.config.allow_changes)
         if got is None:
             ckpt.truncate_metrics(self.out / "metrics.jsonl", 0)    # a run that died before its first checkpoint
             return 0
         step, extra, path = got
-        _recompute_lr(self.optimizer, self.scheduler)
+        ckpt.recompute_lr(self.optimizer, self.scheduler)
         self.source.load_state_dict((extra or {}).get("source", {}))
         if dist.is_main():
             ckpt.truncate_metrics(self.out / "metrics.jsonl", step)
@@ -268,13 +287,16 @@ class Trainer:
         return step
 
     def save_final(self) -> Path | None:
-        if self.out is None or not dist.is_main():
+        if self.out is None:
+            return None
+        model = fsdp.gathered(self.model) if self.sharded else self.model   # fsdp: rank 0 gets a plain copy
+        if not dist.is_main():
             return None
         final = self.out / "final"
         if self._save_final is not None:
             self._save_final(final)
         else:
-            ckpt.save_final(final, self.model, self.tokenizer, base=self.base, base_seed=self.config.seed)
+            ckpt.save_final(final, model, self.tokenizer, base=self.base, base_seed=self.config.seed)
         return final
 
     # ---- the loop ----------------------------------------------------------------------------
@@ -333,17 +355,6 @@ class Trainer:
                 r.close()
         self.model.eval()
         return self.history
-
-
-def _recompute_lr(optimizer, scheduler) -> None:
-    """Set each group's LR to base_lr · λ(step), as the uninterrupted run computed it (a loaded LR rescaled by
-    new_base / old_base can be one ulp off even when the base did not change)."""
-    lambdas = getattr(scheduler, "lr_lambdas", None)
-    if lambdas is None:
-        return
-    for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, lambdas):
-        g["lr"] = base * fn(scheduler.last_epoch)
-    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
 def _run_eval_tasks(model, tokenizer, tasks) -> dict:

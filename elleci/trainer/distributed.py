@@ -10,10 +10,11 @@ the WHOLE step (all-reduced), so the global gradient is the SUM over processes o
 
     g = Σ_r Σ_{i∈r} (n_i / N) ∇l_i = ∇ (Σ_i n_i l_i / N)
 
-`all_reduce_grads` does that sum once per optimizer step (one flat all-reduce of the trainable gradients,
-what `DistributedDataParallel` does with `no_sync()` on all but the last micro-batch; the wrapper itself is
-not used because the step functions call the bare model and its methods). Parameters start equal on every
-rank (`broadcast_params` from rank 0) and, receiving the same gradient, stay equal.
+PyTorch's `DistributedDataParallel` does that sum (`elleci.trainer.ddp`: DDP around the step function, a
+SUM comm hook, `no_sync()` on all but the last micro-batch). Parameters start equal on every rank (DDP
+broadcasts rank 0's at construction) and, receiving the same gradient, stay equal.
+
+Strategy "fsdp" (`elleci.trainer.fsdp`): the same sum, done by FSDP2's reduce-scatter on the last backward.
 """
 from __future__ import annotations
 
@@ -67,14 +68,19 @@ def shutdown() -> None:
         torch.distributed.destroy_process_group()
 
 
-def resolve_strategy(strategy: str, uses_lora: bool) -> str:
-    """"auto": ddp for LoRA; for full fine-tuning too in this version ("fsdp" is refused, see the README)."""
+def resolve_strategy(strategy: str, uses_lora: bool, fsdp_supported: bool = True) -> str:
+    """"auto": ddp for LoRA (the trainable part is small: replicate it), fsdp for full fine-tuning (shard the
+    weights, gradients and optimizer state: `elleci.trainer.fsdp`). A stage that cannot run sharded
+    (`fsdp_supported=False`: it generates with the policy, or writes its own final/) gets ddp from "auto"
+    and refuses "fsdp"."""
     if strategy not in STRATEGIES:
         raise ValueError(f"distributed.strategy = {strategy!r}; choose one of {STRATEGIES}")
-    if strategy == "fsdp":
-        raise ValueError("distributed.strategy = 'fsdp' is not implemented yet (issue 20, point 3); "
-                         "use 'ddp' (every process holds the whole model)")
-    return "ddp"
+    if strategy == "fsdp" and not fsdp_supported:
+        raise ValueError("distributed.strategy = 'fsdp' is not supported by this stage (it generates with the "
+                         "policy or writes its own final/); use 'ddp' or 'auto'")
+    if strategy == "auto":
+        return "ddp" if uses_lora or not fsdp_supported else "fsdp"
+    return strategy
 
 
 def _tensor_device(model: torch.nn.Module):
@@ -117,27 +123,6 @@ def broadcast_params(model: torch.nn.Module) -> None:
     with torch.no_grad():
         for t in list(model.parameters()) + list(model.buffers()):
             d.broadcast(t.data, src=0)
-
-
-def all_reduce_grads(model: torch.nn.Module) -> None:
-    """grad := Σ_r grad_r for every trainable parameter, as one flat all-reduce per dtype (missing grads
-    count as zero and are created, so every rank reduces the same tensors in the same order)."""
-    d = _dist()
-    if d is None:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    for dtype in sorted({p.grad.dtype for p in params}, key=str):
-        group = [p for p in params if p.grad.dtype == dtype]
-        flat = torch.cat([p.grad.reshape(-1) for p in group])
-        d.all_reduce(flat)
-        offset = 0
-        for p in group:
-            n = p.grad.numel()
-            p.grad.copy_(flat[offset: offset + n].view_as(p.grad))
-            offset += n
 
 
 def gather_objects(obj) -> list:
