@@ -87,7 +87,7 @@ def complete(model, tokenizer, ids: Sequence[Sequence[int]], *, max_new_tokens: 
 def sample_responses(model, tokenizer, prompts: Sequence, k: int = 4, *, temperature: float = 1.0,
                      top_p: float | None = None, top_k: int | None = None, max_new_tokens: int = 64,
                      seed: int = 0, batch_size: int = 64, chat: bool = True, share_prefill: bool = True,
-                     rollout=None) -> list[list[str]]:
+                     rollout=None, first_prompt: int = 0) -> list[list[str]]:
     """K sampled responses per prompt → [len(prompts)][k] strings (same settings, independent draws).
 
     Each prompt is prefilled once and its cache cloned k times (`share_prefill=False`: k prefills, the
@@ -95,7 +95,8 @@ def sample_responses(model, tokenizer, prompts: Sequence, k: int = 4, *, tempera
 
     rollout: an `elleci.model.rollout.RolloutConfig`: generate through `rollout` instead (token-budget
     micro-batches, length sorting, early stop, its decoder and sharing; every response from its own
-    generator seeded from (seed, row)); the sampling arguments here replace the config's."""
+    generator seeded from (seed, row)); the sampling arguments here replace the config's. first_prompt:
+    this call's prompts are a shard starting at that index (rows seeded as in the whole set's call)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if temperature <= 0:
@@ -103,7 +104,8 @@ def sample_responses(model, tokenizer, prompts: Sequence, k: int = 4, *, tempera
     ids = prompt_ids(tokenizer, prompts, chat=chat)
     if rollout is not None:
         return _rollout_texts(model, tokenizer, ids, k, dataclasses.replace(
-            rollout, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens), seed)
+            rollout, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens), seed,
+            first_prompt)
     gen = torch.Generator(device=_device(model)).manual_seed(seed)
     flat = complete(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                     top_p=top_p, generator=gen, batch_size=batch_size, num_return_sequences=k,
@@ -118,9 +120,10 @@ def response_text(tokenizer, completion: Sequence[int], stopped: bool) -> str:
     return tokenizer.decode(kept, skip_special_tokens=True)
 
 
-def _rollout_texts(model, tokenizer, ids, k: int, cfg, seed: int) -> list[list[str]]:
+def _rollout_texts(model, tokenizer, ids, k: int, cfg, seed: int, first_prompt: int = 0) -> list[list[str]]:
     from elleci.model.rollout import rollout
-    out = rollout(model, ids, cfg, num_samples=k, eos_token_id=stop_ids(tokenizer), seed=seed)
+    out = rollout(model, ids, cfg, num_samples=k, eos_token_id=stop_ids(tokenizer), seed=seed,
+                  first_prompt=first_prompt)
     return [[response_text(tokenizer, c, s) for c, s in zip(cs, ss)] for cs, ss in zip(out.completions, out.stopped)]
 
 

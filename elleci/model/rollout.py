@@ -120,8 +120,10 @@ def plan_micro_batches(prompt_lengths: Sequence[int], num_samples: int, max_new_
 @torch.no_grad()
 def rollout(model, prompts: Sequence[Sequence[int]], cfg: RolloutConfig, *, num_samples: int = 1,
             eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
-            seed: int = 0) -> Rollouts:
-    """`num_samples` completions of every prompt (token id lists) under `cfg`; see the module docstring."""
+            seed: int = 0, first_prompt: int = 0) -> Rollouts:
+    """`num_samples` completions of every prompt (token id lists) under `cfg`; see the module docstring.
+    first_prompt: the index of prompts[0] in a larger set cut into shards, so that row (i, j) draws from
+    row_generator(seed, (first_prompt + i)·G + j) and a shard's tokens equal those of the whole set's call."""
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -142,9 +144,10 @@ def rollout(model, prompts: Sequence[Sequence[int]], cfg: RolloutConfig, *, num_
     try:
         for rows in plan:
             if static is None:
-                _decode(model, prompts, rows, cfg, G, eos, pad, seed, device, completions, stopped, stats)
+                _decode(model, prompts, rows, cfg, G, eos, pad, seed, device, completions, stopped, stats, first_prompt)
             else:
-                _decode_static(static, prompts, rows, cfg, G, eos, pad, seed, device, completions, stopped, stats)
+                _decode_static(static, prompts, rows, cfg, G, eos, pad, seed, device, completions, stopped, stats,
+                               first_prompt)
     finally:
         model.train(was_training)
     return Rollouts(completions, stopped, stats)
@@ -170,13 +173,14 @@ def _sample(logits, cfg, gens) -> torch.Tensor:
                       for r, g in enumerate(gens)])
 
 
-def _decode_static(decoder, prompts, rows, cfg, G, eos, pad, seed, device, completions, stopped, stats) -> None:
+def _decode_static(decoder, prompts, rows, cfg, G, eos, pad, seed, device, completions, stopped, stats,
+                   first=0) -> None:
     """`_decode` with the static decoder: finished rows are fed pad (fixed shapes), the loop ends at the
     first check where every row has stopped."""
     ids, mask, group = _prompt_batch(prompts, rows, cfg, pad, device)
     stats["prefill_tokens"] += int(mask.sum())
     logits = decoder.prefill(ids, mask, rows=group)                      # [n, V] fp32
-    gens = [row_generator(seed, i * G + j, device) for i, j in rows]
+    gens = [row_generator(seed, (first + i) * G + j, device) for i, j in rows]
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
     for step in range(cfg.max_new_tokens):
@@ -194,7 +198,7 @@ def _decode_static(decoder, prompts, rows, cfg, G, eos, pad, seed, device, compl
         stopped[i][j] = bool(completions[i][j]) and completions[i][j][-1] in eos
 
 
-def _decode(model, prompts, rows, cfg, G, eos, pad, seed, device, completions, stopped, stats) -> None:
+def _decode(model, prompts, rows, cfg, G, eos, pad, seed, device, completions, stopped, stats, first=0) -> None:
     """Decode one micro-batch of rows [(i, j)], writing completions[i][j] and stopped[i][j]."""
     ids, mask, group = _prompt_batch(prompts, rows, cfg, pad, device)
     stats["prefill_tokens"] += int(mask.sum())
@@ -204,7 +208,7 @@ def _decode(model, prompts, rows, cfg, G, eos, pad, seed, device, completions, s
         cache.select_rows(group)
         h = h[group]
     active = list(rows)                                                  # rows still in the batch
-    gens = [row_generator(seed, i * G + j, device) for i, j in rows]
+    gens = [row_generator(seed, (first + i) * G + j, device) for i, j in rows]
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     finished = torch.zeros(len(active), dtype=torch.bool, device=device)
     for step in range(cfg.max_new_tokens):

@@ -36,7 +36,7 @@ from .datasets import prompt_records
 from . import rollouts
 from .online import check_verifier_spec, load_verifier, verifier_accuracy
 from .sections import ReinforceLossSection, RolloutSection
-from .sharding import chunk_seed, chunked, sharded_chunks
+from .sharding import chunked, sharded_chunks
 
 NAME, HELP = "grpo", "GRPO with rewards from a module:function verifier"
 
@@ -113,12 +113,13 @@ class Rollouts:
             idx = first if r == 0 else rollouts.fresh_prompts(len(self.prompts), used, P, rng)
             if idx is None:
                 return None
-            chunks = chunked([self.prompts[i] for i in idx], self.cfg.rollout.batch_size // G)
-            base = rollouts.step_seed(seed, step, r)
+            k = max(1, self.cfg.rollout.batch_size // G)
+            chunks = chunked([self.prompts[i] for i in idx], k)
 
-            def work(c):                # chunk c, sampled and scored by the process that owns it (sharding.py)
-                return [rollouts.sample_groups(self.model, self.tok, chunks[c], G, config, seed=chunk_seed(base, c),
-                                               reward=self.verifier)]
+            def work(c):                # chunk c, sampled and scored by the process that owns it (sharding.py);
+                return [rollouts.sample_groups(                    # rows seeded by their index in the round
+                    self.model, self.tok, chunks[c], G, config, seed=rollouts.step_seed(seed, step, r),
+                    reward=self.verifier, first_prompt=c * k)]
             return functools.reduce(operator.add, sharded_chunks(len(chunks), work))
         groups, sampled, rounds = rollouts.dynamic_sampling(draw, P, loss.max_sample_rounds if loss.filter_groups
                                                             else 1)

@@ -26,7 +26,7 @@ from .loading import load_model, load_tokenizer, model_kind
 from .online import PairRounds, check_verifier_spec, load_verifier, verifier_accuracy
 from .rollouts import rollout_config
 from .sections import PairLossSection, RolloutSection
-from .sharding import chunk_seed, chunked, sharded_chunks
+from .sharding import chunked, sharded_chunks
 
 NAME, HELP = "iterative-dpo", "online DPO rounds with rewards from a verifier, the policy itself, a judge or an RM"
 
@@ -124,14 +124,15 @@ def make_round(cfg, model, tok, prompts: list[dict], rewards):
 
     def make_records(r: int):
         records = [prompts[i] for i in step_indices(len(prompts), it.prompts_per_round, r, seed + 7919)]
-        chunks = chunked(records, max(1, ro.batch_size // ro.k))
+        per_chunk = max(1, ro.batch_size // ro.k)
+        chunks = chunked(records, per_chunk)
 
-        def work(c):                    # chunk c, sampled and scored by the process that owns it (sharding.py)
-            groups = sample_responses(model, tok, [rec["prompt"] for rec in chunks[c]], ro.k,
+        def work(c):                    # chunk c, sampled and scored by the process that owns it (sharding.py);
+            groups = sample_responses(model, tok, [rec["prompt"] for rec in chunks[c]], ro.k,   # rows seeded by
                                       temperature=ro.temperature, top_p=ro.top_p if ro.top_p < 1 else None,
-                                      top_k=ro.top_k or None, max_new_tokens=ro.max_new_tokens,
-                                      seed=chunk_seed(seed, r, c), batch_size=ro.batch_size,
-                                      rollout=rollout_config(ro))
+                                      top_k=ro.top_k or None, max_new_tokens=ro.max_new_tokens,   # their index
+                                      seed=seed * 1000 + r, batch_size=ro.batch_size, rollout=rollout_config(ro),
+                                      first_prompt=c * per_chunk)
             return list(zip(groups, rewards(chunks[c], groups)))
         groups, scores = map(list, zip(*sharded_chunks(len(chunks), work)))
         pairs = build_pairs([rec["prompt"] for rec in records], groups, scores, strategy=it.pair_strategy,

@@ -73,10 +73,11 @@ class Groups:
 
 
 def sample_groups(model, tok, records: Sequence[dict], G: int, cfg: RolloutConfig, *, seed: int,
-                  reward: Callable[[dict, str], float]) -> Groups:
-    """G completions of each record's prompt through `rollout`, each scored by reward(record, text)."""
+                  reward: Callable[[dict, str], float], first_prompt: int = 0) -> Groups:
+    """G completions of each record's prompt through `rollout`, each scored by reward(record, text);
+    first_prompt: the records are a shard starting at that index of the step's (rows seeded globally)."""
     ids = prompt_ids(tok, [rec["prompt"] for rec in records])
-    out = rollout(model, ids, cfg, num_samples=G, eos_token_id=stop_ids(tok), seed=seed)
+    out = rollout(model, ids, cfg, num_samples=G, eos_token_id=stop_ids(tok), seed=seed, first_prompt=first_prompt)
     comps = [c for cs in out.completions for c in cs]
     stopped = [s for ss in out.stopped for s in ss]
     rewards = [float(reward(records[n // G], response_text(tok, c, s))) for n, (c, s) in enumerate(zip(comps, stopped))]

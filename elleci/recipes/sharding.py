@@ -3,11 +3,12 @@ gathered so that every process holds the global batch in the order one process w
 
     chunks = chunked(records, per_chunk)                        # fixed chunks of the step's (round's) prompts
     results = sharded_chunks(len(chunks), work)                 # work(c) -> list, run for this process's c only
-    gen = torch.Generator().manual_seed(chunk_seed(seed, step, c))   # chunk c's own sampling stream
+    rollout(model, chunks[c], cfg, seed=seed, first_prompt=c * per_chunk)   # rows seeded by global index
 
 The prompts of a step (GRPO) or a round (iterative DPO) are cut into C fixed chunks in their global order;
-chunk c is sampled with its own generator seeded from (seed, step or round, c) and scored where it was
-sampled (verifier, reward model, or judge: all sharded with it). Process r takes the contiguous chunks
+chunk c is sampled through `elleci.model.rollout` with `first_prompt` = its first prompt's index, so each
+row draws from the generator of its global (prompt, sample) index (the same tokens however the prompts are
+chunked or sharded), and scored where it was sampled (verifier, reward model, or judge: all sharded with it). Process r takes the contiguous chunks
 [⌊rC/W⌋, ⌊(r+1)C/W⌋) and `all_gather_object` concatenates the per-process lists in rank order, which is
 chunk order. So what holds exactly: the global batch (prompts, completions, rewards, pairs) is the one a
 single process computes, because each chunk is the same computation (same weights, same shapes, same

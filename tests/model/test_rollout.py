@@ -83,3 +83,20 @@ def test_early_stop_shrinks_the_batch_and_sharing_prefills_once():
 def test_config_refuses_bad_values_by_name(bad):
     with pytest.raises(ValueError, match=f"rollout.{next(iter(bad))}"):
         RolloutConfig(**bad)
+
+
+def test_shards_with_first_prompt_equal_the_whole_call():
+    """Prompts cut into shards, each rolled out with first_prompt = its first index, give exactly the tokens
+    of one call over all prompts (what sharded rollouts across processes rely on)."""
+    from elleci.model import ElleciConfig, ElleciLM
+    from elleci.model.rollout import RolloutConfig, rollout
+    torch.manual_seed(0)
+    model = ElleciLM(ElleciConfig.from_name("tiny", vocab_size=64)).to(torch.float64).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(4, 64, (n,), generator=g).tolist() for n in (5, 3, 7, 4, 6)]
+    cfg = RolloutConfig(max_new_tokens=6, temperature=1.0)
+    whole = rollout(model, prompts, cfg, num_samples=3, seed=11)
+    parts = [rollout(model, prompts[a:b], cfg, num_samples=3, seed=11, first_prompt=a) for a, b in ((0, 2), (2, 5))]
+    assert [c for p in parts for c in p.completions] == whole.completions
+    shifted = rollout(model, prompts[2:5], cfg, num_samples=3, seed=11)            # without the offset: other draws
+    assert shifted.completions != whole.completions[2:5]
