@@ -17,6 +17,7 @@ the same out_dir refuses to overwrite a finished final/.
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +90,7 @@ class FSLoRASettings:
         bad = [k for k in f.budgets if not 1 <= k <= self.lora.r]
         if bad:
             fail("fslora.budgets", f"{bad} outside [1, lora.r = {self.lora.r}]")
-        world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > f.clients:
             fail("fslora.clients", f"{f.clients} clients for {world} processes: every process needs a client")
         if self.model.device != "auto":
