@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from elleci.trainer import Trainer, TrainerConfig
+from elleci.trainer.distributed import require_one_process
 from elleci.trainer.reporting import JsonlReporter
 
 
@@ -68,6 +69,7 @@ def train_loop(model: torch.nn.Module, batch_fn: Callable[[int], object],
     done, 1-based; "lr" is the LR the step used). print_fn=None: silent."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    require_one_process("train_loop")
     warmup = max(1, steps // 10) if warmup_steps is None else warmup_steps
     config = TrainerConfig(steps=steps, batch_size=1, micro_batch_size=1, lr=lr, schedule="cosine",
                            warmup_steps=min(warmup, steps - 1), weight_decay=weight_decay,

@@ -39,7 +39,7 @@ def rollout_config(ro) -> RolloutConfig:
 
 
 def step_seed(seed: int, step: int, sampling_round: int = 0) -> int:
-    """The rollout seed of a GRPO step's sampling round."""
+    """The rollout seed of a GRPO step's sampling round (distinct for rounds 0..63: `max_sample_rounds` ≤ 64)."""
     return (seed * 1_000_003 + step) * 64 + sampling_round
 
 

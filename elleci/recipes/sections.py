@@ -186,4 +186,4 @@ class ReinforceLossSection:
                                          "policy gradient) and sample fresh prompts in their place")
     max_sample_rounds: int = setting(3, "filter_groups: sampling rounds per step at most; when they find fewer "
                                         "informative groups than needed, the step is filled up with dropped ones "
-                                        "(zero advantage)", ge=1)
+                                        "(zero advantage)", ge=1, le=64)

@@ -1,4 +1,4 @@
-"""Online stages under torchrun: every process generates and scores its shard of the prompts; the results are
+"""GRPO and iterative DPO under torchrun: every process generates and scores its shard of the prompts; the results are
 gathered so that every process holds the global batch in the order one process would have made it.
 
     chunks = chunked(records, per_chunk)                        # fixed chunks of the step's (round's) prompts
@@ -19,7 +19,6 @@ principle differ where two candidates' probabilities sit within ~1e-7 of a sampl
 """
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 
 from elleci.trainer.distributed import gather_objects, rank, world_size
@@ -34,12 +33,6 @@ def chunked(items: Sequence, per_chunk: int) -> list[list]:
     """[items[0:k], items[k:2k], ...] with k = per_chunk (the last may be shorter)."""
     k = max(1, per_chunk)
     return [list(items[i:i + k]) for i in range(0, len(items), k)]
-
-
-def chunk_seed(*keys) -> int:
-    """A 63-bit seed from (seed, step or round, chunk, ...): independent streams per chunk."""
-    return int.from_bytes(hashlib.sha256("/".join(map(str, ("elleci-rollouts",) + keys)).encode()).digest()[:8],
-                          "little") >> 1
 
 
 def sharded_chunks(n_chunks: int, work: Callable[[int], list]) -> list:

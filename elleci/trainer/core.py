@@ -60,8 +60,7 @@ SCHEDULES = ("cosine", "wsd", "constant")
 OPTIMIZERS = ("adamw", "sgd")
 # TrainerConfig fields that do not change what is computed (not compared on resume)
 NOT_COMPARED = {"out_dir", "log_every", "eval_every", "checkpoint_every", "keep", "report_to", "progress",
-                "run_config", "allow_changes", "handle_signals", "micro_batch_size", "strategy",
-                "mixed_precision"}
+                "run_config", "allow_changes", "handle_signals", "micro_batch_size", "strategy"}
 
 
 class TrainingInterrupted(RuntimeError):
@@ -100,7 +99,8 @@ class TrainerConfig:
     run_config: dict | None = None    # settings compared on resume (default: this config's computational fields)
     allow_changes: Sequence[str] = ()
     handle_signals: bool = True
-    strategy: str = "auto"            # under torchrun: ddp | fsdp | auto (ddp for LoRA, fsdp for full fine-tuning)
+    strategy: str = "auto"            # under torchrun: ddp | fsdp | auto (ddp for LoRA or a given save_final,
+    #                                   fsdp for full fine-tuning)
     mixed_precision: str | None = None   # fsdp: "bfloat16" = bf16 compute, fp32 gradient reduction
 
     def __post_init__(self):
@@ -149,6 +149,9 @@ class Trainer:
         else:
             raise ValueError("this data source has no length: give steps, not epochs")
         optimizer, scheduler = optimizers
+        if self.sharded and optimizer is not None:
+            raise ValueError("optimizers=(...) cannot be used with strategy 'fsdp': FSDP2 replaces the parameters "
+                             "the optimizer holds; let the Trainer build it, or use strategy 'ddp'")
         self.optimizer = optimizer if optimizer is not None else self._optimizer()
         self.scheduler = scheduler if scheduler is not None else self._scheduler()
         self.out = Path(config.out_dir) if config.out_dir else None

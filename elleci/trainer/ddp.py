@@ -46,9 +46,10 @@ def wrap(model: nn.Module, step_fn):
     """DistributedDataParallel around `_Step(model, step_fn)`; construction broadcasts rank 0's parameters
     and buffers to every process (a collective)."""
     from torch.nn.parallel import DistributedDataParallel
-    device = next(model.parameters()).device
-    ddp = DistributedDataParallel(_Step(model, step_fn), device_ids=[device] if device.type == "cuda" else None,
-                                  find_unused_parameters=True, forward_sync_buffers=False)
+    # device_ids=None: DDP passes the batch as it is (the step functions move their own tensors); with
+    # device_ids it would copy every dict and list of the batch, and writes into them would be lost
+    ddp = DistributedDataParallel(_Step(model, step_fn), device_ids=None, find_unused_parameters=True,
+                                  forward_sync_buffers=False)
     ddp.register_comm_hook(None, _sum_hook)
     return ddp
 

@@ -149,3 +149,11 @@ def barrier() -> None:
     d = _dist()
     if d is not None:
         d.barrier()
+
+
+def require_one_process(what: str) -> None:
+    """ValueError under torchrun (world size > 1): `what` samples or orders its data in each process on its
+    own, so several processes would not see one global batch."""
+    if world_size() > 1:
+        raise ValueError(f"{what} runs in one process; under torchrun ({world_size()} processes) use the `elleci` "
+                         "stages, whose trainer sources are sharded")

@@ -183,9 +183,9 @@ def test_micro_batched_first_update_matches(tok, aggregation, micro):
 
 
 def test_unequal_micro_batches_take_the_whole_step_mean(tok):
-    """bnpo over micro-batches of 4 + 2 completions: the trainer's loss is the token mean of the whole step,
-    i.e. the one-micro-batch loss (the old loop averaged the two micro-batch means instead)."""
-    base = dict(steps=1, prompts_per_step=2, group_size=3, max_new_tokens=6, beta=0.04, aggregation="bnpo")
+    """grpo (a mean over sequences) over micro-batches of 4 + 2 completions: the trainer's loss is the mean
+    of the whole step, i.e. the one-micro-batch loss (the old loop averaged the two micro-batch means)."""
+    base = dict(steps=1, prompts_per_step=2, group_size=3, max_new_tokens=6, beta=0.04, aggregation="grpo")
     old_whole, whole = (h[0] for h in both(tok, GRPOConfig(**base))[:2])
     old_split, split = (h[0] for h in both(tok, GRPOConfig(**base, micro_batch_size=4))[:2])
     assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-12)

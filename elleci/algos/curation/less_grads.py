@@ -34,6 +34,7 @@ from torch.func import functional_call, grad, vmap
 
 from elleci.train import make_optimizer
 from elleci.trainer import Trainer, TrainerConfig
+from elleci.trainer.distributed import require_one_process
 from elleci.algos.chat import collate
 from elleci.algos.logprobs import IGNORE_INDEX, sequence_logprobs
 from elleci.algos.sft import sft_step
@@ -143,6 +144,7 @@ def warmup_lora(model: torch.nn.Module, examples: Sequence[Example], *, epochs: 
     if epochs < 1 or batch_size < 1 or not examples:
         raise ValueError(f"need epochs >= 1, batch_size >= 1 and examples, got {epochs}, {batch_size}, {len(examples)}")
     lora_parameters(model)
+    require_one_process("LESS warmup_lora")
     print_fn = print_fn or (lambda *_: None)
     optimizer = make_optimizer(model, lr, weight_decay=0.0, betas=betas, eps=eps)
     source = _EpochBatches(examples, batch_size, seed)

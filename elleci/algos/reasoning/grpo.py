@@ -59,6 +59,7 @@ from elleci._checks import check_choice, check_int, check_number
 from elleci.model.lora import lora_modules
 from elleci.train import MetricLogger, make_optimizer, make_scheduler
 from elleci.trainer import Trainer, TrainerConfig
+from elleci.trainer.distributed import require_one_process
 from elleci.algos.reference import resolve_reference
 from elleci.algos.logprobs import sequence_logprobs
 from elleci.algos.sampling import prompt_ids, stop_ids
@@ -329,6 +330,7 @@ def run_grpo(model, tokenizer, problems: Sequence, cfg: GRPOConfig, *, reward_fn
     AdamW with weight decay 0 and the constant schedule after `warmup_steps` updates); no checkpoints."""
     if cfg.advantage == "process" and step_fn is None:
         raise ValueError("advantage='process' needs step_fn(problem, text, correct) -> [(end, reward)]")
+    require_one_process("run_grpo")
     ref_fn = reference_logps_fn(model, cfg.reference) if cfg.beta != 0 else None   # β = 0: no reference at all
     optimizer = make_optimizer(model, cfg.lr, weight_decay=0.0)
     scheduler = make_scheduler(optimizer, "constant", warmup_steps=cfg.warmup_steps)

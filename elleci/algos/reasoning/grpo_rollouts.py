@@ -14,11 +14,11 @@ yields no items, and the trainer then makes no update and no scheduler step.
 
 Normalisation (`elleci.trainer.core`): each micro-batch's loss is its aggregation over its own rows, weighed
 by its units over the step's: sequences for "grpo", "dr_grpo" and "luspo" (means over sequences), completion
-tokens for "bnpo" and "dapo" (means over tokens). Every aggregation is thus the whole step's, however the step is
-split. One micro-batch (micro_batch_size None) runs the very operations of the earlier loop (tests: equal
-weights); with several, "dapo" and equal splits of "grpo" / "dr_grpo" / "luspo" agree with it up to rounding,
-while "bnpo", or an unequal split, now gives the whole step's mean where the earlier loop averaged the micro-batch
-means (TRL's 1/n gradient-accumulation scaling, the dependence on the split issue 19 removes).
+tokens for "dapo" (the step's token mean), and one unit per micro-batch for "bnpo" (TRL's definition: the
+mean of the micro-batches' token means, as the `elleci grpo` stage computes it). So every aggregation but
+"bnpo" is the whole step's however the step is split. One micro-batch (micro_batch_size None) runs the very
+operations of the earlier loop (tests: equal weights); with several, an unequal split of "grpo" / "dr_grpo" /
+"luspo" now gives the whole step's mean where the earlier loop averaged the micro-batch means.
 """
 from __future__ import annotations
 
@@ -121,9 +121,12 @@ def grpo_collate(pad_id: int) -> Callable:
 
 
 def grpo_units(aggregation: str) -> Callable:
-    """The trainer's normaliser units of a micro-batch: completion tokens for the token means ("bnpo",
-    "dapo"), sequences for the others."""
-    if aggregation in ("bnpo", "dapo"):
+    """The trainer's normaliser units of a micro-batch: completion tokens for "dapo" (the step's token mean),
+    one per micro-batch for "bnpo" (TRL's mean of micro-batch token means, as `elleci grpo`), sequences for
+    the others."""
+    if aggregation == "bnpo":
+        return lambda batch: 1
+    if aggregation == "dapo":
         return lambda batch: int(batch["mask"].sum())
     return lambda batch: batch["ids"].shape[0]
 
