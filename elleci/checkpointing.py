@@ -92,16 +92,17 @@ def _remove(path: Path) -> None:
             pass
 
 
-def remove_stale(parent: str | os.PathLike) -> list[Path]:
+def remove_stale(parent: str | os.PathLike, kinds=("tmp", "old", "del")) -> list[Path]:
     """Clean up after saves in `parent` whose process is gone: delete their temporaries and deletions, and
     their asides whose target exists again; an aside whose target is missing is the last complete copy, so
-    it is renamed back into place instead. Returns the paths removed or restored."""
+    it is renamed back into place instead. Only side files of the given `kinds`. Returns the paths removed
+    or restored."""
     parent, done = Path(parent), []
     if not parent.is_dir():
         return done
     for p in parent.iterdir():
         m = _SIDE.match(p.name)
-        if m is None or not _is_stale(p):
+        if m is None or m["kind"] not in kinds or not _is_stale(p):
             continue
         target = parent / m["name"]
         if m["kind"] == "old" and not target.exists():
@@ -327,8 +328,11 @@ def latest_checkpoint(out_dir: str | os.PathLike, prefix: str = "checkpoint-", *
     """The newest complete `out_dir/<prefix><step>` directory, or None when there is none.
 
     Incomplete or inconsistent ones (`verify_dir` fails) are skipped with a warning naming each path and
-    its problem, so a resume falls back to the previous complete checkpoint and never mixes two.
+    its problem, so a resume falls back to the previous complete checkpoint and never mixes two. Temporaries
+    and deletions left by a killed process are removed first (a run killed while deleting an old checkpoint
+    may resume with nothing left to save, so no later `publish_dir` would clean them up).
     """
+    remove_stale(out_dir, kinds=("tmp", "del"))
     for step, path in sorted(checkpoint_steps(out_dir, prefix).items(), reverse=True):
         try:
             verify_dir(path, check_hashes=check_hashes)

@@ -159,3 +159,20 @@ def test_latest_checkpoint_skips_incomplete_ones_with_a_warning(tmp_path):
     assert "checkpoint-10" in msgs[1] and "a does not match its SHA-256" in msgs[1]
     remove_dir(tmp_path / "checkpoint-1")
     assert not (tmp_path / "checkpoint-1").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_latest_checkpoint_clears_a_deletion_left_by_a_killed_process(tmp_path):
+    """A run killed inside `remove_dir` (after the rename aside, before the rmtree) may resume with nothing
+    left to save: the scan for the newest checkpoint removes that dead process's `.del-*` and `.tmp-*`
+    directories, and leaves a live process's alone."""
+    with publish_dir(tmp_path / "checkpoint-2") as tmp:
+        (tmp / "w.bin").write_bytes(b"2")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = [tmp_path / f".checkpoint-1.{kind}-{ck._HOST}-{dead.pid}-0123abcd" for kind in ("del", "tmp")]
+    alive = tmp_path / f".checkpoint-3.tmp-{ck._HOST}-{os.getppid()}-0123abcd"     # a writer still running
+    for d in left + [alive]:
+        d.mkdir()
+        (d / "w.bin").write_bytes(b"x")
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, "checkpoint-2"])
