@@ -102,15 +102,6 @@ def _max_diff(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    lines = [f"ciao {a} mondo {b} hello world {a + b} risposta" for a in range(10) for b in range(10)]
-    (d / "t.txt").write_text("\n".join(lines))
-    Tokenizer.train(d / "t.txt", vocab_size=300).save(d / "tok")
-    return d / "tok"
-
-
 def _check(proc):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

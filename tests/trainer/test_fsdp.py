@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from elleci.algos.sft import encode_sft, sft_collate, sft_step
@@ -78,15 +77,6 @@ def _check(proc):
 def _max_diff(a, b):
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    lines = [f"ciao {a} mondo {b} hello world {a + b} risposta" for a in range(10) for b in range(10)]
-    (d / "t.txt").write_text("\n".join(lines))
-    Tokenizer.train(d / "t.txt", vocab_size=300).save(d / "tok")
-    return d / "tok"
 
 
 def test_fsdp_two_processes_give_the_weights_of_one_with_clipping_and_accumulation(tok_dir, tmp_path):
