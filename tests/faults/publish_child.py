@@ -4,7 +4,9 @@
 
 Each generation g = START + 1, START + 2, ... publishes OUT/ckpt (replacing the previous one) and OUT/checkpoint-<g> (deleting all but
 the two newest), three files each whose every byte encodes g, of a few hundred kB so that a kill lands in
-every phase (writing, hashing, fsync, renames, deletion). Loads elleci/checkpointing.py by path: it
+every phase (writing, hashing, fsync, renames, deletion). After each publish the child checks that what now
+stands at the target is complete (manifest sizes) and of generation g; a failed check ends it with an
+AssertionError, which the parent sees as an exit that was not its SIGKILL. Loads elleci/checkpointing.py by path: it
 imports nothing from elleci, so the child starts in milliseconds.
 """
 import importlib.util
@@ -29,6 +31,8 @@ def main(out: Path, g: int) -> None:
                 for i in range(3):
                     (tmp / f"part{i}.bin").write_bytes(payload(g, i))
                 (tmp / "gen.txt").write_text(str(g))
+            ck.verify_dir(target, check_hashes=False)             # raises if the published copy is incomplete
+            assert (target / "gen.txt").read_text() == str(g), f"{target} is not generation {g} after its publish"
         for old in sorted(ck.checkpoint_steps(out))[:-2]:
             ck.remove_dir(out / f"checkpoint-{old}")
         print(f"published {g}", flush=True)

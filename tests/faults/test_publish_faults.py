@@ -38,11 +38,13 @@ def test_savers_killed_at_random_instants_never_leave_a_mixed_or_lost_checkpoint
     out.mkdir()
     floor, seen = 0, set()
     for round_ in range(20):
-        child = subprocess.Popen([sys.executable, str(CHILD), str(out), str(1000 * round_)], stdout=subprocess.PIPE, text=True,
-                                 env={**os.environ, "PYTHONHASHSEED": "0"})
+        child = subprocess.Popen([sys.executable, str(CHILD), str(out), str(1000 * round_)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONHASHSEED": "0"})
         time.sleep(rng.uniform(0.05, 0.5))
         child.send_signal(signal.SIGKILL)
-        printed = [int(line.split()[1]) for line in child.communicate()[0].splitlines()]
+        stdout, stderr = child.communicate()
+        assert child.returncode == -signal.SIGKILL, f"the saver failed before it was killed:\n{stderr[-2000:]}"
+        printed = [int(line.split()[1]) for line in stdout.splitlines()]
         seen.update(n.split(".")[2].split("-")[0] for n in hidden(out))          # tmp / old / del left by the kill
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")                                      # fallbacks say so: checked below
