@@ -30,6 +30,31 @@ NOT_COMPARED = ("out_dir", "model.device", "model.gradient_checkpointing", "trai
                 "distributed.")
 
 
+def check_model_and_data(model: ModelSection, data: DataSection, formats) -> None:
+    """[model] path and tokenizer, [data] train / eval files and format: each refused by its key."""
+    try:
+        model_kind(model.path)
+    except ValueError as e:
+        fail("model.path", str(e))
+    if model.tokenizer and not Path(model.tokenizer).exists():
+        fail("model.tokenizer", f"{model.tokenizer}: no such file or directory")
+    for key in ("train", "eval"):
+        path = getattr(data, key)
+        if path and not Path(path).is_file():
+            fail(f"data.{key}", f"{path}: no such file")
+    if data.format not in formats:
+        fail("data.format", f"must be one of {', '.join(map(repr, formats))} for this stage, got {data.format!r}")
+
+
+def check_device(model: ModelSection) -> None:
+    """[model] device: "auto" or a device this machine has."""
+    if model.device != "auto":
+        try:
+            resolve_device(model.device)
+        except ValueError as e:
+            fail("model.device", str(e))
+
+
 @dataclass
 class TrainingSettings:
     out_dir: str = setting("", "directory for config.toml, metrics.jsonl, checkpoint-<step>/ and final/; "
@@ -52,19 +77,7 @@ class TrainingSettings:
         check_fields(self)            # types and ranges; `check` (required keys, files, rules across keys) follows
 
     def check(self) -> None:
-        try:
-            model_kind(self.model.path)
-        except ValueError as e:
-            fail("model.path", str(e))
-        if self.model.tokenizer and not Path(self.model.tokenizer).exists():
-            fail("model.tokenizer", f"{self.model.tokenizer}: no such file or directory")
-        for key in ("train", "eval"):
-            path = getattr(self.data, key)
-            if path and not Path(path).is_file():
-                fail(f"data.{key}", f"{path}: no such file")
-        if self.data.format not in self.data_formats:
-            fail("data.format", f"must be one of {', '.join(map(repr, self.data_formats))} for this stage, "
-                                f"got {self.data.format!r}")
+        check_model_and_data(self.model, self.data, self.data_formats)
         if self.data.packing and not self.packing:
             fail("data.packing", f"packing is not supported by this stage: {self.why_not_packing} "
                                  "(supported: sft, dpo, una, reward-model, iterative-dpo, rlaif-v)")
@@ -89,11 +102,7 @@ class TrainingSettings:
                 eval_task_list(self.eval.tasks)
             except ValueError as e:
                 fail("eval.tasks", str(e))
-        if self.model.device != "auto":
-            try:
-                resolve_device(self.model.device)
-            except ValueError as e:
-                fail("model.device", str(e))
+        check_device(self.model)
 
     @property
     def uses_lora(self) -> bool:

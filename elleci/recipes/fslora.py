@@ -32,8 +32,9 @@ from elleci.train import seed_everything
 from elleci.trainer import checkpoints as ckpt
 from elleci.trainer import distributed as dist
 
+from .common import check_device, check_model_and_data
 from .datasets import sft_items
-from .loading import base_reference, load_model, load_tokenizer, model_kind, resolve_device
+from .loading import base_reference, load_model, load_tokenizer, resolve_device
 from .sections import SFT_FORMATS, DataSection, LoraSection, ModelSection
 
 NAME, HELP = "fslora", "FSLoRA: federated sketching LoRA over clients (simulated, or one rank per client group)"
@@ -72,16 +73,7 @@ class FSLoRASettings:
         check_fields(self)
 
     def check(self) -> None:
-        try:
-            model_kind(self.model.path)
-        except ValueError as e:
-            fail("model.path", str(e))
-        for key in ("train", "eval"):
-            path = getattr(self.data, key)
-            if path and not Path(path).is_file():
-                fail(f"data.{key}", f"{path}: no such file")
-        if self.data.format not in SFT_FORMATS:
-            fail("data.format", f"must be one of {', '.join(map(repr, SFT_FORMATS))}, got {self.data.format!r}")
+        check_model_and_data(self.model, self.data, SFT_FORMATS)
         if self.lora is None or self.lora.r < 1:
             fail("lora.r", "FSLoRA trains a LoRA adapter: give a [lora] section with r >= 1")
         f = self.fslora
@@ -93,11 +85,7 @@ class FSLoRASettings:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world > f.clients:
             fail("fslora.clients", f"{f.clients} clients for {world} processes: every process needs a client")
-        if self.model.device != "auto":
-            try:
-                resolve_device(self.model.device)
-            except ValueError as e:
-                fail("model.device", str(e))
+        check_device(self.model)
 
     @property
     def uses_lora(self) -> bool:
