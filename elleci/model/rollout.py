@@ -173,6 +173,18 @@ def _sample(logits, cfg, gens) -> torch.Tensor:
                       for r, g in enumerate(gens)])
 
 
+def _emit(logits, finished, rows, cfg, gens, pad, eos, eos_t, completions, stats):
+    """One decoding step's tokens: each row samples from its own generator (pad for finished rows), the
+    token is appended to the row's completion, rows that emitted a stop id become finished.
+    Returns (next tokens [n], finished [n])."""
+    nxt = torch.where(finished, torch.full_like(finished, pad, dtype=torch.long), _sample(logits, cfg, gens))
+    stats["decoded_rows"] += len(rows)
+    for (i, j), t, done in zip(rows, nxt.tolist(), finished.tolist()):
+        if not done:
+            completions[i][j].append(t)
+    return nxt, (finished | torch.isin(nxt, eos_t)) if eos else finished
+
+
 def _decode_static(decoder, prompts, rows, cfg, G, eos, pad, seed, device, completions, stopped, stats,
                    first=0) -> None:
     """`_decode` with the static decoder: finished rows are fed pad (fixed shapes), the loop ends at the
@@ -184,13 +196,7 @@ def _decode_static(decoder, prompts, rows, cfg, G, eos, pad, seed, device, compl
     eos_t = torch.tensor(eos, dtype=torch.long, device=device)
     finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
     for step in range(cfg.max_new_tokens):
-        nxt = torch.where(finished, torch.full((len(rows),), pad, device=device), _sample(logits, cfg, gens))
-        stats["decoded_rows"] += len(rows)
-        for (i, j), t, done in zip(rows, nxt.tolist(), finished.tolist()):
-            if not done:
-                completions[i][j].append(t)
-        if eos:
-            finished |= torch.isin(nxt, eos_t)
+        nxt, finished = _emit(logits, finished, rows, cfg, gens, pad, eos, eos_t, completions, stats)
         if step + 1 == cfg.max_new_tokens or (eos and (step + 1) % cfg.check_every == 0 and bool(finished.all())):
             break
         logits = decoder.step(nxt)
@@ -213,13 +219,7 @@ def _decode(model, prompts, rows, cfg, G, eos, pad, seed, device, completions, s
     finished = torch.zeros(len(active), dtype=torch.bool, device=device)
     for step in range(cfg.max_new_tokens):
         logits = model.lm_head(h).float()                                # [n, V]
-        nxt = torch.where(finished, torch.full_like(finished, pad, dtype=torch.long), _sample(logits, cfg, gens))
-        stats["decoded_rows"] += len(active)
-        for (i, j), t, done in zip(active, nxt.tolist(), finished.tolist()):
-            if not done:
-                completions[i][j].append(t)
-        if eos:
-            finished |= torch.isin(nxt, eos_t)
+        nxt, finished = _emit(logits, finished, active, cfg, gens, pad, eos, eos_t, completions, stats)
         if step + 1 == cfg.max_new_tokens:
             break
         if eos and (step + 1) % cfg.check_every == 0 and bool(finished.any()):   # drop finished rows
