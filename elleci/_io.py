@@ -61,6 +61,17 @@ def write_json_atomic(path: str | os.PathLike, obj) -> None:
             f.write("\n")
 
 
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically: readers see the previous file or the whole new one."""
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
+
+
+def write_jsonl_atomic(path: str | os.PathLike, rows) -> None:
+    """One JSON object per line (UTF-8, non-ASCII kept), written atomically."""
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write `obj` as indented JSON to `path` (inside a `publish_dir` block: no temporary needed)."""
     with open(path, "w", encoding="utf-8") as f:

@@ -13,7 +13,7 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .._io import atomic_path, write_json_atomic
+from .._io import write_json_atomic, write_jsonl_atomic, write_text_atomic
 
 
 def markdown_table(metrics: Mapping[str, float]) -> str:
@@ -25,13 +25,8 @@ def markdown_table(metrics: Mapping[str, float]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
-
-
 def write_jsonl(path: Path, rows: Sequence[Mapping]) -> None:
-    _write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
+    write_jsonl_atomic(path, rows)
 
 
 def write_results(out_dir, record: Mapping, samples: Mapping[str, list | dict]) -> Path:
@@ -40,9 +35,9 @@ def write_results(out_dir, record: Mapping, samples: Mapping[str, list | dict]) 
     out.mkdir(parents=True, exist_ok=True)
     for i, (name, rows) in enumerate(samples.items()):
         if isinstance(rows, dict):                  # lm-eval's own results dict
-            _write_text(out / "lm_eval" / f"{i}.json", json.dumps(rows, indent=2, default=str) + "\n")
+            write_text_atomic(out / "lm_eval" / f"{i}.json", json.dumps(rows, indent=2, default=str) + "\n")
         else:
             write_jsonl(out / "samples" / f"{name}.jsonl", rows)
     write_json_atomic(out / "results.json", json.loads(json.dumps(record, default=str)))
-    _write_text(out / "results.md", markdown_table(record["metrics"]))
+    write_text_atomic(out / "results.md", markdown_table(record["metrics"]))
     return out

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from elleci._io import write_text_atomic
 from elleci.config_schema import ConfigError, check_fields, fail, flatten, optional_section, section, setting, to_dict, to_toml
 from elleci.train import seed_everything
 from elleci.trainer import Trainer, TrainerConfig
@@ -191,7 +192,7 @@ def run_trainer(cfg, model, step_fn, data, *, allow_changes=(), tokenizer=None, 
 
     def write_config(step):
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+        write_text_atomic(out / "config.toml", to_toml(cfg))
     kw.setdefault("eval_tasks", eval_task_list(cfg.eval.tasks))
     trainer = Trainer(model, step_fn, data, tcfg, tokenizer=tokenizer, base=base_of(cfg), on_start=write_config, **kw)
     history = trainer.train()

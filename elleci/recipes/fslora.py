@@ -16,7 +16,6 @@ the same out_dir refuses to overwrite a finished final/.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from elleci._io import write_jsonl_atomic, write_text_atomic
 from elleci.algos.merging.fslora import FSLoRAConfig, derive_seed, draw_client_ranks, run_fslora
 from elleci.algos.sft import sft_collate, sft_step
 from elleci.config_schema import ConfigError, check_fields, fail, optional_section, section, setting, to_toml
@@ -157,15 +157,12 @@ def run(cfg: FSLoRASettings, *, allow_changes=()):
     eval_fn = (lambda m: {"eval_loss": heldout_loss(m, evals, collate, f.batch_size)}) if evals and rank == 0 \
         else None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.toml").write_text(to_toml(cfg), encoding="utf-8")
+        write_text_atomic(out / "config.toml", to_toml(cfg))
     history = run_fslora(model, client_items, collate, sft_step, fcfg, eval_fn=eval_fn, print_fn=say,
                          distributed=world > 1)
     set_sketches(model, None)                    # the global adapter: a plain rank-r LoRA from here on
     if rank == 0:
-        with open(out / "rounds.jsonl", "w", encoding="utf-8") as fh:
-            for rec in history:
-                fh.write(json.dumps(rec) + "\n")
+        write_jsonl_atomic(out / "rounds.jsonl", history)
         ckpt.save_final(out / "final", model, tok, base=base_reference(cfg.model.path), base_seed=f.seed)
         say(f"results: {out / 'final'} | rounds {out / 'rounds.jsonl'} | config {out / 'config.toml'}")
     dist.barrier()

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 from collections.abc import Callable
 from pathlib import Path
 
+from elleci._io import write_jsonl_atomic
 from elleci.algos.reference import swapped_parameters, trainable_state
 from elleci.trainer.batching import step_indices
 from elleci.trainer.distributed import from_main, is_main
@@ -108,10 +108,7 @@ class PairRounds:
         self.print_fn("round {} | {}".format(r + 1, " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                                                 for k, v in self.stats.items() if k != "round")))
         if self.out_dir is not None and is_main():
-            (self.out_dir / "rounds").mkdir(parents=True, exist_ok=True)
-            with open(self.out_dir / "rounds" / f"round-{r + 1}.jsonl", "w", encoding="utf-8") as f:
-                for rec in self.records:
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            write_jsonl_atomic(self.out_dir / "rounds" / f"round-{r + 1}.jsonl", self.records)
 
     def step_items(self, step: int, batch_size: int) -> list[dict]:
         r = step // self.steps_per_round
