@@ -66,10 +66,11 @@ def quantize_activations(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tens
     """8-bit absmax per token: q = clamp(round(x s), -128, 127), s = 127 / max(max_j |x_j|, eps).
 
     Returns (q, s) in fp32 with q integer-valued; the dequantised value is q / s.
+    In place on one fp32 copy of x (the same ops, so the same bits as the out-of-place formula).
     """
-    xf = x.float()
+    xf = x.float() if x.dtype != torch.float32 else x.clone()     # (fp64 x: rounded to fp32, as before)
     s = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=eps)
-    return (xf * s).round().clamp(-128, 127), s
+    return xf.mul_(s).round_().clamp_(-128, 127), s
 
 
 def quantize_weights(w: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,14 +84,19 @@ def quantize_weights(w: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, 
 
 
 def _straight_through(x: torch.Tensor, x_q: torch.Tensor) -> torch.Tensor:
-    """Value of x_q exactly, gradient of x: x_q + (x - x.detach()) when x needs a gradient, else x_q itself.
+    """Value of x_q exactly, gradient of x: x_q itself (a view) with the identity gradient to x when x needs
+    a gradient, else x_q.
 
     (The usual x + (x_q - x).detach() has the same value up to one rounding of the sum, which this form
-    does not make; so both branches, and so training and inference, give the same bits.)
+    does not make; so both branches, and so training and inference, give the same bits.) Under torch.func
+    transforms and torch.compile the plain form x_q + (x - x.detach()) (same value) stands in for the
+    autograd.Function.
     """
-    if _needs_grad(x):
+    if not _needs_grad(x):
+        return x_q
+    if torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(x):
         return x_q + (x - x.detach())
-    return x_q
+    return _StraightThrough.apply(x, x_q)
 
 
 def _needs_grad(t: torch.Tensor) -> bool:
@@ -115,8 +121,10 @@ def ternary_weight(w: torch.Tensor) -> torch.Tensor:
         return (qw * gamma).to(w.dtype)
 
 
-class _WeightStraightThrough(torch.autograd.Function):
-    """Value Q_w(W) (a view of the cached tensor: nothing weight-sized is made), gradient of W (identity)."""
+class _StraightThrough(torch.autograd.Function):
+    """Value of the second argument (a view: nothing is copied), identity gradient to the first.
+
+    For Q_w(W) (the cached tensor: nothing weight-sized is made) and for Q_a(x̃)."""
 
     @staticmethod
     def forward(ctx, w, qw):
@@ -146,9 +154,67 @@ def bitlinear_codes(x: torch.Tensor, rms_norm: RMSNorm) -> tuple[torch.Tensor, t
 def bitlinear_input(x: torch.Tensor, rms_norm: RMSNorm) -> torch.Tensor:
     """Q_a(x̃), x̃ = RMSNorm_g(x): the dequantised 8-bit activation (straight-through to x̃), in x's dtype.
 
-    The input of every BitLinear matmul, and of a LoRA adapter on one (frozen or not).
+    The input of every BitLinear matmul, and of a LoRA adapter on one (frozen or not). When a gradient is
+    needed (16/32-bit x, outside torch.compile / torch.func) it runs as `_BitLinearInput`: the same values
+    bit for bit, a row block at a time, with the RMSNorm backward written out (its fp32 roundings differ from
+    autograd's, so float64 models keep autograd's graph of the same formula).
     """
+    g = rms_norm.weight
+    if ((_needs_grad(x) or _needs_grad(g)) and x.dtype != torch.float64 and x.shape[-1] > 0
+            and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(x)):
+        return _BitLinearInput.apply(x, g, rms_norm.eps)
     return bitlinear_codes(x, rms_norm)[0]
+
+
+INPUT_BLOCK_ELEMENTS = 1 << 18
+"""Elements per row block of `_BitLinearInput` (1 MiB in fp32: the block's fp32 temporaries stay in a core's
+L2 instead of making ~10 passes over the whole activation through memory)."""
+
+
+class _BitLinearInput(torch.autograd.Function):
+    """x [..., K] -> Q_a(RMSNorm_g(x)) in x's dtype; gradients for x and g through the norm (straight-through Q_a).
+
+    Forward: `bitlinear_codes`, a block of rows at a time (every op is per row, so the bits are the same).
+    Backward, in fp32 (the dtype the norm runs in), with r = (mean(x²) + eps)^(-1/2), x̂ = x r, u = dy ⊙ g:
+
+        dx = r (u - x̂ · mean(u ⊙ x̂))          dg = Σ_rows dy ⊙ x̂
+
+    (dy reaches x̃ unchanged through Q_a and the casts.) Saves x and g only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, g, eps):
+        K = x.shape[-1]
+        x2 = x.reshape(-1, K)
+        out = torch.empty_like(x2)
+        gf, rows = g.float(), max(1, INPUT_BLOCK_ELEMENTS // K)
+        for r in range(0, x2.shape[0], rows):
+            xn = F.rms_norm(x2[r:r + rows].float(), (K,), gf, eps).to(x.dtype)
+            q, s = quantize_activations(xn)
+            out[r:r + rows] = q.div_(s)
+        ctx.save_for_backward(x, g)
+        ctx.eps = eps
+        return out.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, g = ctx.saved_tensors
+        K = x.shape[-1]
+        x2, dy2 = x.reshape(-1, K), dy.reshape(-1, K)
+        dx = torch.empty_like(x2) if ctx.needs_input_grad[0] else None
+        dg = torch.zeros(K, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
+        gf, rows = g.float(), max(1, INPUT_BLOCK_ELEMENTS // K)
+        for r in range(0, x2.shape[0], rows):
+            xf = x2[r:r + rows].to(torch.float32, copy=True)                          # (copies: changed in place)
+            d = dy2[r:r + rows].to(torch.float32, copy=True)
+            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)          # [R, 1]
+            xhat = xf.mul_(rstd)                                                      # [R, K]
+            if dg is not None:
+                dg += (d * xhat).sum(0)
+            if dx is not None:
+                u = d.mul_(gf)
+                dx[r:r + rows] = u.sub_(xhat * (u * xhat).mean(-1, keepdim=True)).mul_(rstd)
+        return (None if dx is None else dx.view(x.shape)), (None if dg is None else dg.to(g.dtype)), None
 
 
 def _cacheable(w: torch.Tensor) -> bool:
@@ -221,7 +287,7 @@ class BitLinear(nn.Linear):
         if not _needs_grad(w):
             return qw                                     # no_grad, eval of a frozen W, LoRA: Q_w(W) itself
         if self.cache_weights and _cacheable(w):
-            return _WeightStraightThrough.apply(w, qw)
+            return _StraightThrough.apply(w, qw)
         return qw + (w - w.detach())                      # compile / functorch: plain ops, same value
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -82,11 +82,13 @@ class TernaryLinear(nn.Module):
         float path's own roundings (it rounds q / s to fp32 and then to the dtype, and the dot products;
         the integer path rounds once, at the end). float64 always takes the float path, the exact one.
         """
-        x_q, q, s = bitlinear_codes(x, self.rms_norm)
-        rows = x_q.numel() // max(self.in_features, 1)
-        if (x_q.device.type == "cpu" and x_q.dtype != torch.float64 and rows <= _kernel.INT_ROWS
-                and not (torch.is_grad_enabled() and x_q.requires_grad) and not torch.is_autocast_enabled("cpu")):
+        rows = x.numel() // max(self.in_features, 1)
+        grad = torch.is_grad_enabled() and (x.requires_grad or self.rms_norm.weight.requires_grad)
+        if (x.device.type == "cpu" and x.dtype != torch.float64 and rows <= _kernel.INT_ROWS and not grad
+                and not torch.is_autocast_enabled("cpu")):
+            x_q, q, s = bitlinear_codes(x, self.rms_norm)
             return ternary_linear_int8(q, s, self.weight_packed, self.weight_scale, self.in_features, x_q.dtype), x_q
+        x_q = bitlinear_input(x, self.rms_norm)
         return self.matmul(x_q), x_q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,7 @@ def _tolerance(dtype, K):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("M,N,K", [(1, 9, 13), (5, 33, 70), (20, 17, 64)])
 def test_tiled_torch_path_equals_the_reference(M, N, K, dtype, monkeypatch):
-    monkeypatch.setattr(kt, "TILE_ELEMENTS", 40)                     # many row tiles and column blocks
+    monkeypatch.setattr(kt, "TILE_ROWS", 4)                         # many row tiles and column blocks
     packed, scale, x, dy = _case(M, N, K, dtype)
     y_ref, dx_ref = _run(ternary_linear_ref, x.double(), packed, scale, K, dy.double())    # float64 oracle
     with use_backend("torch"):

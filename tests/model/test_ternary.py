@@ -101,7 +101,7 @@ def test_lora_gradients_on_a_frozen_ternary_base_equal_the_latent_ones(order):
 
 
 def test_no_weight_sized_tensor_in_the_frozen_forward_and_dx(tensor_sizes, monkeypatch):
-    monkeypatch.setattr(kt, "TILE_ELEMENTS", 256)         # tiles of 256 weights in a 64 x 96 layer
+    monkeypatch.setattr(kt, "TILE_ROWS", 8)               # tiles of 8 x 64 / 96 x 8 weights in a 64 x 96 layer
     torch.manual_seed(0)
     layer = TernaryLinear.from_bitlinear(BitLinear(64, 96))
     x = torch.randn(3, 64, requires_grad=True)
