@@ -36,6 +36,11 @@ def _finish(logp, ent, shape, return_entropy):
     return (logp, ent.reshape(shape)) if return_entropy else logp
 
 
+WEIGHT_BLOCK_ROWS = 2048
+"""Rows of a half-precision head weight converted to fp32 at a time on the CPU (16 MiB at d = 2048), instead of
+the whole [V, d] weight (263 MB for elleci-v1's 32128 x 2048) at every product."""
+
+
 def _mm_acc(a, b):
     """a @ b in the accumulation dtype: fp32 with fp32 accumulation (no rounding of the product to a half
     dtype), or fp64 when `a` is fp64 (float64 references stay float64 end to end)."""
@@ -48,6 +53,34 @@ def _mm_acc(a, b):
         except (RuntimeError, TypeError):
             _OUT_DTYPE_MM = False
     return a.float() @ b.float()
+
+
+def _logits_acc(h, w):
+    """h [T, d] @ w [V, d]ᵀ -> [T, V] in the accumulation dtype, as `_mm_acc(h, w.t())`; a half-precision w
+    off CUDA is converted WEIGHT_BLOCK_ROWS rows at a time (each logit is still one fp32 dot product)."""
+    if not _blocked(h, w):
+        return _mm_acc(h, w.t())
+    hf = h.float()
+    out = torch.empty(h.shape[0], w.shape[0], dtype=torch.float32, device=h.device)
+    for v in range(0, w.shape[0], WEIGHT_BLOCK_ROWS):
+        torch.mm(hf, w[v:v + WEIGHT_BLOCK_ROWS].float().t(), out=out[:, v:v + WEIGHT_BLOCK_ROWS])
+    return out
+
+
+def _grad_hidden_acc(grad, w):
+    """grad [T, V] @ w [V, d] -> [T, d] in the accumulation dtype, as `_mm_acc(grad, w)`; blocked like
+    `_logits_acc` (the blocks' fp32 products are summed in fp32)."""
+    if not _blocked(grad, w):
+        return _mm_acc(grad, w)
+    out = torch.zeros(grad.shape[0], w.shape[1], dtype=torch.float32, device=grad.device)
+    for v in range(0, w.shape[0], WEIGHT_BLOCK_ROWS):
+        out.addmm_(grad[:, v:v + WEIGHT_BLOCK_ROWS].float(), w[v:v + WEIGHT_BLOCK_ROWS].float())
+    return out
+
+
+def _blocked(a, w) -> bool:
+    return a.dtype not in (torch.float32, torch.float64) and not (a.is_cuda and _OUT_DTYPE_MM) \
+        and w.shape[0] > WEIGHT_BLOCK_ROWS
 
 
 def _acc_dtype(h: torch.Tensor) -> torch.dtype:
@@ -67,7 +100,7 @@ class _RefLogprobs(torch.autograd.Function):
         valid = labels != ignore_index
         for c0 in range(0, T, chunk_size):
             sl = slice(c0, c0 + chunk_size)
-            logits = _mm_acc(h[sl], w.t())                           # [chunk, V] fp32 (fp64), the only big tensor
+            logits = _logits_acc(h[sl], w)                           # [chunk, V] fp32 (fp64), the only big tensor
             lse[sl] = torch.logsumexp(logits, dim=-1)
             z = logits.gather(1, labels[sl].clamp(min=0)[:, None])[:, 0]
             logp[sl] = torch.where(valid[sl], z - lse[sl], 0.0)
@@ -92,11 +125,11 @@ class _RefLogprobs(torch.autograd.Function):
         dw = torch.zeros(w.shape, dtype=_acc_dtype(h), device=w.device) if need_w else None
         for c0 in range(0, h.shape[0], ctx.chunk_size):
             sl = slice(c0, c0 + ctx.chunk_size)
-            p = torch.exp(_mm_acc(h[sl], w.t()) - lse[sl, None])     # recomputed softmax, [chunk, V] fp32
+            p = torch.exp(_logits_acc(h[sl], w) - lse[sl, None])     # recomputed softmax, [chunk, V] fp32
             onehot = torch.zeros_like(p).scatter_(1, labels[sl].clamp(min=0)[:, None], 1.0)
             grad = ((onehot - p) * g[sl, None]).to(h.dtype)        # g is 0 on ignored rows
             if need_h:
-                dh[sl] = _mm_acc(grad, w).to(h.dtype)
+                dh[sl] = _grad_hidden_acc(grad, w).to(h.dtype)
             if need_w:
                 dw += _mm_acc(grad.t(), h[sl])
         return dh, (dw.to(w.dtype) if need_w else None), None, None, None, None

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from . import host_memory
 from .config import ElleciConfig
 from .documents import check_seq_idx, document_positions, last_document
 from .layers import RMSNorm, SwiGLU
@@ -189,7 +190,8 @@ class ElleciLM(nn.Module):
             for i, blk in enumerate(self.blocks):
                 layer_cache = cache.layers[i] if cache is not None else None
                 if use_ckpt:
-                    x = checkpoint(blk, x, pad_mask, positions, key_mask, None, seq_idx, use_reentrant=False)
+                    fn = host_memory.trimming(blk, i, x.device.type)      # CPU: free pages back to the OS
+                    x = checkpoint(fn, x, pad_mask, positions, key_mask, None, seq_idx, use_reentrant=False)
                 else:
                     x = blk(x, pad_mask, positions, key_mask, layer_cache, seq_idx)
             if cache is not None and seq_idx is not None:   # decoding continues the last document of each row

@@ -151,7 +151,7 @@ class LoRALinear(nn.Module):
         A, B, s = self.adapter()
         A, B = A.to(weight.dtype), B.to(weight.dtype)
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
-            return F.linear(x_in, weight, bias) + s * F.linear(F.linear(self.lora_dropout(x_in), A), B)
+            return torch.add(F.linear(x_in, weight, bias), F.linear(F.linear(self.lora_dropout(x_in), A), B), alpha=s)
         return lora_linear(x_in, weight, A, B, s, bias)
 
     def _ternary_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,7 +159,7 @@ class LoRALinear(nn.Module):
         y, x_q = self.base_layer.forward_with_input(x)
         A, B, s = self.adapter()
         A, B = A.to(x_q.dtype), B.to(x_q.dtype)
-        return y + s * F.linear(F.linear(self.lora_dropout(x_q), A), B)
+        return torch.add(y, F.linear(F.linear(self.lora_dropout(x_q), A), B), alpha=s)
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
