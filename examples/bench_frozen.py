@@ -14,7 +14,9 @@ table gives min and median over rounds.
 
 DPO step (`--tokens T`): one pair, T tokens per side (the first 32 are the prompt, not scored), the
 reference log-probs precomputed (constants), β 0.1, AdamW lr 1e-5 on the adapters, gradient checkpointing;
-step 1 warms up, step 2 is timed (wall clock) and reported.
+step 1 warms up, step 2 is timed (wall clock) and reported. elleci runs as shipped: on the CPU it returns the
+heap's free pages to the OS before every 4th checkpointed block (`elleci.model.host_memory`); `--no-trim-arm`
+adds "elleci-notrim", the same run with that off.
   elleci:  elleci-v1, random weights, frozen ternary base (the FFN's BitLinear weights packed, W dropped)
            in bf16, loaded with `from_pretrained(--frozen-dir)` (write it once: `--make-frozen DIR`), LoRA
            r 16 α 32 on every linear layer ("all-linear"), chosen and rejected in one [2, T] forward
@@ -121,14 +123,17 @@ def _hf_logps(model, ids, labels):
 
 def one_step_run(stack: str, T: int, preset: str, hf_tiny: bool, frozen_dir: str | None = None) -> dict:
     t0 = time.perf_counter()
-    model = _elleci_model(preset, frozen_dir) if stack == "elleci" else _hf_model(hf_tiny)
+    if stack == "elleci-notrim":                                         # the same, without the heap trim
+        from elleci.model import host_memory
+        host_memory.TRIM_EVERY = 0
+    model = _elleci_model(preset, frozen_dir) if stack.startswith("elleci") else _hf_model(hf_tiny)
     rss_model = vm_hwm_gb()
     build = time.perf_counter() - t0
-    vocab = 512 if (preset == "tiny" and stack == "elleci") or (stack == "hf" and hf_tiny) else 32128
+    vocab = 512 if (preset == "tiny" and stack != "hf") or (stack == "hf" and hf_tiny) else 32128
     ids, labels = _pair(T, vocab)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    logps_fn = _elleci_logps if stack == "elleci" else _hf_logps
+    logps_fn = _hf_logps if stack == "hf" else _elleci_logps
     times, cpu = [], []
     for _ in range(2):
         t, c = time.perf_counter(), time.process_time()
@@ -210,6 +215,8 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline", default=None, help="another elleci checkout: decode 'before' (latent) with it")
     ap.add_argument("--json", default=None, help="append every measurement to this JSONL file")
     ap.add_argument("--make-frozen", default=None, help="write a random frozen-ternary --preset checkpoint here, exit")
+    ap.add_argument("--no-trim-arm", action="store_true",
+                    help="also run elleci with host_memory.TRIM_EVERY = 0 ('elleci-notrim'): the heap trim's share")
     ap.add_argument("--one", nargs="+", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.make_frozen:
@@ -234,7 +241,9 @@ def main(argv=None) -> None:
             if args.baseline:
                 jobs.insert(0, ("decode", "before", args.baseline))
         else:
-            jobs = [("step", s, here, T) for T in args.tokens for s in (("elleci", "hf") if r % 2 == 0 else ("hf", "elleci"))]
+            stacks = ("elleci", "hf") + (("elleci-notrim",) if args.no_trim_arm else ())
+            order = stacks if r % 2 == 0 else stacks[::-1]
+            jobs = [("step", s, here, T) for T in args.tokens for s in order]
         for job in jobs:
             kind, name, path = job[:3]
             extra = [str(job[3])] if kind == "step" else []
@@ -258,7 +267,9 @@ def main(argv=None) -> None:
     print("| tokens per side | stack | step 2 wall s (min / median) | step 2 CPU s (min / median) | peak RSS GB (min / median) |")
     print("|---|---|---|---|---|")
     for T in args.tokens:
-        for name in ("elleci", "hf"):
+        for name in ("elleci", "hf", "elleci-notrim"):
+            if (name, T) not in results:
+                continue
             rs = results[(name, T)]
             print(f"| {T} | {name} | {_stats([x['step2_s'] for x in rs])} | {_stats([x['step2_cpu_s'] for x in rs])} | "
                   f"{_stats([x['peak_rss_gb'] for x in rs])} |")
