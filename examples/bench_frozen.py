@@ -16,7 +16,7 @@ DPO step (`--tokens T`): one pair, T tokens per side (the first 32 are the promp
 reference log-probs precomputed (constants), β 0.1, AdamW lr 1e-5 on the adapters, gradient checkpointing;
 step 1 warms up, step 2 is timed (wall clock) and reported. elleci runs as shipped: on the CPU it returns the
 heap's free pages to the OS before every 4th checkpointed block (`elleci.model.host_memory`); `--no-trim-arm`
-adds "elleci-notrim", the same run with that off.
+adds "elleci-notrim", the same run with that off; `--stacks hf-trim` runs transformers + PEFT with that trim.
   elleci:  elleci-v1, random weights, frozen ternary base (the FFN's BitLinear weights packed, W dropped)
            in bf16, loaded with `from_pretrained(--frozen-dir)` (write it once: `--make-frozen DIR`), LoRA
            r 16 α 32 on every linear layer ("all-linear"), chosen and rejected in one [2, T] forward
@@ -89,7 +89,7 @@ def _elleci_logps(model, ids, labels):
     return sequence_logprobs(model, ids, labels)
 
 
-def _hf_model(tiny: bool):
+def _hf_model(tiny: bool, trim: bool = False):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(0)
@@ -108,7 +108,15 @@ def _hf_model(tiny: bool):
     model.config.use_cache = False
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    return get_peft_model(model, lora).train()
+    model = get_peft_model(model, lora).train()
+    if trim:                                      # elleci's heap trim, on the same layers (checkpointed call)
+        from elleci.model.host_memory import TRIM_EVERY, trim_host_memory
+        def trim(module, args):                   # (returns None: the layer's inputs stay as they are)
+            trim_host_memory()
+        for i, layer in enumerate(model.base_model.model.model.layers):
+            if i % TRIM_EVERY == 0:
+                layer.register_forward_pre_hook(trim)
+    return model
 
 
 def _hf_logps(model, ids, labels):
@@ -126,14 +134,14 @@ def one_step_run(stack: str, T: int, preset: str, hf_tiny: bool, frozen_dir: str
     if stack == "elleci-notrim":                                         # the same, without the heap trim
         from elleci.model import host_memory
         host_memory.TRIM_EVERY = 0
-    model = _elleci_model(preset, frozen_dir) if stack.startswith("elleci") else _hf_model(hf_tiny)
+    model = _elleci_model(preset, frozen_dir) if stack.startswith("elleci") else _hf_model(hf_tiny, stack == "hf-trim")
     rss_model = vm_hwm_gb()
     build = time.perf_counter() - t0
-    vocab = 512 if (preset == "tiny" and stack != "hf") or (stack == "hf" and hf_tiny) else 32128
+    vocab = 512 if (preset == "tiny" and stack.startswith("elleci")) or (stack.startswith("hf") and hf_tiny) else 32128
     ids, labels = _pair(T, vocab)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)
-    logps_fn = _hf_logps if stack == "hf" else _elleci_logps
+    logps_fn = _elleci_logps if stack.startswith("elleci") else _hf_logps
     times, cpu = [], []
     for _ in range(2):
         t, c = time.perf_counter(), time.process_time()
@@ -217,6 +225,9 @@ def main(argv=None) -> None:
     ap.add_argument("--make-frozen", default=None, help="write a random frozen-ternary --preset checkpoint here, exit")
     ap.add_argument("--no-trim-arm", action="store_true",
                     help="also run elleci with host_memory.TRIM_EVERY = 0 ('elleci-notrim'): the heap trim's share")
+    ap.add_argument("--stacks", nargs="+", default=None, choices=["elleci", "hf", "elleci-notrim", "hf-trim"],
+                    help="which stacks to run (default: elleci and hf, plus elleci-notrim with --no-trim-arm); "
+                         "hf-trim: transformers + PEFT with elleci's heap trim on every 4th decoder layer")
     ap.add_argument("--one", nargs="+", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.make_frozen:
@@ -241,7 +252,7 @@ def main(argv=None) -> None:
             if args.baseline:
                 jobs.insert(0, ("decode", "before", args.baseline))
         else:
-            stacks = ("elleci", "hf") + (("elleci-notrim",) if args.no_trim_arm else ())
+            stacks = tuple(args.stacks) if args.stacks else ("elleci", "hf") + (("elleci-notrim",) if args.no_trim_arm else ())
             order = stacks if r % 2 == 0 else stacks[::-1]
             jobs = [("step", s, here, T) for T in args.tokens for s in order]
         for job in jobs:
@@ -267,12 +278,14 @@ def main(argv=None) -> None:
     print("| tokens per side | stack | step 2 wall s (min / median) | step 2 CPU s (min / median) | peak RSS GB (min / median) |")
     print("|---|---|---|---|---|")
     for T in args.tokens:
-        for name in ("elleci", "hf", "elleci-notrim"):
+        for name in ("elleci", "hf", "elleci-notrim", "hf-trim"):
             if (name, T) not in results:
                 continue
             rs = results[(name, T)]
             print(f"| {T} | {name} | {_stats([x['step2_s'] for x in rs])} | {_stats([x['step2_cpu_s'] for x in rs])} | "
                   f"{_stats([x['peak_rss_gb'] for x in rs])} |")
+        if ("elleci", T) not in results or ("hf", T) not in results:
+            continue
         e, h = results[("elleci", T)], results[("hf", T)]
         med = lambda rs, k: statistics.median(x[k] for x in rs)                     # noqa: E731
         print(f"| {T} | ratio elleci / hf (medians) | {med(e, 'step2_s') / med(h, 'step2_s'):.2f}x | "

@@ -167,7 +167,7 @@ def _interleave(x2: torch.Tensor, K4: int) -> torch.Tensor:
     M, K = x2.shape
     if K < 4 * K4:
         x2 = F.pad(x2, (0, 4 * K4 - K))
-    return x2.view(M, 4, K4).transpose(1, 2).reshape(M, 4 * K4)
+    return x2.reshape(M, 4, K4).transpose(1, 2).reshape(M, 4 * K4)
 
 
 def _deinterleave(z: torch.Tensor, K: int) -> torch.Tensor:
@@ -188,6 +188,8 @@ def _forward_tiled(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, 
     multiplied with x's columns taken in the same byte order, so every output element is still one full dot
     product (over the same terms as F.linear(x2, c γ), summed in another order)."""
     N, K4 = packed.shape
+    if N == 0 or K == 0:
+        return x2.new_zeros(x2.shape[0], N)
     table = _value_table(scale, x2.dtype)
     xb = _interleave(x2, K4)                                                 # [M, 4 K4]
     tiles = [F.linear(xb, _unpack_bytes(packed[r:r + TILE_ROWS], table)) for r in range(0, N, TILE_ROWS)]
@@ -197,6 +199,8 @@ def _forward_tiled(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, 
 def _backward_tiled(dy2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, K: int) -> torch.Tensor:
     """dx = dy2 (c γ), TILE_ROWS // 4 byte columns (TILE_ROWS weight columns) at a time: [M, N] -> [M, K]."""
     N, K4 = packed.shape
+    if N == 0 or K == 0:
+        return dy2.new_zeros(dy2.shape[0], K)
     table = _value_table(scale, dy2.dtype)
     width = max(1, TILE_ROWS // 4)
     tiles = [dy2 @ _unpack_bytes(packed[:, b:b + width], table) for b in range(0, K4, width)]
@@ -305,7 +309,7 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, i
     _check(x, packed, scale, in_features)
     scale = scale.reshape(())
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
+    x2 = x.reshape(lead.numel(), in_features)
     use_triton = resolve_backend(x) == "triton" and x.dtype != torch.float64
     if use_triton and not (x.is_cuda or _interpreting()):
         raise ValueError("the Triton ternary_linear needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); "

@@ -68,9 +68,10 @@ def quantize_activations(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tens
     Returns (q, s) in fp32 with q integer-valued; the dequantised value is q / s.
     In place on one fp32 copy of x (the same ops, so the same bits as the out-of-place formula).
     """
-    xf = x.float() if x.dtype != torch.float32 else x.clone()     # (fp64 x: rounded to fp32, as before)
-    s = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=eps)
-    return xf.mul_(s).round_().clamp_(-128, 127), s
+    with torch.no_grad():                                          # codes: no gradient (round's is 0)
+        xf = x.float() if x.dtype != torch.float32 else x.clone()  # (fp64 x: rounded to fp32, as before)
+        s = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=eps)
+        return xf.mul_(s).round_().clamp_(-128, 127), s
 
 
 def quantize_weights(w: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:

@@ -136,10 +136,12 @@ class Mamba2Mixer(nn.Module):
         past = cache.conv if cache is not None else x.new_zeros(Bsz, Di, K - 1)
         xc = torch.cat([past.to(x.dtype), x.transpose(1, 2)], dim=-1)           # [B, Di, K-1+L]
         if seq_idx is None:
-            x_conv = F.silu(F.conv1d(xc, self.conv1d.weight, self.conv1d.bias, groups=Di)).transpose(1, 2)
+            x_conv = F.conv1d(xc, self.conv1d.weight, self.conv1d.bias, groups=Di)
         else:
             x_conv = conv_within_documents(xc, self.conv1d.weight, self.conv1d.bias, seq_idx)
-            x_conv = F.silu(x_conv).transpose(1, 2)
+        # [B, L, Di] in memory order (one copy): the element-wise ops below, the scan's and their backward
+        # would otherwise mix a transposed operand with contiguous ones, the slow path of every CPU kernel
+        x_conv = F.silu(x_conv.transpose(1, 2).contiguous())
 
         if self.input_gate:                                          # V2: per-head gain in [1, 1.5]
             prev = cache.prev_u if cache is not None else u.new_zeros(Bsz, u.shape[-1])

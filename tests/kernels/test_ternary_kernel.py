@@ -35,6 +35,25 @@ def test_pack_unpack_round_trip_with_padding(shape):
         assert torch.equal(((packed >> (2 * j)) & 3)[:, :block.shape[1]].long() - 1, block.long())
 
 
+@pytest.mark.parametrize("shape", [(3, 5), (6, 64), (4, 130)])
+def test_table_unpack_gives_the_weights_in_byte_order(shape):
+    """The CPU tiles' lookup: byte -> four weights c·γ (in the dtype), column 4b + j = weight column j·K4 + b;
+    `_interleave` / `_deinterleave` move activations to and from that order (padding: zeros)."""
+    codes = torch.randint(-1, 2, shape, generator=torch.Generator().manual_seed(1))
+    packed, gamma, K = pack_ternary(codes), torch.tensor(0.0371), shape[1]
+    K4 = packed.shape[1]
+    for dtype in (torch.bfloat16, torch.float32, torch.float64):
+        w = kt._unpack_bytes(packed, kt._value_table(gamma, dtype))                         # [N, 4 K4]
+        assert w.dtype == dtype and w.shape == (shape[0], 4 * K4)
+        expected = unpack_ternary(packed, K, dtype) * gamma.to(dtype)                         # [N, K]
+        assert torch.equal(kt._deinterleave(w, K), expected)                                 # bit for bit
+        x = torch.randn(2, K, dtype=torch.float64).to(dtype)
+        xb = kt._interleave(x, K4)
+        assert torch.equal(xb.view(2, K4, 4).transpose(1, 2).reshape(2, -1)[:, :K], x)
+        assert torch.equal(kt._deinterleave(xb, K), x)
+        assert not xb.view(2, K4, 4).transpose(1, 2).reshape(2, -1)[:, K:].any()             # zero padding
+
+
 def test_bad_codes_and_shapes_are_refused():
     with pytest.raises(ValueError, match="-1, 0 or 1"):
         pack_ternary(torch.tensor([[0, 2, 1]]))
@@ -116,3 +135,14 @@ def test_integer_path_is_the_exact_dot_product(M, N, K):
     assert got.shape == (2, M, N) and torch.allclose(got, exact, rtol=1e-12, atol=1e-12)
     half = kt.ternary_linear_int8(q, s, packed, scale, K, torch.bfloat16)
     assert half.dtype == torch.bfloat16 and torch.allclose(half.double(), exact, rtol=2 ** -8, atol=1e-6)
+
+
+@pytest.mark.parametrize("N,K", [(0, 8), (5, 0)])
+def test_tiled_path_with_an_empty_weight(N, K):
+    packed = pack_ternary(torch.zeros(N, K))
+    x = torch.randn(3, K, requires_grad=True)
+    with use_backend("torch"):
+        y = ternary_linear(x, packed, torch.tensor(0.5), K)
+    assert y.shape == (3, N) and not y.any()
+    y.sum().backward()
+    assert x.grad.shape == (3, K) and not x.grad.any()
