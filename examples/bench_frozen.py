@@ -111,11 +111,11 @@ def _hf_model(tiny: bool, trim: bool = False):
     model = get_peft_model(model, lora).train()
     if trim:                                      # elleci's heap trim, on the same layers (checkpointed call)
         from elleci.model.host_memory import TRIM_EVERY, trim_host_memory
-        def trim(module, args):                   # (returns None: the layer's inputs stay as they are)
+        def trim_before(module, args):            # (returns None: the layer's inputs stay as they are)
             trim_host_memory()
         for i, layer in enumerate(model.base_model.model.model.layers):
             if i % TRIM_EVERY == 0:
-                layer.register_forward_pre_hook(trim)
+                layer.register_forward_pre_hook(trim_before)
     return model
 
 
@@ -226,7 +226,8 @@ def main(argv=None) -> None:
     ap.add_argument("--no-trim-arm", action="store_true",
                     help="also run elleci with host_memory.TRIM_EVERY = 0 ('elleci-notrim'): the heap trim's share")
     ap.add_argument("--stacks", nargs="+", default=None, choices=["elleci", "hf", "elleci-notrim", "hf-trim"],
-                    help="which stacks to run (default: elleci and hf, plus elleci-notrim with --no-trim-arm); "
+                    help="which stacks to run (default: elleci and hf, plus elleci-notrim with --no-trim-arm; "
+                         "--stacks replaces that choice); "
                          "hf-trim: transformers + PEFT with elleci's heap trim on every 4th decoder layer")
     ap.add_argument("--one", nargs="+", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -37,8 +37,9 @@ def _finish(logp, ent, shape, return_entropy):
 
 
 WEIGHT_BLOCK_ROWS = 2048
-"""Rows of a half-precision head weight converted to fp32 at a time on the CPU (16 MiB at d = 2048), instead of
-the whole [V, d] weight (263 MB for elleci-v1's 32128 x 2048) at every product."""
+"""Rows of a half-precision head weight converted to fp32 at a time wherever the product has no fp32-output
+form (the CPU; CUDA before torch 2.8): 16 MiB at d = 2048, instead of the whole [V, d] weight (263 MB for
+elleci-v1's 32128 x 2048) at every product."""
 
 
 def _mm_acc(a, b):
@@ -57,7 +58,8 @@ def _mm_acc(a, b):
 
 def _logits_acc(h, w):
     """h [T, d] @ w [V, d]ᵀ -> [T, V] in the accumulation dtype, as `_mm_acc(h, w.t())`; a half-precision w
-    off CUDA is converted WEIGHT_BLOCK_ROWS rows at a time (each logit is still one fp32 dot product)."""
+    without an fp32-output matmul is converted WEIGHT_BLOCK_ROWS rows at a time (each logit is still one fp32
+    dot product; the blocks' matmul shapes may order its sum differently: fp32 rounding)."""
     if not _blocked(h, w):
         return _mm_acc(h, w.t())
     hf = h.float()

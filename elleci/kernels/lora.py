@@ -233,6 +233,7 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lor
 
 def lora_linear_ref(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                     scaling: float, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain PyTorch: F.linear(x, W, b) + scaling · F.linear(F.linear(x, A), B) (what PEFT computes; the
-    scaled add is one op, `torch.add(..., alpha=scaling)`: one pass over y instead of two)."""
+    """Plain PyTorch: F.linear(x, W, b) + scaling · F.linear(F.linear(x, A), B), PEFT's formula. The scaled add
+    is one op, `torch.add(..., alpha=scaling)`: one pass over y instead of two, and one rounding where PEFT
+    rounds scaling · z and then the sum (the same bits when scaling is a power of two, e.g. α/r = 2)."""
     return torch.add(F.linear(x, weight, bias), F.linear(F.linear(x, lora_A), lora_B), alpha=scaling)

@@ -33,6 +33,7 @@ Three implementations, equal up to the matmul's rounding (tests compare them und
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -149,17 +150,17 @@ def unpack_ternary(packed: torch.Tensor, in_features: int, dtype: torch.dtype = 
 
 # ---- torch path (tiled) -----------------------------------------------------------------------
 
-def byte_codes() -> torch.Tensor:
-    """[256, 4] int8: the four codes c_0..c_3 ∈ {-1, 0, 1} of every packed byte (plane j: bits 2j, 2j+1).
-
-    (Field value 3 never occurs in a packed tensor; it maps to +1 here, harmlessly.)"""
+@functools.lru_cache(maxsize=8)
+def byte_codes(device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """[256, 4] int8 on `device`: the four codes c_0..c_3 ∈ {-1, 0, 1} of every packed byte (plane j: bits
+    2j, 2j+1). (Field value 3 never occurs in a packed tensor; it maps to +1 here, harmlessly.)"""
     fields = torch.arange(256)[:, None] >> torch.arange(0, 8, 2)[None, :] & 3     # [256, 4] in {0..3}
-    return (fields.clamp(max=2) - 1).to(torch.int8)
+    return (fields.clamp(max=2) - 1).to(device=device, dtype=torch.int8)
 
 
 def _value_table(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """[256, 4] in `dtype`: c · γ.to(dtype) for each byte's four codes, exactly the unpacked weights' values."""
-    return byte_codes().to(device=scale.device, dtype=dtype) * scale.to(dtype)
+    return byte_codes(scale.device).to(dtype) * scale.to(dtype)
 
 
 def _interleave(x2: torch.Tensor, K4: int) -> torch.Tensor:
@@ -192,8 +193,12 @@ def _forward_tiled(x2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, 
         return x2.new_zeros(x2.shape[0], N)
     table = _value_table(scale, x2.dtype)
     xb = _interleave(x2, K4)                                                 # [M, 4 K4]
-    tiles = [F.linear(xb, _unpack_bytes(packed[r:r + TILE_ROWS], table)) for r in range(0, N, TILE_ROWS)]
-    return tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1)
+    if N <= TILE_ROWS:
+        return F.linear(xb, _unpack_bytes(packed, table))
+    y = x2.new_empty(x2.shape[0], N)
+    for r in range(0, N, TILE_ROWS):
+        y[:, r:r + TILE_ROWS] = F.linear(xb, _unpack_bytes(packed[r:r + TILE_ROWS], table))
+    return y
 
 
 def _backward_tiled(dy2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, K: int) -> torch.Tensor:
@@ -203,8 +208,12 @@ def _backward_tiled(dy2: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor
         return dy2.new_zeros(dy2.shape[0], K)
     table = _value_table(scale, dy2.dtype)
     width = max(1, TILE_ROWS // 4)
-    tiles = [dy2 @ _unpack_bytes(packed[:, b:b + width], table) for b in range(0, K4, width)]
-    return _deinterleave(tiles[0] if len(tiles) == 1 else torch.cat(tiles, dim=-1), K)
+    M = dy2.shape[0]
+    dx = dy2.new_empty(M, 4, K4)                                             # [M, plane, byte]: weight-column order
+    for b in range(0, K4, width):
+        tile = dy2 @ _unpack_bytes(packed[:, b:b + width], table)            # [M, 4 w] in byte order
+        dx[:, :, b:b + width] = tile.view(M, -1, 4).transpose(1, 2)
+    return dx.view(M, 4 * K4)[:, :K]
 
 
 class _TernaryLinearTiled(torch.autograd.Function):

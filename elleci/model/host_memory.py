@@ -22,6 +22,8 @@ import ctypes
 import ctypes.util
 import functools
 
+import torch
+
 TRIM_EVERY = 4
 """Trim before every TRIM_EVERY-th checkpointed block on the CPU (0: never)."""
 
@@ -50,8 +52,8 @@ def trimming(fn, index: int, device_type: str):
     if device_type != "cpu" or TRIM_EVERY <= 0 or index % TRIM_EVERY:
         return fn
 
-    @functools.wraps(fn)
     def trimmed(*args, **kwargs):
-        trim_host_memory()
+        if not torch.compiler.is_compiling():     # (a ctypes call would break a compiled graph)
+            trim_host_memory()
         return fn(*args, **kwargs)
     return trimmed

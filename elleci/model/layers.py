@@ -161,15 +161,21 @@ def bitlinear_input(x: torch.Tensor, rms_norm: RMSNorm) -> torch.Tensor:
     autograd's, so float64 models keep autograd's graph of the same formula).
     """
     g = rms_norm.weight
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     if ((_needs_grad(x) or _needs_grad(g)) and x.dtype != torch.float64 and x.shape[-1] > 0
-            and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(x)):
+            and not torch.compiler.is_compiling() and not wrapped(x) and not wrapped(g)):
         return _BitLinearInput.apply(x, g, rms_norm.eps)
     return bitlinear_codes(x, rms_norm)[0]
 
 
 INPUT_BLOCK_ELEMENTS = 1 << 18
-"""Elements per row block of `_BitLinearInput` (1 MiB in fp32: the block's fp32 temporaries stay in a core's
-L2 instead of making ~10 passes over the whole activation through memory)."""
+"""Elements per row block of `_BitLinearInput` on the CPU (1 MiB in fp32: the block's fp32 temporaries stay in
+a core's L2 instead of making ~10 passes over the whole activation through memory). Other devices take all
+rows in one block (one launch per op)."""
+
+
+def _row_block(x: torch.Tensor, K: int) -> int:
+    return max(1, INPUT_BLOCK_ELEMENTS // K) if x.device.type == "cpu" else max(1, x.numel() // K)
 
 
 class _BitLinearInput(torch.autograd.Function):
@@ -188,7 +194,7 @@ class _BitLinearInput(torch.autograd.Function):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)
         out = torch.empty_like(x2)
-        gf, rows = g.float(), max(1, INPUT_BLOCK_ELEMENTS // K)
+        gf, rows = g.float(), _row_block(x, K)
         for r in range(0, x2.shape[0], rows):
             xn = F.rms_norm(x2[r:r + rows].float(), (K,), gf, eps).to(x.dtype)
             q, s = quantize_activations(xn)
@@ -204,7 +210,7 @@ class _BitLinearInput(torch.autograd.Function):
         x2, dy2 = x.reshape(-1, K), dy.reshape(-1, K)
         dx = torch.empty_like(x2) if ctx.needs_input_grad[0] else None
         dg = torch.zeros(K, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
-        gf, rows = g.float(), max(1, INPUT_BLOCK_ELEMENTS // K)
+        gf, rows = g.float(), _row_block(x, K)
         for r in range(0, x2.shape[0], rows):
             xf = x2[r:r + rows].to(torch.float32, copy=True)                          # (copies: changed in place)
             d = dy2[r:r + rows].to(torch.float32, copy=True)

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from ..kernels import ternary as _kernel
 from ..kernels.ternary import pack_ternary, packed_columns, ternary_linear, ternary_linear_int8, unpack_ternary
-from .layers import BitLinear, RMSNorm, bitlinear_codes, bitlinear_input, quantize_weights
+from .layers import BitLinear, RMSNorm, _needs_grad, bitlinear_codes, bitlinear_input, quantize_weights
 
 __all__ = ["TernaryLinear", "freeze_ternary", "ternary_layer_names", "use_ternary_layers", "frozen_base_bytes",
            "FROZEN_BASES", "apply_frozen_base"]
@@ -83,7 +83,7 @@ class TernaryLinear(nn.Module):
         the integer path rounds once, at the end). float64 always takes the float path, the exact one.
         """
         rows = x.numel() // max(self.in_features, 1)
-        grad = torch.is_grad_enabled() and (x.requires_grad or self.rms_norm.weight.requires_grad)
+        grad = _needs_grad(x) or _needs_grad(self.rms_norm.weight)
         if (x.device.type == "cpu" and x.dtype != torch.float64 and rows <= _kernel.INT_ROWS and not grad
                 and not torch.is_autocast_enabled("cpu")):
             x_q, q, s = bitlinear_codes(x, self.rms_norm)

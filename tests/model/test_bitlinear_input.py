@@ -43,6 +43,7 @@ def test_same_values_and_gradients_as_the_composite_form(dtype, K, lead, monkeyp
 def test_only_the_norm_weight_needs_a_gradient():
     norm, x, dy = _case(torch.float32, 32, (4,))
     y = bitlinear_input(x, norm)                                    # x takes no gradient
+    assert type(y.grad_fn).__name__ == "_BitLinearInputBackward"
     y.backward(dy)
     norm2, _, _ = _case(torch.float32, 32, (4,))
     bitlinear_codes(x, norm2)[0].backward(dy)
@@ -55,3 +56,18 @@ def test_float64_and_no_grad_keep_the_composite_form():
     norm, x, _ = _case(torch.bfloat16, 16, (2,))
     with torch.no_grad():
         assert torch.equal(bitlinear_input(x, norm), bitlinear_codes(x, norm)[0])
+
+
+def test_strided_x_and_an_fp32_norm_weight():
+    """A non-contiguous 3-D x (a transposed view) and a bf16 x with an fp32 g: values and gradients as the
+    composite form's."""
+    norm, x, dy = _case(torch.bfloat16, 48, (6, 5))
+    x_t, dy_t = x.transpose(0, 1), dy.transpose(0, 1)              # [5, 6, 48], not contiguous
+    for n in (norm, norm.float()):
+        y_ref, dx_ref, dg_ref, _ = _grads(lambda x, m: bitlinear_codes(x, m)[0], n, x_t, dy_t)
+        y, dx, dg, fn = _grads(bitlinear_input, n, x_t, dy_t)
+        assert type(fn).__name__ == "_BitLinearInputBackward" and torch.equal(y, y_ref)
+        assert dg.dtype == n.weight.dtype and dx.shape == x_t.shape
+        assert (dx.double() - dx_ref.double()).abs().max() <= 2 ** -7 * dx_ref.double().abs().max()
+        tol_g = 2 ** -7 if n.weight.dtype == torch.bfloat16 else 1e-5            # dg rounded to g's dtype
+        assert (dg.double() - dg_ref.double()).abs().max() <= tol_g * dg_ref.double().abs().max()
