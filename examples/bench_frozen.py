@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE python examples/bench_frozen.py --tokens 512 1024 --rounds 3
     python examples/bench_frozen.py --decode --rounds 3                   # decode tok/s at batch 1 + resident size
     python examples/bench_frozen.py --preset tiny --hf-tiny --tokens 32 --rounds 1   # smoke run (seconds)
+    python examples/bench_frozen.py --blocks --tokens 512 --frozen-dir DIR      # seconds per block kind / part
 
 OMP_WAIT_POLICY=PASSIVE: on a CPU shared with other work, OpenMP threads that spin at every barrier made
 2-thread decoding 4x and a 16-token prefill 15x slower than 1 thread (measured on the 2-core machine of the
@@ -156,6 +157,27 @@ def one_step_run(stack: str, T: int, preset: str, hf_tiny: bool, frozen_dir: str
                 loss=float(loss.detach()))
 
 
+def one_blocks_run(preset: str, frozen_dir: str | None, T: int, repeats: int = 3) -> dict:
+    """Best seconds of forward + recompute + backward (each part checkpointed, as in the step) of one block of
+    each kind and of its parts, on a random [2, T] bf16 input of the frozen-ternary model with LoRA."""
+    from torch.utils.checkpoint import checkpoint
+
+    from elleci.bench import best_seconds
+    model = _elleci_model(preset, frozen_dir)
+    kinds = {b.kind: b for b in model.blocks}
+    bm, ba = kinds["M"], kinds["A"]
+    x0 = torch.randn(2, T, model.config.d_model, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    pos = torch.arange(T).expand(2, T)
+    parts = {"mamba block": lambda h: bm(h), "attention block": lambda h: ba(h, None, pos),
+             "mamba mixer": lambda h: bm.attn(bm.norm1(h)), "attention mixer": lambda h: ba.attn(ba.norm1(h), positions=pos),
+             "ffn": lambda h: bm.ffn(bm.norm2(h))}
+
+    def step(fn):
+        x = x0.clone().requires_grad_(True)
+        checkpoint(fn, x, use_reentrant=False).float().pow(2).sum().backward()
+    return {name: best_seconds(lambda: step(fn), "cpu", repeats) for name, fn in parts.items()}
+
+
 def _model_bytes(model) -> int:
     seen, total = set(), 0
     tensors = list(model.state_dict().values()) + [m._weight_cache[2] for m in model.modules()
@@ -229,6 +251,8 @@ def main(argv=None) -> None:
                     help="which stacks to run (default: elleci and hf, plus elleci-notrim with --no-trim-arm; "
                          "--stacks replaces that choice); "
                          "hf-trim: transformers + PEFT with elleci's heap trim on every 4th decoder layer")
+    ap.add_argument("--blocks", action="store_true",
+                    help="seconds per block kind and part (forward + recompute + backward) at the first --tokens")
     ap.add_argument("--one", nargs="+", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.make_frozen:
@@ -236,6 +260,9 @@ def main(argv=None) -> None:
         from elleci.model.ternary import freeze_ternary
         torch.manual_seed(0)
         freeze_ternary(ElleciLM(ElleciConfig.from_name(args.preset), dtype=torch.bfloat16)).save_pretrained(args.make_frozen)
+        return
+    if args.blocks:
+        print(json.dumps({k: round(v, 3) for k, v in one_blocks_run(args.preset, args.frozen_dir, args.tokens[0]).items()}))
         return
     if args.one:                                                         # worker: one measurement, JSON out
         kind, name, *rest = args.one

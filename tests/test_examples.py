@@ -177,6 +177,9 @@ def test_bench_frozen_elleci_step_and_decode_smoke(load_example, tmp_path):
     dec = bench.one_decode_run("frozen", "tiny")
     assert dec["tok_s"] > 0 and len(dec["tokens"]) == 17
     assert 0 < dec["resident_gb"] < bench.one_decode_run("latent", "tiny")["resident_gb"]
+    blocks = bench.one_blocks_run("tiny", str(tmp_path / "frozen"), 16, repeats=1)
+    assert set(blocks) == {"mamba block", "attention block", "mamba mixer", "attention mixer", "ffn"}
+    assert all(t > 0 for t in blocks.values())
 
 
 def test_decode_agreement_in_float64_paths_agree(load_example):

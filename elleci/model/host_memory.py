@@ -7,13 +7,15 @@ past the memory its live tensors need. `malloc_trim(0)` returns every free page 
 
 `ElleciLM.hidden_states` calls `trim_host_memory()` before every TRIM_EVERY-th block on the CPU when it
 checkpoints (in the forward and again in the recompute). The price is the trim itself and re-faulting the
-pages later reused. Measured on elleci-v1 (frozen ternary base, LoRA-DPO step, 1 pair, bf16, 2 threads):
+pages later reused. Measured on elleci-v1 (frozen ternary base, LoRA-DPO step, 1 pair, bf16, 2 threads,
+medians of 3; `examples/bench_frozen.py --stacks elleci elleci-notrim`, table in the README's "The frozen
+ternary base"):
 
-    512 tokens per side   no trim: peak RSS 4.23 GB, 22.9 s   every 4th block: 3.24 GB, 23.7 s
-                          every block: 2.99 GB, 26.9 s
-    1024 tokens per side  every 4th block: 4.37 GB, 46.1 s    (no trim, before this change: 5.68 GB)
+    tokens per side    no trim               every 4th block
+    512                4.20 GB, 21.95 s      3.19 GB, 25.26 s
+    1024               5.83 GB, 40.31 s      4.24 GB, 43.93 s
 
-(commands in the README's "The frozen ternary base"). TRIM_EVERY = 0 turns it off; where glibc's
+So the trim buys 24-27% of the peak for 9-15% of the time; TRIM_EVERY = 0 turns it off. Where glibc's
 `malloc_trim` does not exist (macOS, musl) this is a no-op.
 """
 from __future__ import annotations
