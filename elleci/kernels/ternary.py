@@ -44,7 +44,7 @@ from .dispatch import resolve_backend, triton_available
 TILE_ROWS = 256
 """Weight rows (forward) or columns (backward) per tile on the torch path: a [256, K] tile of weights, 2.9 MB
 in bf16 for elleci-v1's K = 5632. Measured (2-core Xeon with AMX, bf16, [1024, K] x [K, n]): the matmul
-runs at 2.5 TFLOP/s for n = 256 and 1024 but at 0.9-1.4 for n = 93, 372 or 512, so tiles are 256 wide."""
+runs at 2.5 TFLOP/s for n = 256 and 1024 but at 0.9-1.9 for n = 93, 372 or 512, so tiles are 256 wide."""
 
 INT_ROWS = 256
 """Most rows for which `ternary_linear_int8` (CPU integer matmul) is used without gradients. Measured (CPU ms,
@@ -169,12 +169,6 @@ def _interleave(x2: torch.Tensor, K4: int) -> torch.Tensor:
     if K < 4 * K4:
         x2 = F.pad(x2, (0, 4 * K4 - K))
     return x2.reshape(M, 4, K4).transpose(1, 2).reshape(M, 4 * K4)
-
-
-def _deinterleave(z: torch.Tensor, K: int) -> torch.Tensor:
-    """The inverse of `_interleave`: [M, 4 K4] in byte order -> [M, K] in weight-column order."""
-    M, K4 = z.shape[0], z.shape[1] // 4
-    return z.view(M, K4, 4).transpose(1, 2).reshape(M, 4 * K4)[:, :K]
 
 
 def _unpack_bytes(packed: torch.Tensor, table: torch.Tensor) -> torch.Tensor:

@@ -138,9 +138,12 @@ class _StraightThrough(torch.autograd.Function):
 
 def bitlinear_norm(x: torch.Tensor, rms_norm: RMSNorm) -> torch.Tensor:
     """x̃ = RMSNorm_g(x), BitLinear's internal norm, in fp32 and back to x's dtype."""
+    return _norm_fp32(x, rms_norm.weight, rms_norm.eps)
+
+
+def _norm_fp32(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
     # F.rms_norm, as the original's nn.RMSNorm: same fp32 bits, which decide 8-bit rounding ties
-    w = rms_norm.weight
-    return F.rms_norm(x.float(), w.shape, w.float(), rms_norm.eps).to(x.dtype)
+    return F.rms_norm(x.float(), g.shape, g.float(), eps).to(x.dtype)
 
 
 def bitlinear_codes(x: torch.Tensor, rms_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -194,10 +197,9 @@ class _BitLinearInput(torch.autograd.Function):
         K = x.shape[-1]
         x2 = x.reshape(-1, K)
         out = torch.empty_like(x2)
-        gf, rows = g.float(), _row_block(x, K)
+        rows = _row_block(x, K)
         for r in range(0, x2.shape[0], rows):
-            xn = F.rms_norm(x2[r:r + rows].float(), (K,), gf, eps).to(x.dtype)
-            q, s = quantize_activations(xn)
+            q, s = quantize_activations(_norm_fp32(x2[r:r + rows], g, eps))
             out[r:r + rows] = q.div_(s)
         ctx.save_for_backward(x, g)
         ctx.eps = eps
