@@ -67,14 +67,16 @@ Design.
   `elleci.kernels.scan_ref.ssm_scan_ref` (the sequential definition; its autograd stores every h_t) and
   returns y in x's dtype and the final state in fp32 (fp64 for fp64 inputs).
 - `ssm_scan` is the one dispatcher the Mamba mixer calls: the kernel for CUDA tensors under "auto" (or
-  "triton"), else the chunked PyTorch form (`scan_ref.ssm_scan_chunked`) on fp32 (fp64) copies.
+  "triton"), else the form `scan_ref.scan_plan` picks: mostly the factored chunks of
+  `scan_factored.factored_scan` (one autograd Function laid out for the CPU).
 """
 from __future__ import annotations
 
 import torch
 
 from .dispatch import resolve_backend, triton_available
-from .scan_ref import scan_plan, ssm_scan_chunked, ssm_scan_ref, ssm_scan_segments
+from .scan_factored import factored_scan
+from .scan_ref import scan_plan, ssm_scan_chunked, ssm_scan_ref
 
 __all__ = ["selective_scan", "selective_scan_ref", "ssm_scan"]
 
@@ -383,18 +385,20 @@ def ssm_scan(x, dt, A, B, C, D, h0=None, *, chunk_size: int = 16, seq_idx=None):
     h0 [b, c, N] or None; seq_idx [b, L] document indices or None -> (y [b, L, c], h_L [b, c, N]).
 
     Triton backend (the default on CUDA): the kernel reads the operands in their dtype with an fp32 state.
-    Otherwise the PyTorch form `scan_ref.scan_plan` picks (factored chunks, else sequential or per-channel;
-    documents force per-channel) on fp32 copies (fp64 stays fp64), the factored form in segments of
-    `scan_ref.SEGMENT` tokens (cache-sized temporaries). y comes back in fp32 (fp64); the caller casts."""
+    Otherwise the PyTorch form `scan_ref.scan_plan` picks: the factored chunks as one Function with its
+    backward written out (`scan_factored.factored_scan`, which reads x and dt in their dtype), else the
+    sequential or per-channel form on fp32 copies; documents force per-channel. fp64 stays fp64. y comes
+    back in fp32 (fp64); the caller casts."""
     if resolve_backend(x) == "triton":
         return selective_scan(x, dt, A, B, C, D, None if h0 is None else h0.float(), seq_idx)
     f = torch.promote_types(x.dtype, torch.float32)
-    x, dt, B, C = x.to(f), dt.to(f), B.to(f), C.to(f)
+    A, D = A.to(f), D.to(f)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, D, h0))
     with torch.no_grad():
         form, Q = scan_plan(dt, A, chunk_size, needs_grad)
+    if form == "factored" and seq_idx is None and x.shape[1] > 0:
+        return factored_scan(x, dt, A, B, C, D, None if h0 is None else h0.to(f), chunk_size=Q)
+    x, dt, B, C = x.to(f), dt.to(f), B.to(f), C.to(f)
     if form == "sequential":
         return ssm_scan_ref(x, dt, A, B, C, D, h0, seq_idx)
-    if seq_idx is None and form == "factored":    # per-channel: blocks checkpointed by ssm_scan_chunked
-        return ssm_scan_segments(x, dt, A, B, C, D, h0, chunk_size=Q, intra=form)
     return ssm_scan_chunked(x, dt, A, B, C, D, h0, chunk_size=Q, intra=form, seq_idx=seq_idx)

@@ -217,48 +217,22 @@ def inspectable(t: torch.Tensor) -> bool:
 PLAN_MIN_CHUNK = 4
 """Smallest chunk `scan_plan` tries for the factored form before leaving the chunked form."""
 
-SEGMENT = 256
-"""Tokens per call of `ssm_scan_segments` (see there)."""
-
-
-def ssm_scan_segments(x, dt, A, B, C, D, h0=None, chunk_size: int = 16, intra: str = "auto",
-                      segment: int | None = None):
-    """`ssm_scan_chunked` over consecutive segments of `segment` tokens, the state carried from one to the
-    next: the same chunks, the same arithmetic (bit-identical to one call), but every temporary is
-    [b, segment, c] instead of [b, L, c], so on a CPU more of it stays in cache. Measured (CPU ms, one
-    thread beside other jobs, c 4096, N 16, factored, Q 16; forward / forward + backward):
-
-        b × L      one call      segments of 128   of 256
-        1 × 512     82 / 246       63 / 254          65 / 247
-        2 × 512    159 / 548      138 / 478         149 / 474
-        2 × 1024   336 / 1402     272 / 1170        320 / 1050
-    """
-    S = SEGMENT if segment is None else segment
-    L = x.shape[1]
-    if L <= S:
-        return ssm_scan_chunked(x, dt, A, B, C, D, h0, chunk_size=chunk_size, intra=intra)
-    S = max(S // chunk_size, 1) * chunk_size                  # whole chunks per segment: the same chunking
-    h, ys = h0, []
-    for s0 in range(0, L, S):
-        y, h = ssm_scan_chunked(x[:, s0:s0 + S], dt[:, s0:s0 + S], A, B[:, s0:s0 + S], C[:, s0:s0 + S], D, h,
-                                chunk_size=chunk_size, intra=intra)
-        ys.append(y)
-    return torch.cat(ys, dim=1), h
-
-
 def max_chunk_range(dt: torch.Tensor, A: torch.Tensor, Q: int) -> float:
-    """max over chunks of length Q (as `ssm_scan_chunked` cuts them) and channels of Σ_{k=1..Q-1} |A dt_k|."""
+    """max over chunks of length Q (as `ssm_scan_chunked` cuts them) and channels of
+    R = Σ_{k=1..Q-1} |A dt_k| = |A| Σ_{k=1..Q-1} |dt_k|, summed in fp32 (fp64) whatever dt's dtype."""
     b, L, c = dt.shape
     if L == 0 or min(Q, L) < 2:
         return 0.0
     Q = min(Q, L)
-    a = F.pad((dt * A).abs(), (0, 0, 0, (-L) % Q)).view(b, -1, Q, c)
-    return float((a.sum(2) - a[:, :, 0]).amax())
+    f = torch.promote_types(dt.dtype, torch.float32)
+    chunks = F.pad(dt, (0, 0, 0, (-L) % Q)).view(b, -1, Q, c)
+    return float((chunks[:, :, 1:].abs().sum(2, dtype=f) * A.to(f).abs()).amax())
 
 
 def scan_plan(dt: torch.Tensor, A: torch.Tensor, chunk_size: int, needs_grad: bool) -> tuple[str, int]:
     """Which exact PyTorch scan form to run: ("factored" | "per_channel", Q) for `ssm_scan_chunked`, or
-    ("sequential", 1) for `ssm_scan_ref`. dt [b, L, c] and A [c] in the scan's dtype (fp32 / fp64).
+    ("sequential", 1) for `ssm_scan_ref`. dt [b, L, c] in any float dtype, A [c]; the bound is the one of
+    the scan's compute dtype (fp32, or fp64 for fp64 dt).
 
     Rule: the factored chunked form at the largest Q among chunk_size, chunk_size/2, ... ≥ PLAN_MIN_CHUNK
     whose decay range it can take (FACTORED_RANGE); if none, the sequential recurrence when no gradient
@@ -286,7 +260,7 @@ def scan_plan(dt: torch.Tensor, A: torch.Tensor, chunk_size: int, needs_grad: bo
     Q = max(1, chunk_size)
     if not inspectable(dt):                            # torch.func / compile: no data-dependent choice
         return "per_channel", Q
-    limit = FACTORED_RANGE.get(dt.dtype, 0.0)
+    limit = FACTORED_RANGE.get(torch.promote_types(dt.dtype, torch.float32), 0.0)
     while True:
         if max_chunk_range(dt, A, Q) <= limit:
             return "factored", Q

@@ -235,16 +235,3 @@ def test_cached_decode_equals_full_forward_on_the_triton_path():
     torch.testing.assert_close(parts, whole, rtol=0, atol=1e-5)
     with torch.no_grad(), use_backend("torch"):
         torch.testing.assert_close(mixer(u), whole, rtol=0, atol=1e-5)
-
-
-def test_scan_in_segments_equals_one_call_with_gradients():
-    """Segments carry the state: same result (float64) and gradients as one chunked call, and a segment
-    length that is not a multiple of the chunk is rounded to whole chunks."""
-    from elleci.kernels.scan_ref import ssm_scan_segments
-    inputs = list(_inputs(2, 45, 5, 3, torch.float64, seed=7))
-    inputs[1] = inputs[1] * 0.3
-    one = _scan_grads(lambda *t: ssm_scan_chunked(*t, chunk_size=8), inputs)
-    for segment in (8, 13, 16, 64):
-        seg = _scan_grads(lambda *t: ssm_scan_segments(*t, chunk_size=8, segment=segment), inputs)
-        for got, want in zip(seg[:2] + tuple(seg[2]), one[:2] + tuple(one[2])):
-            torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
