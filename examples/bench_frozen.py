@@ -15,9 +15,9 @@ table gives min and median over rounds.
 
 DPO step (`--tokens T`): one pair, T tokens per side (the first 32 are the prompt, not scored), the
 reference log-probs precomputed (constants), β 0.1, AdamW lr 1e-5 on the adapters, gradient checkpointing;
-step 1 warms up, step 2 is timed (wall clock) and reported. elleci runs as shipped: on the CPU it returns the
-heap's free pages to the OS before every 4th checkpointed block (`elleci.model.host_memory`); `--no-trim-arm`
-adds "elleci-notrim", the same run with that off; `--stacks hf-trim` runs transformers + PEFT with that trim.
+step 1 warms up, step 2 is timed (wall clock) and reported. elleci runs as shipped (no heap trim); `--trim-arm`
+adds "elleci-trim", the same run returning the heap's free pages to the OS before every 4th checkpointed block
+(`elleci.model.host_memory.TRIM_EVERY = 4`); `--stacks hf-trim` runs transformers + PEFT with that trim.
   elleci:  elleci-v1, random weights, frozen ternary base (the FFN's BitLinear weights packed, W dropped)
            in bf16, loaded with `from_pretrained(--frozen-dir)` (write it once: `--make-frozen DIR`), LoRA
            r 16 α 32 on every linear layer ("all-linear"), chosen and rejected in one [2, T] forward
@@ -46,6 +46,7 @@ import time
 import torch
 
 PROMPT = 32
+TRIM_ARM_EVERY = 4           # the trim arms: before every 4th checkpointed block / decoder layer
 
 
 def vm_hwm_gb() -> float:
@@ -111,11 +112,11 @@ def _hf_model(tiny: bool, trim: bool = False):
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     model = get_peft_model(model, lora).train()
     if trim:                                      # elleci's heap trim, on the same layers (checkpointed call)
-        from elleci.model.host_memory import TRIM_EVERY, trim_host_memory
+        from elleci.model.host_memory import trim_host_memory
         def trim_before(module, args):            # (returns None: the layer's inputs stay as they are)
             trim_host_memory()
         for i, layer in enumerate(model.base_model.model.model.layers):
-            if i % TRIM_EVERY == 0:
+            if i % TRIM_ARM_EVERY == 0:
                 layer.register_forward_pre_hook(trim_before)
     return model
 
@@ -132,9 +133,9 @@ def _hf_logps(model, ids, labels):
 
 def one_step_run(stack: str, T: int, preset: str, hf_tiny: bool, frozen_dir: str | None = None) -> dict:
     t0 = time.perf_counter()
-    if stack == "elleci-notrim":                                         # the same, without the heap trim
+    if stack == "elleci-trim":                                           # the same, with the heap trim
         from elleci.model import host_memory
-        host_memory.TRIM_EVERY = 0
+        host_memory.TRIM_EVERY = TRIM_ARM_EVERY
     model = _elleci_model(preset, frozen_dir) if stack.startswith("elleci") else _hf_model(hf_tiny, stack == "hf-trim")
     rss_model = vm_hwm_gb()
     build = time.perf_counter() - t0
@@ -245,10 +246,10 @@ def main(argv=None) -> None:
     ap.add_argument("--baseline", default=None, help="another elleci checkout: decode 'before' (latent) with it")
     ap.add_argument("--json", default=None, help="append every measurement to this JSONL file")
     ap.add_argument("--make-frozen", default=None, help="write a random frozen-ternary --preset checkpoint here, exit")
-    ap.add_argument("--no-trim-arm", action="store_true",
-                    help="also run elleci with host_memory.TRIM_EVERY = 0 ('elleci-notrim'): the heap trim's share")
-    ap.add_argument("--stacks", nargs="+", default=None, choices=["elleci", "hf", "elleci-notrim", "hf-trim"],
-                    help="which stacks to run (default: elleci and hf, plus elleci-notrim with --no-trim-arm; "
+    ap.add_argument("--trim-arm", action="store_true",
+                    help=f"also run elleci with host_memory.TRIM_EVERY = {TRIM_ARM_EVERY} ('elleci-trim'): the heap trim's effect")
+    ap.add_argument("--stacks", nargs="+", default=None, choices=["elleci", "hf", "elleci-trim", "hf-trim"],
+                    help="which stacks to run (default: elleci and hf, plus elleci-trim with --trim-arm; "
                          "--stacks replaces that choice); "
                          "hf-trim: transformers + PEFT with elleci's heap trim on every 4th decoder layer")
     ap.add_argument("--blocks", action="store_true",
@@ -280,7 +281,7 @@ def main(argv=None) -> None:
             if args.baseline:
                 jobs.insert(0, ("decode", "before", args.baseline))
         else:
-            stacks = tuple(args.stacks) if args.stacks else ("elleci", "hf") + (("elleci-notrim",) if args.no_trim_arm else ())
+            stacks = tuple(args.stacks) if args.stacks else ("elleci", "hf") + (("elleci-trim",) if args.trim_arm else ())
             order = stacks if r % 2 == 0 else stacks[::-1]
             jobs = [("step", s, here, T) for T in args.tokens for s in order]
         for job in jobs:
@@ -306,7 +307,7 @@ def main(argv=None) -> None:
     print("| tokens per side | stack | step 2 wall s (min / median) | step 2 CPU s (min / median) | peak RSS GB (min / median) |")
     print("|---|---|---|---|---|")
     for T in args.tokens:
-        for name in ("elleci", "hf", "elleci-notrim", "hf-trim"):
+        for name in ("elleci", "hf", "elleci-trim", "hf-trim"):
             if (name, T) not in results:
                 continue
             rs = results[(name, T)]

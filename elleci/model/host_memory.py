@@ -26,8 +26,8 @@ import functools
 
 import torch
 
-TRIM_EVERY = 4
-"""Trim before every TRIM_EVERY-th checkpointed block on the CPU (0: never)."""
+TRIM_EVERY = 0
+"""Trim before every TRIM_EVERY-th checkpointed block on the CPU (0: never, the default; see the docstring)."""
 
 
 @functools.lru_cache(maxsize=1)

@@ -67,11 +67,16 @@ def quantize_activations(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tens
 
     Returns (q, s) in fp32 with q integer-valued; the dequantised value is q / s.
     In place on one fp32 copy of x (the same ops, so the same bits as the out-of-place formula).
+    The clamp is never active, so it is not applied: with m = max_j |x_j| and s = fl(127 / m), every |x_j s|
+    rounds to at most 127 (1 + 2^-22), far below 127.5, so round() stays within [-127, 127] (for m < eps, s is
+    smaller still; NaN and inf propagate as they would through the clamp). max |x| is taken as
+    max(max x, -min x), the same value as |x|.amax() without a |x| temporary.
     """
     with torch.no_grad():                                          # codes: no gradient (round's is 0)
         xf = x.float() if x.dtype != torch.float32 else x.clone()  # (fp64 x: rounded to fp32, as before)
-        s = 127.0 / xf.abs().amax(dim=-1, keepdim=True).clamp(min=eps)
-        return xf.mul_(s).round_().clamp_(-128, 127), s
+        hi, lo = xf.amax(dim=-1, keepdim=True), xf.amin(dim=-1, keepdim=True)   # (aminmax: 7x slower on CPU)
+        s = 127.0 / torch.maximum(hi, lo.neg_()).clamp_(min=eps)
+        return xf.mul_(s).round_(), s
 
 
 def quantize_weights(w: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,7 +205,7 @@ class _BitLinearInput(torch.autograd.Function):
         rows = _row_block(x, K)
         for r in range(0, x2.shape[0], rows):
             q, s = quantize_activations(_norm_fp32(x2[r:r + rows], g, eps))
-            out[r:r + rows] = q.div_(s)
+            torch.div(q, s, out=out[r:r + rows])                    # (q / s) rounded once to x's dtype
         ctx.save_for_backward(x, g)
         ctx.eps = eps
         return out.view(x.shape)
@@ -216,13 +221,15 @@ class _BitLinearInput(torch.autograd.Function):
         for r in range(0, x2.shape[0], rows):
             xf = x2[r:r + rows].to(torch.float32, copy=True)                          # (copies: changed in place)
             d = dy2[r:r + rows].to(torch.float32, copy=True)
-            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)          # [R, 1]
+            ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(K)  # mean(x²) [R, 1]
+            rstd = ms.add_(ctx.eps).rsqrt_()
             xhat = xf.mul_(rstd)                                                      # [R, K]
             if dg is not None:
                 dg += (d * xhat).sum(0)
             if dx is not None:
                 u = d.mul_(gf)
-                dx[r:r + rows] = u.sub_(xhat * (u * xhat).mean(-1, keepdim=True)).mul_(rstd)
+                c = torch.linalg.vecdot(u, xhat).unsqueeze_(-1).div_(K)              # mean(u ⊙ x̂) [R, 1]
+                torch.mul(u.addcmul_(xhat, c, value=-1.0), rstd, out=dx[r:r + rows])
         return (None if dx is None else dx.view(x.shape)), (None if dg is None else dg.to(g.dtype)), None
 
 
