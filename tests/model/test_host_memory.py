@@ -37,8 +37,10 @@ def test_trims_every_nth_block_in_forward_and_recompute_and_changes_nothing(monk
     assert calls == []
 
 
-def test_only_the_cpu_is_trimmed():
+def test_only_the_cpu_is_trimmed_and_only_when_asked(monkeypatch):
     fn = lambda: None                                       # noqa: E731
+    assert host_memory.TRIM_EVERY == 0 and host_memory.trimming(fn, 0, "cpu") is fn      # off by default
+    monkeypatch.setattr(host_memory, "TRIM_EVERY", 4)
     assert host_memory.trimming(fn, 0, "cuda") is fn and host_memory.trimming(fn, 1, "cpu") is fn
     assert host_memory.trimming(fn, 0, "cpu") is not fn
 
