@@ -3,15 +3,18 @@
     python examples/bench_scan.py                          # CUDA: elleci-v1 mixer shapes b=8, L=1024, c=4096, N=16
     python examples/bench_scan.py --dtype bfloat16         # x, dt, B, C in bf16 for the kernel (state fp32)
     python examples/bench_scan.py --device cpu             # CPU: sequential reference vs chunked, small shape
+    python examples/bench_scan.py --device cpu --batch 2 --length 512 --channels 4096 --dtype bfloat16 --reps 5
 
 Methods, all computing (y, h_final) with gradients to x, dt, A, B, C, D and h0 under a random upstream
 gradient on y and h_final:
   CUDA: (a) elleci Triton kernel (`elleci.kernels.selective_scan`, backend "triton"),
-        (b) `elleci.model.mamba2.ssm_scan_chunked` (the mixer's default scan; fp32 inputs, as the mixer
-            passes; chunk --chunk-size, the model's default 16),
-        (c) the kernel's pure-PyTorch reference only with --with-ref (sequential, slow at L=1024);
-  CPU:  the sequential reference (`selective_scan_ref`) and the chunked scan, at b=2, L=256, c=64, N=16
-        unless given (the Triton kernel on CPU only runs in the interpreter, far too slow to time).
+        (b) `elleci.model.mamba2.ssm_scan_chunked` (the chunked scan written for autograd; fp32 inputs;
+            chunk --chunk-size, the model's default 16),
+        (c) `elleci.kernels.scan_factored.factored_scan` (the same factored chunks as one autograd Function
+            with its backward written out: what the dispatcher runs on the CPU; x, dt in --dtype),
+        (d) the kernel's pure-PyTorch reference only with --with-ref (sequential, slow at L=1024);
+  CPU:  the sequential reference (`selective_scan_ref`), the chunked scan and factored_scan, at b=2, L=256,
+        c=64, N=16 unless given (the Triton kernel on CPU only runs in the interpreter, far too slow to time).
 Forward is timed under no_grad, forward+backward with the upstream gradients; medians of --reps runs (CUDA
 events after warm-up). "extra MiB" is the peak allocated during forward+backward minus what was allocated
 before (inputs), gradients included; CUDA only. "max |dy|" is the largest difference of y from the first
@@ -27,6 +30,7 @@ import torch
 from elleci.bench import extra_mib, median_ms
 from elleci.kernels import selective_scan, selective_scan_ref, use_backend
 from elleci.kernels.dispatch import triton_available
+from elleci.kernels.scan_factored import factored_scan
 from elleci.model.mamba2 import ssm_scan_chunked
 
 
@@ -57,7 +61,7 @@ def main(argv=None):
     ap.add_argument("--state", type=int, default=16)
     ap.add_argument("--chunk-size", type=int, default=16, help="chunk of ssm_scan_chunked (model default 16)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                    help="dtype of x, dt, B, C for the Triton kernel (the chunked scan always gets fp32)")
+                    help="dtype of x, dt, B, C for the Triton kernel and factored_scan (the chunked scan gets fp32)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--with-ref", action="store_true", help="also time the sequential reference on CUDA")
     args = ap.parse_args(argv)
@@ -86,6 +90,7 @@ def main(argv=None):
     else:
         methods["sequential reference (selective_scan_ref)"] = selective_scan_ref
     methods[f"ssm_scan_chunked (Q={args.chunk_size}, fp32)"] = chunked
+    methods[f"factored_scan (Q={args.chunk_size}, {args.dtype} x/dt)"] = partial(factored_scan, chunk_size=args.chunk_size)
     if cuda and args.with_ref:
         methods["sequential reference (selective_scan_ref)"] = selective_scan_ref
 

@@ -76,7 +76,7 @@ import torch
 
 from .dispatch import resolve_backend, triton_available
 from .scan_factored import factored_scan
-from .scan_ref import scan_plan, ssm_scan_chunked, ssm_scan_ref
+from .scan_ref import inspectable, scan_plan, ssm_scan_chunked, ssm_scan_ref
 
 __all__ = ["selective_scan", "selective_scan_ref", "ssm_scan"]
 
@@ -380,23 +380,35 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     return _TritonScan.apply(*args, seq, save)
 
 
+def _function_ok(*tensors) -> bool:
+    """Whether `factored_scan` (an autograd Function whose cumulative sums are fp32 matmuls) may run: CPU
+    tensors, float32 matmuls at "highest" precision (no TF32/bf16 rounding of the sums), and no torch.func
+    wrapper or fake tensor among the operands (the Function has no functorch rule)."""
+    ts = [t for t in tensors if t is not None]
+    return (all(t.device.type == "cpu" for t in ts) and torch.get_float32_matmul_precision() == "highest"
+            and all(inspectable(t) for t in ts))
+
+
 def ssm_scan(x, dt, A, B, C, D, h0=None, *, chunk_size: int = 16, seq_idx=None):
     """The Mamba mixer's scan, one dispatcher: x, dt [b, L, c]; A, D [c] (fp32 or fp64); B, C [b, L, N];
     h0 [b, c, N] or None; seq_idx [b, L] document indices or None -> (y [b, L, c], h_L [b, c, N]).
 
     Triton backend (the default on CUDA): the kernel reads the operands in their dtype with an fp32 state.
-    Otherwise the PyTorch form `scan_ref.scan_plan` picks: the factored chunks as one Function with its
-    backward written out (`scan_factored.factored_scan`, which reads x and dt in their dtype), else the
-    sequential or per-channel form on fp32 copies; documents force per-channel. fp64 stays fp64. y comes
-    back in fp32 (fp64); the caller casts."""
+    Otherwise the PyTorch form `scan_ref.scan_plan` picks: the factored chunks, on the CPU as one Function
+    with its backward written out (`scan_factored.factored_scan`, which reads x and dt in their dtype; see
+    `_function_ok`), else as `scan_ref.ssm_scan_chunked`; or the sequential or per-channel form; all on fp32
+    copies, documents force per-channel. fp64 stays fp64. y comes back in fp32 (fp64); the caller casts.
+    L = 0: no output and h0 passed through."""
     if resolve_backend(x) == "triton":
         return selective_scan(x, dt, A, B, C, D, None if h0 is None else h0.float(), seq_idx)
     f = torch.promote_types(x.dtype, torch.float32)
+    if x.shape[1] == 0:
+        return _empty_length(x, B, h0, f)
     A, D = A.to(f), D.to(f)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, D, h0))
     with torch.no_grad():
         form, Q = scan_plan(dt, A, chunk_size, needs_grad)
-    if form == "factored" and seq_idx is None and x.shape[1] > 0:
+    if form == "factored" and seq_idx is None and _function_ok(x, dt, A, B, C, D, h0):
         return factored_scan(x, dt, A, B, C, D, None if h0 is None else h0.to(f), chunk_size=Q)
     x, dt, B, C = x.to(f), dt.to(f), B.to(f), C.to(f)
     if form == "sequential":

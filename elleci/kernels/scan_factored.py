@@ -11,10 +11,10 @@ only when it holds. No packed documents (the factored form takes differences of 
 
 Maths, per chunk of Q steps, time on the rows ([Q, c] tiles, c contiguous), with a_t = A dt_t, u_t = dt_t x_t:
 
-    cA_t = Σ_{k≤t} a_k           m = (cA_0 + cA_{Q-1}) / 2          E_t = exp(cA_t - m)  ∈ [e^{-R/2}, e^{R/2}]
-    v_s  = u_s / E_s             G = exp(m)                          K = exp(cA_{Q-1})   (the chunk's decay)
+    cs_t = Σ_{k=1..t} a_k (cs_0 = 0)    m = cs_{Q-1} / 2          E_t = exp(cs_t - m)  ∈ [e^{-R/2}, e^{R/2}]
+    v_s  = u_s / E_s             G = exp(a_0 + m)                    K = exp(a_0 + cs_{Q-1})   (the chunk's decay)
     P    = tril(C Bᵀ) v + C (G ⊙ h_in)ᵀ                            # [Q, Q]@[Q, c] + [Q, N]@[N, c]
-    y    = E ⊙ P + D ⊙ x                                           # y_t = Σ_{s≤t} C_t·B_s e^{cA_t - cA_s} u_s + e^{cA_t} C_t·h_in
+    y    = E ⊙ P + D ⊙ x              # y_t = Σ_{s≤t} C_t·B_s e^{cs_t - cs_s} u_s + e^{a_0 + cs_t} C_t·h_in + D x_t
     h_out = K ⊙ h_in + E_{Q-1} ⊙ (vᵀ B)                            # [c, N]
 
 so the within-chunk term is two small matmuls, the chunk's end state a third, and nothing is [c, Q, Q]
@@ -26,10 +26,14 @@ Backward, with dY = dLoss/dy and dh_out = dLoss/dh_out (from the next chunk, or 
     dP = dY ⊙ E          dv = tril(C Bᵀ)ᵀ dP + B dWᵀ        dM = tril(dP vᵀ)   (the [Q, Q] term's gradient)
     dC = dP H̃ + dM B     dB = dMᵀ C + v dW                   with H̃ = G ⊙ h_in, dH̃ = dPᵀ C, dW = E_{Q-1} ⊙ dh_out
     dh_in = K ⊙ dh_out + G ⊙ dH̃                              (the loop over chunks, in reverse)
-    e_t = dP_t ⊙ P_t - dv_t ⊙ v_t                      (= ∂/∂cA_t through E and 1/E)
+    e_t = dP_t ⊙ P_t - dv_t ⊙ v_t                      (= ∂/∂cs_t through E and 1/E)
     λ = E_{Q-1} Σ_n dh_out ⊙ (vᵀB),   κ = K Σ_n dh_out ⊙ h_in,   γ = Σ_n dH̃ ⊙ H̃
-    dm = γ - λ - Σ_t e_t;   dcA = e, + (λ + κ) at t = Q-1, + dm/2 at t = 0 and at t = Q-1
-    da_k = Σ_{t≥k} dcA_t;   du = dv / E;   ddt = da A + du x;   dx = du dt + dY D;   dA = Σ da dt;   dD = Σ dY x
+    dm = γ - λ - Σ_t e_t;   dcs = e, + (λ + κ + dm/2) at t = Q-1
+    da_k = Σ_{t≥k} dcs_t (k ≥ 1),  da_0 = γ + κ;   du = dv / E;   ddt = da A + du x;   dx = du dt + dY D;
+    dA = Σ da dt;   dD = Σ dY x
+
+a_0 enters only G and K (the decays from the previous chunk's end), never a difference of cumulative sums,
+so however large it is, the factors E stay within e^{±R/2} (R = Σ_{k=1..Q-1} |a_k|, the plan's range).
 
 Layout and cost (the point of this file). Every [b, L, c] tensor is viewed [b, chunks, Q, c] with the channels
 contiguous, so each element-wise op is one plain vectorised pass, and the two cumulative sums over a chunk are
@@ -37,9 +41,10 @@ matmuls with a [Q, Q] triangle of ones: on this CPU `cumsum` along the chunk axi
 pass, the matmul about one. The sequence is processed in segments of `SEGMENT` tokens (temporaries that fit
 the L2 cache); the backward recomputes the forward's temporaries per segment and saves only x, dt, B, C and
 the chunk-entry states [b, chunks, c, N] (fp32), no [b, L, c] fp32 copy. Precision: the cumulative sums are
-fp32 for fp32/bf16 inputs, so an exponent cA_t - m carries about R·2^-23 of absolute error; at the largest
-range the plan admits (R = 80) that is ~1e-5 relative in a factor, within bf16's 4e-3 by far (the tests bound
-it against the float64 reference).
+fp32 for fp32/bf16 inputs (whatever the global matmul precision: the dispatcher takes this form on the CPU at
+"highest" float32 matmul precision only), so an exponent cs_t - m carries about Q·R·2^-24 of absolute error;
+at the largest range the plan admits (R = 80) that is ~1e-4 relative in a factor at worst, within bf16's
+4e-3 (the tests bound the error against the float64 reference by the sequential fp32 recurrence's own).
 """
 from __future__ import annotations
 
@@ -52,10 +57,11 @@ SEGMENT = 128
 """Tokens per segment (a multiple of the chunk is used): temporaries [b, SEGMENT, c] stay near the L2 cache."""
 
 
-def _ones(Q: int, like: torch.Tensor, upper: bool) -> torch.Tensor:
-    """[Q, Q] triangle of ones: lower (cumsum, t ≥ s) or upper (reverse cumsum, t ≤ s)."""
-    ones = torch.ones(Q, Q, dtype=like.dtype, device=like.device)
-    return ones.triu() if upper else ones.tril()
+def _sum_from_one(Q: int, like: torch.Tensor) -> torch.Tensor:
+    """[Q, Q] L with L[t, k] = 1 for 1 ≤ k ≤ t: (L a)_t = Σ_{k=1..t} a_k, and (Lᵀ d)_k = Σ_{t≥k} d_t for k ≥ 1."""
+    ones = torch.ones(Q, Q, dtype=like.dtype, device=like.device).tril_()
+    ones[:, 0] = 0.0
+    return ones
 
 
 def _terms(x4, dt4, A, B4, C4, lower):
@@ -63,30 +69,36 @@ def _terms(x4, dt4, A, B4, C4, lower):
     [b, n, Q, N] contiguous; lower the [Q, Q] lower triangle of ones."""
     f = A.dtype
     xf, dtf = x4.to(f), dt4.to(f)
-    cA = torch.matmul(lower, dtf * A)                                # Σ_{k≤t} a_k            [b, n, Q, c]
-    m = (cA[:, :, :1] + cA[:, :, -1:]).mul_(0.5)                      # mid-range              [b, n, 1, c]
-    E = torch.exp(cA - m)                                             # e^{cA_t - m}
+    a = dtf * A                                                       # [b, n, Q, c]
+    cs = torch.matmul(lower, a)                                       # Σ_{k=1..t} a_k
+    m = cs[:, :, -1:] * 0.5                                           # mid-range              [b, n, 1, c]
+    E = torch.exp(cs - m)                                             # e^{cs_t - m}
     v = (dtf * xf).div_(E)                                            # u_s / E_s
     CB = torch.matmul(C4, B4.transpose(-1, -2)).tril_()               # [b, n, Q(t), Q(s)]
-    return xf, dtf, cA, m, E, v, CB
+    a0 = a[:, :, :1]                                                  # [b, n, 1, c]
+    return xf, dtf, cs, m, a0, E, v, CB
 
 
-def _chunk_states(v, B4, E, cA, h, hs):
-    """States entering every chunk of the segment, written into hs [b, n, c, N]; returns (h_out, W, K)."""
+def _decay(cs, a0):
+    """K = exp(a_0 + cs_{Q-1}): the chunk's whole decay, [b, n, c]."""
+    return torch.exp(a0[:, :, 0] + cs[:, :, -1])
+
+
+def _chunk_states(v, B4, E, K, h, hs):
+    """States entering every chunk of the segment, written into hs [b, n, c, N]; returns (h_out, W)."""
     W = torch.matmul(v.transpose(-1, -2), B4)                         # vᵀB                    [b, n, c, N]
-    S = W * E[:, :, -1, :, None]                                      # e^{cA_{Q-1} - cA_s} u_s B_s summed
-    K = torch.exp(cA[:, :, -1])                                       # chunk decay            [b, n, c]
+    S = W * E[:, :, -1, :, None]                                      # e^{cs_{Q-1} - cs_s} u_s B_s summed
     hs[:, 0].copy_(h)
     n = hs.shape[1]
     for z in range(n - 1):
         torch.addcmul(S[:, z], K[:, z, :, None], hs[:, z], out=hs[:, z + 1])
-    return torch.addcmul(S[:, n - 1], K[:, n - 1, :, None], hs[:, n - 1]), W, K
+    return torch.addcmul(S[:, n - 1], K[:, n - 1, :, None], hs[:, n - 1]), W
 
 
-def _within(CB, v, C4, hs, m):
-    """P = tril(C Bᵀ) v + C (G ⊙ h_in)ᵀ [b, n, Q, c], and H̃ = G ⊙ h_in [b, n, c, N]."""
+def _within(CB, v, C4, hs, G):
+    """P = tril(C Bᵀ) v + C (G ⊙ h_in)ᵀ [b, n, Q, c], and H̃ = G ⊙ h_in [b, n, c, N]; G [b, n, 1, c]."""
     b, n, Q, c = v.shape
-    Ht = hs * torch.exp(m).transpose(-1, -2)                          # G ⊙ h_in
+    Ht = hs * G.transpose(-1, -2)                                     # G ⊙ h_in
     P = torch.matmul(CB, v)
     P.view(b * n, Q, c).baddbmm_(C4.view(b * n, Q, -1), Ht.view(b * n, c, -1).transpose(1, 2))
     return P, Ht
@@ -103,7 +115,7 @@ class _FactoredScan(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, D, h0, Q, S):
         b, L, c = x.shape
         N, f = B.shape[-1], A.dtype
-        lower = _ones(Q, A, upper=False)
+        lower = _sum_from_one(Q, A)
         y = torch.empty(b, L, c, dtype=f, device=x.device)
         hs_all = torch.empty(b, L // Q, c, N, dtype=f, device=x.device)  # state entering each chunk
         h = torch.zeros(b, c, N, dtype=f, device=x.device) if h0 is None else h0.to(f)
@@ -111,10 +123,10 @@ class _FactoredScan(torch.autograd.Function):
             s1 = min(L, s0 + S)
             B4, C4 = _views(B, s0, s1, Q).to(f).contiguous(), _views(C, s0, s1, Q).to(f).contiguous()
             x4 = _views(x, s0, s1, Q)
-            xf, dtf, cA, m, E, v, CB = _terms(x4, _views(dt, s0, s1, Q), A, B4, C4, lower)
+            xf, dtf, cs, m, a0, E, v, CB = _terms(x4, _views(dt, s0, s1, Q), A, B4, C4, lower)
             hs = hs_all[:, s0 // Q:s1 // Q]
-            h, _, _ = _chunk_states(v, B4, E, cA, h, hs)
-            P, _ = _within(CB, v, C4, hs, m)
+            h, _ = _chunk_states(v, B4, E, _decay(cs, a0), h, hs)
+            P, _ = _within(CB, v, C4, hs, torch.exp(a0 + m))
             y4 = _views(y, s0, s1, Q)
             torch.mul(E, P, out=y4)
             y4.addcmul_(xf, D)
@@ -123,12 +135,13 @@ class _FactoredScan(torch.autograd.Function):
         return y, h
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dhL):
         x, dt, A, B, C, D, hs_all = ctx.saved_tensors
         Q, S = ctx.Q, ctx.S
         b, L, c = x.shape
         N, f = B.shape[-1], A.dtype
-        lower, upper = _ones(Q, A, upper=False), _ones(Q, A, upper=True)
+        lower = _sum_from_one(Q, A)
         dx, ddt = torch.empty_like(x), torch.empty_like(dt)
         dB, dC = torch.empty(b, L, N, dtype=f, device=x.device), torch.empty(b, L, N, dtype=f, device=x.device)
         dA, dD = torch.zeros(c, dtype=f, device=x.device), torch.zeros(c, dtype=f, device=x.device)
@@ -138,11 +151,12 @@ class _FactoredScan(torch.autograd.Function):
         for s0 in reversed(range(0, L, S)):
             s1 = min(L, s0 + S)
             B4, C4 = _views(B, s0, s1, Q).to(f).contiguous(), _views(C, s0, s1, Q).to(f).contiguous()
-            xf, dtf, cA, m, E, v, CB = _terms(_views(x, s0, s1, Q), _views(dt, s0, s1, Q), A, B4, C4, lower)
+            xf, dtf, cs, m, a0, E, v, CB = _terms(_views(x, s0, s1, Q), _views(dt, s0, s1, Q), A, B4, C4, lower)
             hs = hs_all[:, s0 // Q:s1 // Q]
-            P, Ht = _within(CB, v, C4, hs, m)
+            G = torch.exp(a0 + m)                                     # [b, n, 1, c]
+            P, Ht = _within(CB, v, C4, hs, G)
             W = torch.matmul(v.transpose(-1, -2), B4)                 # vᵀB                    [b, n, c, N]
-            K = torch.exp(cA[:, :, -1])                               # [b, n, c]
+            K = _decay(cs, a0)                                        # [b, n, c]
             E_last = E[:, :, -1]                                      # [b, n, c]
             dY = _views(dy, s0, s1, Q).to(f)
             dD += (dY * xf).sum((0, 1, 2))
@@ -153,7 +167,7 @@ class _FactoredScan(torch.autograd.Function):
             dB4 = torch.matmul(dM.transpose(-1, -2), C4)
             dHt = torch.matmul(dP.transpose(-1, -2), C4)              # [b, n, c, N]
             # the chunk-state loop in reverse: dho[:, z] = dLoss/d(state leaving chunk z)
-            T = dHt * torch.exp(m).transpose(-1, -2)                  # G ⊙ dH̃
+            T = dHt * G.transpose(-1, -2)                             # G ⊙ dH̃
             n = hs.shape[1]
             dho = torch.empty_like(hs)
             dho[:, n - 1].copy_(dh)
@@ -166,11 +180,11 @@ class _FactoredScan(torch.autograd.Function):
             gam = (dHt * Ht).sum(-1)
             dv.view(-1, Q, c).baddbmm_(B4.view(-1, Q, N), dW.view(-1, c, N).transpose(1, 2))
             dB4.view(-1, Q, N).baddbmm_(v.view(-1, Q, c), dW.view(-1, c, N))
-            e = dP.mul_(P).addcmul_(dv, v, value=-1.0)                # ∂/∂cA_t through E and 1/E
+            e = dP.mul_(P).addcmul_(dv, v, value=-1.0)                # ∂/∂cs_t through E and 1/E
             half_dm = (gam - lam - e.sum(2)).mul_(0.5)                # dm / 2          [b, n, c]
-            e[:, :, 0] += half_dm
             e[:, :, -1] += half_dm + lam + kap
-            da = torch.matmul(upper, e)                               # Σ_{t≥k} dcA_t
+            da = torch.matmul(lower.t(), e)                           # Σ_{t≥k} dcs_t (k ≥ 1; row 0 is 0)
+            da[:, :, 0] += gam + kap                                  # a_0: through G and K
             du = dv.div_(E)
             dA += (da * dtf).sum((0, 1, 2))
             _views(ddt, s0, s1, Q).copy_(da.mul_(A).addcmul_(du, xf))
@@ -190,7 +204,9 @@ def factored_scan(x, dt, A, B, C, D, h0=None, chunk_size: int = 16, segment: int
     b, L, c = x.shape
     Q = max(1, min(chunk_size, L))
     if L == 0:
-        raise ValueError("factored_scan needs L >= 1 (the dispatcher handles empty sequences)")
+        raise ValueError("factored_scan needs L >= 1 (ssm_scan returns the state unchanged for L = 0)")
+    f = torch.promote_types(A.dtype, torch.float32)                  # the compute dtype: fp32 or fp64
+    A, D = A.to(f), D.to(f)
     S = max(1, (SEGMENT if segment is None else segment) // Q) * Q
     pad = (-L) % Q
     if pad:

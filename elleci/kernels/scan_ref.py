@@ -231,8 +231,8 @@ def max_chunk_range(dt: torch.Tensor, A: torch.Tensor, Q: int) -> float:
 
 def scan_plan(dt: torch.Tensor, A: torch.Tensor, chunk_size: int, needs_grad: bool) -> tuple[str, int]:
     """Which exact PyTorch scan form to run: ("factored" | "per_channel", Q) for `ssm_scan_chunked`, or
-    ("sequential", 1) for `ssm_scan_ref`. dt [b, L, c] in any float dtype, A [c]; the bound is the one of
-    the scan's compute dtype (fp32, or fp64 for fp64 dt).
+    ("sequential", 1) for `ssm_scan_ref`. dt [b, L, c] in any float dtype, A [c] in the scan's compute
+    dtype (fp32 or fp64), whose FACTORED_RANGE is the bound.
 
     Rule: the factored chunked form at the largest Q among chunk_size, chunk_size/2, ... ≥ PLAN_MIN_CHUNK
     whose decay range it can take (FACTORED_RANGE); if none, the sequential recurrence when no gradient
@@ -255,12 +255,14 @@ def scan_plan(dt: torch.Tensor, A: torch.Tensor, chunk_size: int, needs_grad: bo
 
     so factored wins everywhere it applies (16 and 32 within noise: the model's chunk_size, 16, stays),
     and of the two fallbacks the sequential form is the faster (forward 3x, backward 2x) but saves every
-    state for a backward (1 GB at 2 × 1024 per layer), which the per-channel form does not.
+    state for a backward (1 GB at 2 × 1024 per layer), which the per-channel form does not. The dispatcher
+    runs the factored form as `scan_factored.factored_scan` (one Function, backward written out), measured
+    against this file's factored form in `examples/bench_scan.py --device cpu` (README, "The frozen ternary base").
     """
     Q = max(1, chunk_size)
     if not inspectable(dt):                            # torch.func / compile: no data-dependent choice
         return "per_channel", Q
-    limit = FACTORED_RANGE.get(torch.promote_types(dt.dtype, torch.float32), 0.0)
+    limit = FACTORED_RANGE.get(torch.promote_types(A.dtype, torch.float32), 0.0)   # the scan's compute dtype
     while True:
         if max_chunk_range(dt, A, Q) <= limit:
             return "factored", Q

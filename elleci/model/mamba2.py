@@ -16,7 +16,9 @@ The recurrence lives in `elleci.kernels` (one place, three forms held equal by t
 (the chunked SSD form; within a chunk either "factored", one [Q x Q] @ [Q x c] matmul, or with per-channel
 [Q x Q] decay matrices where the decays are too large to factor) and `scan.selective_scan` (the Triton
 kernel, used on CUDA); the mixer calls the one dispatcher `elleci.kernels.scan.ssm_scan`, which on the
-CPU runs the form `scan_ref.scan_plan` picks by a measured rule (chunk `config.chunk_size`, 16, or smaller).
+CPU runs the form `scan_ref.scan_plan` picks by a measured rule (chunk `config.chunk_size`, 16, or smaller):
+mostly the factored chunks as one autograd Function with its backward written out
+(`kernels.scan_factored.factored_scan`, laid out for the CPU).
 They are re-exported here. The decay a = A dt is per channel although A is per head (dt is per channel,
 through dt_proj), so no per-head decay form would be exact.
 

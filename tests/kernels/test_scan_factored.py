@@ -33,12 +33,12 @@ def _grads(scan, inputs, with_h=True):
 
 
 @pytest.mark.parametrize("L, Q, segment", [(45, 8, 16), (64, 16, 32), (7, 16, 128), (33, 4, 8), (16, 16, 16),
-                                           (1, 16, 128)])
+                                           (1, 16, 128), (40, 4, 13), (9, 1, 4)])
 @pytest.mark.parametrize("with_h0", [False, True])
 def test_equals_the_sequential_definition_with_every_gradient(L, Q, segment, with_h0):
     """float64: y, h_L and the gradients of x, dt, A, B, C, D (and h0) equal the reference's autograd, with
     L not a multiple of the chunk (padding), one or several chunks per segment and a segment longer than L."""
-    inputs = _inputs(2, L, 5, 3, seed=L)[:7 if with_h0 else 6]
+    inputs = _inputs(2, L, 5, 3, seed=L)[:7 if with_h0 else 6]          # (segment 13 with Q 4: 12 a segment)
     want = _grads(ssm_scan_ref, inputs)
     got = _grads(lambda *t: factored_scan(*t, chunk_size=Q, segment=segment), inputs)
     for name, a, b in zip(["y", "h", "x", "dt", "A", "B", "C", "D", "h0"], got, want):
@@ -120,3 +120,52 @@ def test_dispatcher_takes_it_for_the_factored_plan_without_documents(monkeypatch
     assert len(calls) == 1
     ssm_scan(x.bfloat16(), dt.bfloat16(), A.float(), B.float(), C.float(), D.float())
     assert calls[-1] == torch.bfloat16                                    # read as it is, no fp32 copy first
+
+
+def test_large_decay_at_chunk_starts_and_strided_inputs():
+    """A step with a huge decay at a chunk's first position (a_0 = -600: it enters only the decay from the
+    previous chunk, never a factor E) and inputs that are strided views: float64 values and gradients equal
+    the reference's."""
+    x, dt, A, B, C, D, h0 = _inputs(1, 32, 4, 3, seed=8)
+    dt = dt.clone()
+    dt[:, ::8] = 40.0                                                    # a_0 down to -640 in every chunk of 8
+    wide = torch.randn(1, 32, 8, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x = wide[..., ::2]                                                   # strided, not contiguous
+    inputs = [x, dt, A, B, C, D, h0]
+    want = _grads(ssm_scan_ref, inputs)
+    got = _grads(lambda *t: factored_scan(*t, chunk_size=8, segment=16), inputs)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    f32 = [t.float() for t in inputs]                                    # fp32: a_0 costs no precision either
+    floor = (ssm_scan_ref(*f32)[0].double() - want[0]).abs().max().item()
+    assert (factored_scan(*f32, chunk_size=8)[0].double() - want[0]).abs().max().item() <= 4 * floor + 1e-6
+
+
+def test_bf16_b_and_c_and_an_fp16_a_compute_in_fp32():
+    x, dt, A, B, C, D, h0 = (t.float() for t in _inputs(1, 24, 4, 3, seed=9))
+    y, h = factored_scan(x, dt, A.half(), B.bfloat16(), C.bfloat16(), D, h0, chunk_size=8)
+    want, _ = ssm_scan_ref(*(t.double() for t in (x, dt, A.half(), B.bfloat16(), C.bfloat16(), D, h0)))
+    assert y.dtype == h.dtype == torch.float32
+    assert (y.double() - want).abs().max() < 1e-4
+
+
+def test_dispatcher_falls_back_where_the_function_cannot_run(monkeypatch):
+    """torch.func transforms of any operand, reduced-precision float32 matmuls: the autograd form of the same
+    factored chunks, same result; L = 0: the state passes through."""
+    calls = []
+    monkeypatch.setattr(scan_mod, "factored_scan", lambda *a, **k: calls.append(1) or factored_scan(*a, **k))
+    x, dt, A, B, C, D, h0 = _inputs(1, 20, 3, 2, seed=10)
+    jac = torch.func.jacrev(lambda h: ssm_scan(x, dt, A, B, C, D, h)[0].sum())(h0)    # only h0 is wrapped
+    want = torch.func.jacrev(lambda h: ssm_scan_ref(x, dt, A, B, C, D, h)[0].sum())(h0)
+    torch.testing.assert_close(jac, want, rtol=1e-10, atol=1e-12)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")
+        y, _ = ssm_scan(*(t.float() for t in (x, dt, A, B, C, D, h0)))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert calls == []
+    torch.testing.assert_close(y.double(), ssm_scan_ref(x, dt, A, B, C, D, h0)[0], rtol=0, atol=1e-5)
+    y, h = ssm_scan(x[:, :0], dt[:, :0], A, B[:, :0], C[:, :0], D, h0)
+    assert y.shape == (1, 0, 3) and torch.equal(h, h0)
