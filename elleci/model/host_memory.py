@@ -6,17 +6,19 @@ order that leaves holes between the tensors still alive, so the process's reside
 past the memory its live tensors need. `malloc_trim(0)` returns every free page of the heap to the OS.
 
 `ElleciLM.hidden_states` calls `trim_host_memory()` before every TRIM_EVERY-th block on the CPU when it
-checkpoints (in the forward and again in the recompute). The price is the trim itself and re-faulting the
-pages later reused. Measured on elleci-v1 (frozen ternary base, LoRA-DPO step, 1 pair, bf16, 2 threads,
-medians of 3; `examples/bench_frozen.py --stacks elleci elleci-notrim`, table in the README's "The frozen
-ternary base"):
+checkpoints (in the forward and again in the recompute), if TRIM_EVERY > 0. The price is the trim itself and
+re-faulting the pages later reused. Measured on elleci-v1 (frozen ternary base, LoRA-DPO step, 1 pair, bf16,
+2 threads, medians of 3; `examples/bench_frozen.py --stacks elleci hf elleci-trim`, table in the README's
+"The frozen ternary base"):
 
-    tokens per side    no trim               every 4th block
-    512                4.20 GB, 21.95 s      3.19 GB, 25.26 s
-    1024               5.83 GB, 40.31 s      4.24 GB, 43.93 s
+    tokens per side    off (the default)     every 4th block
+    512                3.28 GB, 24.16 s      2.89 GB, 25.45 s
+    1024               4.05 GB, 43.57 s      3.41 GB, 48.54 s
 
-So the trim buys 24-27% of the peak for 9-15% of the time; TRIM_EVERY = 0 turns it off. Where glibc's
-`malloc_trim` does not exist (macOS, musl) this is a no-op.
+So since the CPU scan stopped making [b, L, c] fp32 copies, the untrimmed peak is 0.55x the
+transformers + PEFT step's, and the trim buys 12-16% of it for 5-11% of the time: it is off by default;
+`host_memory.TRIM_EVERY = 4` turns it on. (Before that scan, off: 4.20 / 5.83 GB, on: 3.19 / 4.24 GB.)
+Where glibc's `malloc_trim` does not exist (macOS, musl) trimming is a no-op.
 """
 from __future__ import annotations
 
