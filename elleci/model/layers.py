@@ -221,15 +221,13 @@ class _BitLinearInput(torch.autograd.Function):
         for r in range(0, x2.shape[0], rows):
             xf = x2[r:r + rows].to(torch.float32, copy=True)                          # (copies: changed in place)
             d = dy2[r:r + rows].to(torch.float32, copy=True)
-            ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(K)  # mean(x²) [R, 1]
-            rstd = ms.add_(ctx.eps).rsqrt_()
+            rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + ctx.eps)          # [R, 1]
             xhat = xf.mul_(rstd)                                                      # [R, K]
             if dg is not None:
                 dg += (d * xhat).sum(0)
             if dx is not None:
                 u = d.mul_(gf)
-                c = torch.linalg.vecdot(u, xhat).unsqueeze_(-1).div_(K)              # mean(u ⊙ x̂) [R, 1]
-                torch.mul(u.addcmul_(xhat, c, value=-1.0), rstd, out=dx[r:r + rows])
+                dx[r:r + rows] = u.sub_(xhat * (u * xhat).mean(-1, keepdim=True)).mul_(rstd)
         return (None if dx is None else dx.view(x.shape)), (None if dg is None else dg.to(g.dtype)), None
 
 
