@@ -37,9 +37,6 @@ dB and dC ([b, L, n_cblocks, N] fp32, summed in PyTorch), per-batch partials of 
 dh0, and uses one scratch buffer [K, BLOCK_C, BLOCK_N] fp32 per program ([b, n_cblocks, K, BLOCK_C,
 BLOCK_N] in all: b·c·K·N floats, independent of L). At elleci-v1 mixer shapes (b=8, L=1024, c=4096, N=16,
 K=64) the checkpoints are 32 MiB and the scratch 128 MiB, against 2 GiB to store every h_t in fp32.
-The chunked SSD form (`elleci.model.mamba2.ssm_scan_chunked`) instead builds per-channel [Q x Q] decay
-matrices (c·Q floats a token), which is what this kernel avoids.
-
 Design.
 - Grid (channel block, batch): each program owns BLOCK_C channels of one sequence and all N state
   entries, holds h [BLOCK_C, BLOCK_N] in registers (BLOCK_N = next power of two >= N, masked; a partial
@@ -66,17 +63,15 @@ Design.
 - `selective_scan_ref` reimplements nothing: it upcasts to fp32 (fp64 stays fp64), calls
   `elleci.kernels.scan_ref.ssm_scan_ref` (the sequential definition; its autograd stores every h_t) and
   returns y in x's dtype and the final state in fp32 (fp64 for fp64 inputs).
-- `ssm_scan` is the one dispatcher the Mamba mixer calls: the kernel for CUDA tensors under "auto" (or
-  "triton"), else the form `scan_ref.scan_plan` picks: mostly the factored chunks of
-  `scan_factored.factored_scan` (one autograd Function laid out for the CPU).
+- `ssm_scan` is the one dispatcher the Mamba mixer calls (see there).
 """
 from __future__ import annotations
 
 import torch
 
 from .dispatch import resolve_backend, triton_available
-from .scan_factored import factored_scan
-from .scan_ref import inspectable, scan_plan, ssm_scan_chunked, ssm_scan_ref
+from .scan_factored import factored_scan, factored_scan_applies
+from .scan_ref import scan_plan, ssm_scan_chunked, ssm_scan_ref
 
 __all__ = ["selective_scan", "selective_scan_ref", "ssm_scan"]
 
@@ -380,25 +375,14 @@ def selective_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.
     return _TritonScan.apply(*args, seq, save)
 
 
-def _function_ok(*tensors) -> bool:
-    """Whether `factored_scan` (an autograd Function whose cumulative sums are fp32 matmuls) may run: CPU
-    tensors, float32 matmuls at "highest" precision (no TF32/bf16 rounding of the sums), and no torch.func
-    wrapper or fake tensor among the operands (the Function has no functorch rule)."""
-    ts = [t for t in tensors if t is not None]
-    return (all(t.device.type == "cpu" for t in ts) and torch.get_float32_matmul_precision() == "highest"
-            and all(inspectable(t) for t in ts))
-
-
 def ssm_scan(x, dt, A, B, C, D, h0=None, *, chunk_size: int = 16, seq_idx=None):
     """The Mamba mixer's scan, one dispatcher: x, dt [b, L, c]; A, D [c] (fp32 or fp64); B, C [b, L, N];
     h0 [b, c, N] or None; seq_idx [b, L] document indices or None -> (y [b, L, c], h_L [b, c, N]).
 
-    Triton backend (the default on CUDA): the kernel reads the operands in their dtype with an fp32 state.
-    Otherwise the PyTorch form `scan_ref.scan_plan` picks: the factored chunks, on the CPU as one Function
-    with its backward written out (`scan_factored.factored_scan`, which reads x and dt in their dtype; see
-    `_function_ok`), else as `scan_ref.ssm_scan_chunked`; or the sequential or per-channel form; all on fp32
-    copies, documents force per-channel. fp64 stays fp64. y comes back in fp32 (fp64); the caller casts.
-    L = 0: no output and h0 passed through."""
+    Triton backend (the default on CUDA): the kernel, operands in their dtype, fp32 state. Otherwise the form
+    `scan_ref.scan_plan` picks, in fp32 (fp64 stays fp64): factored chunks (`scan_factored.factored_scan`
+    where `factored_scan_applies`, else `scan_ref.ssm_scan_chunked`), sequential, or per-channel (always
+    with documents). y comes back in fp32 (fp64); the caller casts. L = 0: no output, h0 passed through."""
     if resolve_backend(x) == "triton":
         return selective_scan(x, dt, A, B, C, D, None if h0 is None else h0.float(), seq_idx)
     f = torch.promote_types(x.dtype, torch.float32)
@@ -408,7 +392,7 @@ def ssm_scan(x, dt, A, B, C, D, h0=None, *, chunk_size: int = 16, seq_idx=None):
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, dt, A, B, C, D, h0))
     with torch.no_grad():
         form, Q = scan_plan(dt, A, chunk_size, needs_grad)
-    if form == "factored" and seq_idx is None and _function_ok(x, dt, A, B, C, D, h0):
+    if form == "factored" and seq_idx is None and factored_scan_applies(x, dt, A, B, C, D, h0):
         return factored_scan(x, dt, A, B, C, D, None if h0 is None else h0.to(f), chunk_size=Q)
     x, dt, B, C = x.to(f), dt.to(f), B.to(f), C.to(f)
     if form == "sequential":

@@ -51,7 +51,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["factored_scan", "SEGMENT"]
+from .scan_ref import inspectable
+
+__all__ = ["factored_scan", "factored_scan_applies", "SEGMENT"]
 
 SEGMENT = 128
 """Tokens per segment (a multiple of the chunk is used): temporaries [b, SEGMENT, c] stay near the L2 cache."""
@@ -194,6 +196,16 @@ class _FactoredScan(torch.autograd.Function):
         need = ctx.needs_input_grad
         grads = (dx, ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dh if ctx.has_h0 else None)
         return tuple(g if n else None for g, n in zip(grads, need)) + (None, None)
+
+
+def factored_scan_applies(*tensors) -> bool:
+    """Whether `factored_scan` may run on these operands (None allowed): CPU tensors, float32 matmuls at
+    "highest" precision (the cumulative sums are fp32 matmuls: no TF32/bf16 rounding of them), and no
+    torch.func wrapper or fake tensor among them (the Function has no functorch rule). The decay range
+    (FACTORED_RANGE) is the caller's check, `scan_ref.scan_plan`."""
+    ts = [t for t in tensors if t is not None]
+    return (all(t.device.type == "cpu" for t in ts) and torch.get_float32_matmul_precision() == "highest"
+            and all(inspectable(t) for t in ts))
 
 
 def factored_scan(x, dt, A, B, C, D, h0=None, chunk_size: int = 16, segment: int | None = None):
