@@ -68,3 +68,22 @@ class _TensorSizes(TorchDispatchMode):
 def tensor_sizes():
     """`with tensor_sizes() as sizes: ...` then `sizes.numels`: every floating-point tensor created inside."""
     return _TensorSizes
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves for the backward while `fn()` runs."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+@pytest.fixture
+def saved_bytes():
+    """`saved_bytes(fn)`: bytes of the tensors autograd saves for the backward while fn() runs."""
+    return _saved_bytes

@@ -84,20 +84,13 @@ def test_fp32_and_bf16_inputs_are_as_accurate_as_the_fp32_recurrence(dt_scale):
     assert (got_bf.double() - want_bf).abs().max().item() <= 4 * floor + 1e-6
 
 
-def test_saves_the_inputs_as_they_are_and_the_chunk_states_only():
+def test_saves_the_inputs_as_they_are_and_the_chunk_states_only(saved_bytes):
     """No [b, L, c] fp32 copy is saved for the backward: bf16 x and dt, B, C, A, D, and the chunk-entry
     states [b, L/Q, c, N] (fp32)."""
     b, L, c, N, Q = 2, 64, 32, 4, 16
     x, dt, A, B, C, D, _ = _inputs(b, L, c, N, torch.float32)
     x, dt = x.bfloat16().requires_grad_(), dt.bfloat16().requires_grad_()
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        factored_scan(x, dt, A, B, C, D, chunk_size=Q)
+    total = saved_bytes(lambda: factored_scan(x, dt, A, B, C, D, chunk_size=Q))
     expected = 2 * b * L * c * 2 + 2 * b * L * N * 4 + 2 * c * 4 + b * (L // Q) * c * N * 4
     assert total == expected
 

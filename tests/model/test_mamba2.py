@@ -86,26 +86,13 @@ def test_blocked_checkpointed_scan_equals_reference_with_gradients(block_bytes):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def _saved_bytes(fn):
-    """Bytes of the tensors autograd saves for the backward while `fn` runs."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
-def test_blocked_scan_saves_memory_linear_in_length_not_per_channel_chunk_squared():
+def test_blocked_scan_saves_memory_linear_in_length_not_per_channel_chunk_squared(saved_bytes):
     """With blocks of one chunk the saved tensors hold no [c, Q, Q] per chunk: at Q = 64 they are several
     times smaller than one decay matrix per chunk, and they grow linearly with the length."""
     c, N, Q = 32, 4, 64
     def saved(L, block_bytes):
         x, dt, A, B, C, D, h0 = (t.requires_grad_() for t in _inputs(1, L, c, N, torch.float32))
-        return _saved_bytes(lambda: ssm_scan_chunked(x, dt, A, B, C, D, h0, chunk_size=Q, block_bytes=block_bytes,
+        return saved_bytes(lambda: ssm_scan_chunked(x, dt, A, B, C, D, h0, chunk_size=Q, block_bytes=block_bytes,
                                                      intra="per_channel"))
     one_block, blocked = saved(256, None), saved(256, 1)
     decay_matrices = (256 // Q) * c * Q * Q * 4                                # one fp32 [c, Q, Q] per chunk
@@ -132,14 +119,14 @@ def test_factored_and_per_channel_forms_equal_the_reference_with_gradients(Q):
     assert errs["factored"] <= 4 * errs["per_channel"] + 1e-6, errs
 
 
-def test_factored_form_saves_memory_linear_in_length_without_chunk_squared():
+def test_factored_form_saves_memory_linear_in_length_without_chunk_squared(saved_bytes):
     """Saved tensors of the factored form do not grow with Q (no [c, Q, Q]); the per-channel form's do."""
     c, N = 32, 4
     def saved(L, Q, intra):
         x, dt, A, B, C, D, h0 = (t.requires_grad_() for t in _inputs(1, L, c, N, torch.float32))
         with torch.no_grad():
             dt *= 0.02                                                    # small decays: factorable at Q = 64
-        return _saved_bytes(lambda: ssm_scan_chunked(x, dt, A, B, C, D, h0, chunk_size=Q, intra=intra))
+        return saved_bytes(lambda: ssm_scan_chunked(x, dt, A, B, C, D, h0, chunk_size=Q, intra=intra))
     assert saved(256, 64, "factored") < 1.5 * saved(256, 16, "factored")
     assert saved(256, 64, "per_channel") > 2.5 * saved(256, 16, "per_channel")
     assert saved(256, 64, "factored") < saved(256, 64, "per_channel") / 3
