@@ -68,7 +68,7 @@ def _sum_from_one(Q: int, like: torch.Tensor) -> torch.Tensor:
 
 def _terms(x4, dt4, A, B4, C4, lower):
     """The forward's per-chunk terms of one segment. x4, dt4 [b, n, Q, c] (any float dtype); B4, C4
-    [b, n, Q, N] contiguous; lower the [Q, Q] lower triangle of ones."""
+    [b, n, Q, N] contiguous; lower = `_sum_from_one(Q)`."""
     f = A.dtype
     xf, dtf = x4.to(f), dt4.to(f)
     a = dtf * A                                                       # [b, n, Q, c]
