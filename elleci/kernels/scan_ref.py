@@ -210,7 +210,7 @@ def inspectable(t: torch.Tensor) -> bool:
     """Whether t's values may steer a choice (not under torch.func transforms or torch.compile tracing, and
     not for fake or meta tensors, e.g. the memory plan's trace: those take the per-channel form)."""
     from torch._subclasses.fake_tensor import FakeTensor
-    return not (torch._C._functorch.is_functorch_wrapped_tensor(t) or torch.compiler.is_compiling()
+    return not (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t)
                 or isinstance(t, FakeTensor) or t.device.type == "meta")
 
 
