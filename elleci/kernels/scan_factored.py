@@ -87,14 +87,14 @@ def _decay(cs, a0):
 
 
 def _chunk_states(v, B4, E, K, h, hs):
-    """States entering every chunk of the segment, written into hs [b, n, c, N]; returns (h_out, W)."""
+    """States entering every chunk of the segment, written into hs [b, n, c, N]; returns the state leaving it."""
     W = torch.matmul(v.transpose(-1, -2), B4)                         # vᵀB                    [b, n, c, N]
     S = W * E[:, :, -1, :, None]                                      # e^{cs_{Q-1} - cs_s} u_s B_s summed
     hs[:, 0].copy_(h)
     n = hs.shape[1]
     for z in range(n - 1):
         torch.addcmul(S[:, z], K[:, z, :, None], hs[:, z], out=hs[:, z + 1])
-    return torch.addcmul(S[:, n - 1], K[:, n - 1, :, None], hs[:, n - 1]), W
+    return torch.addcmul(S[:, n - 1], K[:, n - 1, :, None], hs[:, n - 1])
 
 
 def _within(CB, v, C4, hs, G):
@@ -127,13 +127,13 @@ class _FactoredScan(torch.autograd.Function):
             x4 = _views(x, s0, s1, Q)
             xf, dtf, cs, m, a0, E, v, CB = _terms(x4, _views(dt, s0, s1, Q), A, B4, C4, lower)
             hs = hs_all[:, s0 // Q:s1 // Q]
-            h, _ = _chunk_states(v, B4, E, _decay(cs, a0), h, hs)
+            h = _chunk_states(v, B4, E, _decay(cs, a0), h, hs)
             P, _ = _within(CB, v, C4, hs, torch.exp(a0 + m))
             y4 = _views(y, s0, s1, Q)
             torch.mul(E, P, out=y4)
             y4.addcmul_(xf, D)
         ctx.save_for_backward(x, dt, A, B, C, D, hs_all)
-        ctx.Q, ctx.S, ctx.has_h0 = Q, S, h0 is not None
+        ctx.Q, ctx.S = Q, S
         return y, h
 
     @staticmethod
@@ -147,9 +147,7 @@ class _FactoredScan(torch.autograd.Function):
         dx, ddt = torch.empty_like(x), torch.empty_like(dt)
         dB, dC = torch.empty(b, L, N, dtype=f, device=x.device), torch.empty(b, L, N, dtype=f, device=x.device)
         dA, dD = torch.zeros(c, dtype=f, device=x.device), torch.zeros(c, dtype=f, device=x.device)
-        dh = torch.zeros(b, c, N, dtype=f, device=x.device) if dhL is None else dhL.to(f)
-        if dy is None:
-            dy = torch.zeros(b, L, c, dtype=f, device=x.device)
+        dh = dhL.to(f)                                                # (unused outputs come as zeros)
         for s0 in reversed(range(0, L, S)):
             s1 = min(L, s0 + S)
             B4, C4 = _views(B, s0, s1, Q).to(f).contiguous(), _views(C, s0, s1, Q).to(f).contiguous()
@@ -194,7 +192,7 @@ class _FactoredScan(torch.autograd.Function):
             _views(dB, s0, s1, Q).copy_(dB4)
             _views(dC, s0, s1, Q).copy_(dC4)
         need = ctx.needs_input_grad
-        grads = (dx, ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dh if ctx.has_h0 else None)
+        grads = (dx, ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dh)
         return tuple(g if n else None for g, n in zip(grads, need)) + (None, None)
 
 

@@ -162,3 +162,15 @@ def test_dispatcher_falls_back_where_the_function_cannot_run(monkeypatch):
     torch.testing.assert_close(y.double(), ssm_scan_ref(x, dt, A, B, C, D, h0)[0], rtol=0, atol=1e-5)
     y, h = ssm_scan(x[:, :0], dt[:, :0], A, B[:, :0], C[:, :0], D, h0)
     assert y.shape == (1, 0, 3) and torch.equal(h, h0)
+
+
+def test_only_the_final_state_used():
+    """y unused (its upstream gradient comes as zeros): the gradients of x and h0 equal the reference's."""
+    x, dt, A, B, C, D, h0 = _inputs(2, 20, 3, 2, seed=11)
+    out = []
+    for scan in (lambda *t: factored_scan(*t, chunk_size=4, segment=8), ssm_scan_ref):
+        x_, h0_ = x.clone().requires_grad_(), h0.clone().requires_grad_()
+        scan(x_, dt, A, B, C, D, h0_)[1].pow(2).sum().backward()
+        out.append((x_.grad, h0_.grad))
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
