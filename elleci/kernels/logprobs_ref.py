@@ -7,6 +7,8 @@ time, forward and backward (a custom autograd Function recomputes it from the sa
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 __all__ = ["token_logprobs_ref"]
@@ -64,9 +66,30 @@ def _logits_acc(h, w):
         return _mm_acc(h, w.t())
     hf = h.float()
     out = torch.empty(h.shape[0], w.shape[0], dtype=torch.float32, device=h.device)
-    for v in range(0, w.shape[0], WEIGHT_BLOCK_ROWS):
-        torch.mm(hf, w[v:v + WEIGHT_BLOCK_ROWS].float().t(), out=out[:, v:v + WEIGHT_BLOCK_ROWS])
+    with _exact_bf16_products(h, w):
+        for v in range(0, w.shape[0], WEIGHT_BLOCK_ROWS):
+            torch.mm(hf, w[v:v + WEIGHT_BLOCK_ROWS].float().t(), out=out[:, v:v + WEIGHT_BLOCK_ROWS])
     return out
+
+
+@contextlib.contextmanager
+def _exact_bf16_products(h, w):
+    """On the CPU, when h and w are bf16, let oneDNN run the fp32 product h.float() @ w.float()ᵀ on its bf16
+    units (`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`): its inputs are bf16 values, so rounding
+    them to bf16 changes nothing, each product is exact in fp32 and the sums stay fp32, as in the IEEE fp32
+    GEMM (measured [1022, 2048] x [2048, 2048]: 35 -> 11 ms, max error against float64 9e-5 vs 6e-5, the
+    order of the fp32 sums). Anything else (fp16 or fp32 inputs, whose values bf16 cannot hold; other
+    devices) keeps the IEEE product. The setting is restored on exit."""
+    backend = torch.backends.mkldnn.matmul
+    if not (h.device.type == "cpu" and h.dtype == torch.bfloat16 and w.dtype == torch.bfloat16):
+        yield
+        return
+    previous = backend.fp32_precision
+    backend.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        backend.fp32_precision = previous
 
 
 def _grad_hidden_acc(grad, w):

@@ -320,7 +320,7 @@ def ternary_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, i
     fn = _TernaryLinearTriton if use_triton else _TernaryLinearTiled
     with torch.autocast(device_type, enabled=False):
         y = fn.apply(x2 if not use_triton else x2.contiguous(), packed, scale, in_features)
-    return y.reshape(*lead, packed.shape[0])
+    return y if x.dim() == 2 else y.reshape(*lead, packed.shape[0])     # (2-D: the output itself, not a view)
 
 
 def ternary_linear_int8(q: torch.Tensor, s: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,

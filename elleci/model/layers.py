@@ -20,9 +20,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.cpu_compile import cpu_kernels_apply
+from ..kernels.rms_norm import fused_rms_norm
+
 
 class RMSNorm(nn.Module):
-    """y = (x_f32 * rsqrt(mean(x_f32², -1) + eps)).to(x.dtype) * weight."""
+    """y = (x_f32 * rsqrt(mean(x_f32², -1) + eps)).to(x.dtype) * weight.
+
+    On the CPU, for large 16/32-bit inputs with a weight of x's dtype, forward and backward run as compiled
+    kernels (`elleci.kernels.rms_norm`: the same formula, fp32 sums in another order)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -30,6 +36,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.dtype == x.dtype and cpu_kernels_apply(x) and not torch._C._functorch.is_functorch_wrapped_tensor(w):
+            return fused_rms_norm(x, w, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._checks import check_bool, check_choice, check_int, check_modules, check_number, fail, is_int
-from ..kernels.lora import lora_linear
+from ..kernels.lora import _plain, add_lowrank_, lora_linear
 from .layers import BitLinear
 from .ternary import TernaryLinear
 
@@ -156,10 +156,15 @@ class LoRALinear(nn.Module):
 
     def _ternary_forward(self, x: torch.Tensor) -> torch.Tensor:
         """x_q (c γ)ᵀ + s · (x_q Aᵀ) Bᵀ with x_q = Q_a(x̃), the base term from the packed codes."""
-        y, x_q = self.base_layer.forward_with_input(x)
+        lead = x.shape[:-1]
+        y, x_q = self.base_layer.forward_with_input(x.reshape(-1, x.shape[-1]))   # [M, N], [M, K]
         A, B, s = self.adapter()
         A, B = A.to(x_q.dtype), B.to(x_q.dtype)
-        return torch.add(y, F.linear(F.linear(self.lora_dropout(x_q), A), B), alpha=s)
+        if isinstance(self.lora_dropout, nn.Dropout) or not _plain(y, x_q, A, B):
+            y = torch.add(y, F.linear(F.linear(self.lora_dropout(x_q), A), B), alpha=s)
+        else:
+            y = add_lowrank_(y, x_q, A, B, s)          # in place: the base's fresh output is the accumulator
+        return y.view(*lead, y.shape[-1])
 
     def extra_repr(self) -> str:
         return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"

@@ -44,6 +44,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.cpu_compile import cpu_kernels_apply
+from ..kernels.gated_norm import gated_norm
 from ..kernels.scan import ssm_scan
 from ..kernels.scan_ref import (BLOCK_BYTES, document_starts, scan_plan, segsum, ssm_scan_chunked, ssm_scan_ref,  # noqa: F401
                                 ssm_step)
@@ -168,15 +170,22 @@ class Mamba2Mixer(nn.Module):
                 y = y[:, None]
             else:                                                    # the kernel dispatcher (one place)
                 y, h = ssm_scan(x_conv, dt, A, Bm, Cm, D, h0, chunk_size=self.chunk_size, seq_idx=seq_idx)
-        y = y.to(x_conv.dtype)
-
         if cache is not None:                                        # advance the decoding state
             cache.ssm = h
             cache.conv = xc[..., xc.shape[-1] - (K - 1):]          # last K-1 inputs (none if K = 1)
             if seq_idx is not None and K > 1:                        # ... of the last document only
                 cache.conv = cache.conv * _window_docs(seq_idx, K).eq(seq_idx[:, -1:])[:, None, -(K - 1):]
             cache.prev_u = u[:, -1]                                  # the last position is real (left padding)
-        return self.out_proj(self.norm(y * F.silu(z)))
+        return self.out_proj(self._gate_and_norm(y, z))
+
+    def _gate_and_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """LayerNorm(y ⊙ silu(z)) with y (the scan's fp32 output) rounded to z's dtype first; on the CPU for
+        large inputs as compiled kernels (`elleci.kernels.gated_norm`, same formula)."""
+        w, b = self.norm.weight, self.norm.bias
+        if (cpu_kernels_apply(z) and w.dtype == b.dtype == z.dtype and y.dtype in (z.dtype, torch.float32)
+                and not torch._C._functorch.is_functorch_wrapped_tensor(w)):
+            return gated_norm(y, z, w, b, self.norm.eps)
+        return self.norm(y.to(z.dtype) * F.silu(z))
 
     def step(self, u: torch.Tensor, state: MambaCache) -> torch.Tensor:
         """One token per row, u [B, 1, d] -> [B, 1, d], updating `state` IN PLACE (copy_).

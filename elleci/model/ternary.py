@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 
 from ..kernels import ternary as _kernel
+from ..kernels.cpu_compile import cpu_kernels_apply
+from ..kernels.fused_input import fused_bitlinear_input
 from ..kernels.ternary import pack_ternary, packed_columns, ternary_linear, ternary_linear_int8, unpack_ternary
 from .layers import BitLinear, RMSNorm, _needs_grad, bitlinear_codes, bitlinear_input, quantize_weights
 
@@ -66,7 +68,12 @@ class TernaryLinear(nn.Module):
         return new
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Q_a(x̃): the matmul's (and a LoRA adapter's) input, as BitLinear's."""
+        """Q_a(x̃): the matmul's (and a LoRA adapter's) input, BitLinear's formula. On the CPU, for training-sized
+        16/32-bit inputs, computed by the compiled kernels of `elleci.kernels.fused_input` (with or without a
+        gradient, so a reference pass and a policy pass get the same bits)."""
+        g = self.rms_norm.weight
+        if cpu_kernels_apply(x) and not torch._C._functorch.is_functorch_wrapped_tensor(g):
+            return fused_bitlinear_input(x, g, self.rms_norm.eps)
         return bitlinear_input(x, self.rms_norm)
 
     def matmul(self, x_q: torch.Tensor) -> torch.Tensor:
@@ -88,7 +95,7 @@ class TernaryLinear(nn.Module):
                 and not torch.is_autocast_enabled("cpu")):
             x_q, q, s = bitlinear_codes(x, self.rms_norm)
             return ternary_linear_int8(q, s, self.weight_packed, self.weight_scale, self.in_features, x_q.dtype), x_q
-        x_q = bitlinear_input(x, self.rms_norm)
+        x_q = self.quantized_input(x)
         return self.matmul(x_q), x_q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

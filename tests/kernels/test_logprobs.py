@@ -213,3 +213,22 @@ def test_bench_tiny_smoke(capsys):
     bench.main(["--tiny", "--reps", "1"])
     out = capsys.readouterr().out
     assert "| method |" in out and "unfused" in out and "chunked reference" in out
+
+
+def test_blocked_bf16_logits_on_bf16_units_stay_exact_products(monkeypatch):
+    """The CPU reference's blocked bf16 head runs its fp32 products with oneDNN's bf16 fp32-precision: the
+    inputs are bf16 values, so the logits are still exact products summed in fp32 (same bounds as `check`),
+    and the global setting is restored afterwards."""
+    import elleci.kernels.logprobs_ref as ref
+    monkeypatch.setattr(ref, "WEIGHT_BLOCK_ROWS", 256)                 # V = 1000: four blocks
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    seen = []
+    real = ref._exact_bf16_products
+
+    def spy(h, w):
+        seen.append((h.dtype, w.dtype))
+        return real(h, w)
+    monkeypatch.setattr(ref, "_exact_bf16_products", spy)
+    check(lp.token_logprobs_ref, torch.bfloat16, *CASES[0], chunk_size=7)
+    assert seen and all(d == (torch.bfloat16, torch.bfloat16) for d in seen)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before

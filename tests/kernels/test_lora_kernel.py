@@ -88,13 +88,15 @@ def test_zero_B_is_the_base_matmul():
     assert _rel(y, ref) < 2e-6
 
 
-def test_auto_on_cpu_uses_the_reference():
+def test_auto_on_cpu_uses_the_torch_path():
     x, w, a, b, _ = _inputs(4, 8, 6, 2, torch.float32, bias=False)
     x.requires_grad_()
     with use_backend("auto"):
         y = lora_linear(x, w, a, b, 1.0)
     assert not _used_kernel(y)
-    assert torch.equal(y, lora_linear_ref(x, w, a, b, 1.0))
+    assert type(y.grad_fn).__name__.startswith("View")                # lora_linear_addmm's in-place addmm
+    ref = lora_linear_ref(x.double(), w.double(), a.double(), b.double(), 1.0)
+    assert _rel(y, ref) < TOL[torch.float32]
 
 
 def test_bad_inputs_name_the_problem():
