@@ -25,12 +25,12 @@ MIN_ELEMENTS = 1 << 18
 _enabled = {"on": os.environ.get("ELLECI_CPU_KERNELS", "1") != "0"}
 
 
-def cpu_kernels_apply(x: torch.Tensor) -> bool:
+def cpu_kernels_apply(x: torch.Tensor, min_elements: int = MIN_ELEMENTS) -> bool:
     """Whether the compiled CPU kernels serve an operation on x (see the module docstring): a plain CPU tensor
     (not a subclass such as a FakeTensor, which has no data for a C++ loop to read) of a 16/32-bit float
-    dtype with at least MIN_ELEMENTS elements, outside torch.compile, torch.func and any dispatch mode."""
+    dtype with at least `min_elements` elements, outside torch.compile, torch.func and any dispatch mode."""
     return (_enabled["on"] and type(x) in (torch.Tensor, torch.nn.Parameter) and x.device.type == "cpu"
-            and x.numel() >= MIN_ELEMENTS and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and x.numel() >= min_elements and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
             and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(x)
             and _get_current_dispatch_mode() is None)
 
@@ -42,10 +42,12 @@ def set_cpu_kernels(on: bool) -> bool:
 
 
 class CpuKernel:
-    """fn, compiled on first call (see the module docstring); fn itself when compiling is off or failed."""
+    """fn, compiled on first call (see the module docstring); fn itself when compiling is off or failed.
+    dynamic_rows=False: every shape is its own graph (for kernels called with a few fixed row counts)."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, dynamic_rows: bool = True):
         self.fn = fn
+        self.dynamic_rows = dynamic_rows
         self._compiled = None
 
     def __call__(self, *args):
@@ -56,7 +58,7 @@ class CpuKernel:
                     if self._compiled is None:
                         self._compiled = torch.compile(self.fn, options={"emulate_precision_casts": True})
                     for t in args:
-                        if isinstance(t, torch.Tensor) and t.dim() == 2:
+                        if self.dynamic_rows and isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] > 1:
                             torch._dynamo.mark_dynamic(t, 0)
                     return self._compiled(*args)
             except Exception as e:                          # no compiler, an unsupported build: eager for good

@@ -29,7 +29,8 @@ import torch.nn as nn
 from ..kernels import ternary as _kernel
 from ..kernels.cpu_compile import cpu_kernels_apply
 from ..kernels.fused_input import fused_bitlinear_input
-from ..kernels.ternary import pack_ternary, packed_columns, ternary_linear, ternary_linear_int8, unpack_ternary
+from ..kernels.ternary import (pack_ternary, packed_columns, ternary_linear, ternary_linear_int8, ternary_linear_rows,
+                               unpack_ternary)
 from .layers import BitLinear, RMSNorm, _needs_grad, bitlinear_codes, bitlinear_input, quantize_weights
 
 __all__ = ["TernaryLinear", "freeze_ternary", "ternary_layer_names", "use_ternary_layers", "frozen_base_bytes",
@@ -83,10 +84,11 @@ class TernaryLinear(nn.Module):
     def forward_with_input(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(y, Q_a(x̃)): the output and the matmul's input (what a LoRA adapter reads).
 
-        Without a gradient to carry, on the CPU, for at most `kernels.ternary.INT_ROWS` rows (decoding, short
-        prompts) and in 16/32-bit dtypes, y comes from the 8-bit codes by exact integer matmuls
-        (`ternary_linear_int8`): 2.5-3x faster than the float path at one row, and the same value up to the
-        float path's own roundings (it rounds q / s to fp32 and then to the dtype, and the dot products;
+        Without a gradient to carry, on the CPU, in 16/32-bit dtypes: for at most `kernels.ternary.GEMV_ROWS`
+        rows (decoding) y comes from one compiled loop over the packed bytes (`ternary_linear_rows`, the float
+        path's value up to the order of its fp32 sums); for at most `kernels.ternary.INT_ROWS` rows (short
+        prompts) from the 8-bit codes by exact integer matmuls (`ternary_linear_int8`: the same value up to
+        the float path's own roundings: it rounds q / s to fp32 and then to the dtype, and the dot products;
         the integer path rounds once, at the end). float64 always takes the float path, the exact one.
         """
         rows = x.numel() // max(self.in_features, 1)
@@ -94,6 +96,8 @@ class TernaryLinear(nn.Module):
         if (x.device.type == "cpu" and x.dtype != torch.float64 and rows <= _kernel.INT_ROWS and not grad
                 and not torch.is_autocast_enabled("cpu")):
             x_q, q, s = bitlinear_codes(x, self.rms_norm)
+            if rows <= _kernel.GEMV_ROWS and cpu_kernels_apply(x_q, min_elements=0):
+                return ternary_linear_rows(x_q, self.weight_packed, self.weight_scale, self.in_features), x_q
             return ternary_linear_int8(q, s, self.weight_packed, self.weight_scale, self.in_features, x_q.dtype), x_q
         x_q = self.quantized_input(x)
         return self.matmul(x_q), x_q

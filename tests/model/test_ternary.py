@@ -261,3 +261,30 @@ def test_load_original_with_dtype_converts_each_tensor_and_keeps_no_file_pages(t
         with torch.no_grad():
             loaded.lm_head.weight.add_(1)                 # in place: would fail or write through a read-only map
         assert torch.equal(load_original(path, n_heads=4, dtype=dtype).lm_head.weight, expected["lm_head.weight"])
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_one_or_two_decoding_rows_use_the_compiled_packed_loop_within_the_float_paths_rounding(monkeypatch, rows):
+    calls = []
+    real = kt.ternary_linear_rows
+    monkeypatch.setattr("elleci.model.ternary.ternary_linear_rows", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    layer = TernaryLinear.from_bitlinear(BitLinear(66, 40)).to(torch.bfloat16)   # K = 66: padded to 68 columns
+    x = torch.randn(rows, 66, dtype=torch.bfloat16)
+    with torch.no_grad():
+        fast = layer(x)
+    assert len(calls) == 1 and fast.shape == (rows, 40) and fast.dtype == torch.bfloat16
+    slow = layer(x.requires_grad_())                        # the float path
+    exact = layer.double()(x.detach().double())
+    err_float = (slow.double() - exact).abs().max()
+    assert (fast.double() - exact).abs().max() <= max(err_float, 2 ** -8 * exact.abs().max())
+
+
+def test_the_packed_loop_is_the_reference_product():
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(-1, 2, (37, 70), generator=g, dtype=torch.int8)
+    packed, scale = kt.pack_ternary(codes), torch.tensor(0.37)
+    x = torch.randn(2, 70, generator=g)
+    got = kt.ternary_linear_rows(x, packed, scale, 70)
+    want = kt.ternary_linear_ref(x.double(), packed, scale.double(), 70)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)   # fp32 sums of exact products
