@@ -67,3 +67,25 @@ class CpuKernel:
                 warnings.warn(f"elleci: compiled CPU kernels are unavailable here ({type(e).__name__}: {first}); "
                               "running them eagerly", RuntimeWarning, stacklevel=2)
         return self.fn(*args)
+
+
+def rowwise_function(name: str, forward: CpuKernel, backward: CpuKernel) -> type:
+    """An autograd Function `name` for an operation on the rows of x [..., K] with a per-feature weight w [K]
+    and a float eps: y = forward(x2, w, eps) with x2 = x as [rows, K] (y [rows, N], reshaped to [..., N]);
+    backward(x2, w, dy2, eps, need_dw) -> (dx [rows, K] in x's dtype, dw [K] or None). Saves x and w only."""
+
+    def fwd(ctx, x, w, eps):
+        ctx.save_for_backward(x, w)
+        ctx.eps = eps
+        y = forward(x.reshape(-1, x.shape[-1]), w, eps)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def bwd(ctx, dy):
+        x, w = ctx.saved_tensors
+        K = x.shape[-1]
+        dx, dw = backward(x.reshape(-1, K), w, dy.reshape(-1, dy.shape[-1]).contiguous(), ctx.eps,
+                          ctx.needs_input_grad[1])
+        return (dx.view(x.shape) if ctx.needs_input_grad[0] else None,
+                None if dw is None else dw.to(w.dtype), None)
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})

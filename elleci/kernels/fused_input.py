@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_compile import CpuKernel
+from .cpu_compile import CpuKernel, rowwise_function
 
 
 def input_forward(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
@@ -44,25 +44,8 @@ def input_backward(x: torch.Tensor, g: torch.Tensor, dy: torch.Tensor, eps: floa
     return dx.to(x.dtype), ((d * xhat).sum(0) if need_dg else None)
 
 
-_forward, _backward = CpuKernel(input_forward), CpuKernel(input_backward)
-
-
-class FusedBitLinearInput(torch.autograd.Function):
-    """x [..., K] -> Q_a(RMSNorm_g(x)); gradients for x and g. Saves x and g only."""
-
-    @staticmethod
-    def forward(ctx, x, g, eps):
-        ctx.save_for_backward(x, g)
-        ctx.eps = eps
-        return _forward(x.reshape(-1, x.shape[-1]), g, eps).view(x.shape)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, g = ctx.saved_tensors
-        K = x.shape[-1]
-        dx, dg = _backward(x.reshape(-1, K), g, dy.reshape(-1, K).contiguous(), ctx.eps, ctx.needs_input_grad[1])
-        return (dx.view(x.shape) if ctx.needs_input_grad[0] else None,
-                None if dg is None else dg.to(g.dtype), None)
+FusedBitLinearInput = rowwise_function("FusedBitLinearInput", CpuKernel(input_forward), CpuKernel(input_backward))
+"""x [..., K] -> Q_a(RMSNorm_g(x)); gradients for x and g. Saves x and g only."""
 
 
 def fused_bitlinear_input(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_compile import CpuKernel
+from .cpu_compile import CpuKernel, rowwise_function
 
 
 def rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -35,26 +35,8 @@ def rms_norm_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, eps: f
     return dx.to(x.dtype), dw
 
 
-_forward, _backward = CpuKernel(rms_norm_forward), CpuKernel(rms_norm_backward)
-
-
-class FusedRMSNorm(torch.autograd.Function):
-    """x [..., K], w [K] -> RMSNorm_w(x); gradients for x and w. Saves x and w only."""
-
-    @staticmethod
-    def forward(ctx, x, w, eps):
-        ctx.save_for_backward(x, w)
-        ctx.eps = eps
-        y = _forward(x.reshape(-1, x.shape[-1]), w, eps)
-        return y.view(*x.shape[:-1], y.shape[-1])
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        K = x.shape[-1]
-        dx, dw = _backward(x.reshape(-1, K), w, dy.reshape(-1, K).contiguous(), ctx.eps, ctx.needs_input_grad[1])
-        return (dx.view(x.shape) if ctx.needs_input_grad[0] else None,
-                None if dw is None else dw.to(w.dtype), None)
+FusedRMSNorm = rowwise_function("FusedRMSNorm", CpuKernel(rms_norm_forward), CpuKernel(rms_norm_backward))
+"""x [..., K], w [K] -> RMSNorm_w(x); gradients for x and w. Saves x and w only."""
 
 
 def fused_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
