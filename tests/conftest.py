@@ -87,3 +87,18 @@ def _saved_bytes(fn) -> int:
 def saved_bytes():
     """`saved_bytes(fn)`: bytes of the tensors autograd saves for the backward while fn() runs."""
     return _saved_bytes
+
+
+@pytest.fixture(scope="session")
+def cpu_kernels_compile():
+    """Skip a test that asserts a compiled CPU kernel ran where inductor cannot compile here (no C++ compiler)
+    or the kernels are off (ELLECI_CPU_KERNELS=0); the first failure turns them off for the session."""
+    import warnings
+
+    import elleci.kernels.cpu_compile as cc
+    if cc._enabled["on"]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            cc.CpuKernel(lambda a: a * 2 + 1)(torch.ones(4, 4))
+    if not cc._enabled["on"]:
+        pytest.skip("compiled CPU kernels are unavailable or off here")

@@ -25,14 +25,20 @@ MIN_ELEMENTS = 1 << 18
 _enabled = {"on": os.environ.get("ELLECI_CPU_KERNELS", "1") != "0"}
 
 
-def cpu_kernels_apply(x: torch.Tensor, min_elements: int = MIN_ELEMENTS) -> bool:
-    """Whether the compiled CPU kernels serve an operation on x (see the module docstring): a plain CPU tensor
-    (not a subclass such as a FakeTensor, which has no data for a C++ loop to read) of a 16/32-bit float
-    dtype with at least `min_elements` elements, outside torch.compile, torch.func and any dispatch mode."""
-    return (_enabled["on"] and type(x) in (torch.Tensor, torch.nn.Parameter) and x.device.type == "cpu"
-            and x.numel() >= min_elements and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and not torch.compiler.is_compiling() and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-            and _get_current_dispatch_mode() is None)
+def plain(*tensors: torch.Tensor) -> bool:
+    """Plain eager tensors: not a subclass (a FakeTensor has no data for a C++ loop to read) and not wrapped by
+    torch.func."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and not wrapped(t) for t in tensors)
+
+
+def cpu_kernels_apply(x: torch.Tensor, *others: torch.Tensor, min_elements: int = MIN_ELEMENTS) -> bool:
+    """Whether the compiled CPU kernels serve an operation on x (and the other tensors it takes, e.g. its
+    weights): plain CPU tensors (`plain`), x of a 16/32-bit float dtype with at least `min_elements`
+    elements, outside torch.compile and any dispatch mode."""
+    return (_enabled["on"] and x.device.type == "cpu" and x.numel() >= min_elements
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and plain(x, *others)
+            and not torch.compiler.is_compiling() and _get_current_dispatch_mode() is None)
 
 
 def set_cpu_kernels(on: bool) -> bool:
@@ -43,7 +49,8 @@ def set_cpu_kernels(on: bool) -> bool:
 
 class CpuKernel:
     """fn, compiled on first call (see the module docstring); fn itself when compiling is off or failed.
-    dynamic_rows=False: every shape is its own graph (for kernels called with a few fixed row counts)."""
+    dynamic_rows=False: no dimension is marked dynamic (for kernels called with a few row counts; dynamo may
+    still generalise a dimension after a recompile)."""
 
     def __init__(self, fn, dynamic_rows: bool = True):
         self.fn = fn
@@ -51,41 +58,52 @@ class CpuKernel:
         self._compiled = None
 
     def __call__(self, *args):
-        if _enabled["on"]:
-            try:
-                with warnings.catch_warnings():             # (torch's own deprecation notices while compiling)
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    if self._compiled is None:
-                        self._compiled = torch.compile(self.fn, options={"emulate_precision_casts": True})
-                    for t in args:
-                        if self.dynamic_rows and isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] > 1:
-                            torch._dynamo.mark_dynamic(t, 0)
-                    return self._compiled(*args)
-            except Exception as e:                          # no compiler, an unsupported build: eager for good
-                _enabled["on"] = False
-                first = str(e).splitlines()[0] if str(e) else ""
-                warnings.warn(f"elleci: compiled CPU kernels are unavailable here ({type(e).__name__}: {first}); "
-                              "running them eagerly", RuntimeWarning, stacklevel=2)
-        return self.fn(*args)
+        if not _enabled["on"]:
+            return self.fn(*args)
+        try:
+            return self._call_compiled(args)
+        except Exception as e:
+            out = self.fn(*args)                # a bad input fails here too, with its own error: nothing disabled
+            _enabled["on"] = False              # no compiler, an unsupported build: eager from now on
+            first = str(e).splitlines()[0] if str(e) else ""
+            warnings.warn(f"elleci: compiled CPU kernels are unavailable here ({type(e).__name__}: {first}); "
+                          "running them eagerly", RuntimeWarning, stacklevel=2)
+            return out
+
+    def _call_compiled(self, args):
+        for t in args:
+            if self.dynamic_rows and isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] > 1:
+                torch._dynamo.mark_dynamic(t, 0)
+        if self._compiled is not None:
+            return self._compiled(*args)
+        with warnings.catch_warnings():         # the first call compiles: torch's own deprecation notices
+            warnings.simplefilter("ignore", DeprecationWarning)
+            compiled = torch.compile(self.fn, options={"emulate_precision_casts": True})
+            out = compiled(*args)
+        self._compiled = compiled
+        return out
 
 
 def rowwise_function(name: str, forward: CpuKernel, backward: CpuKernel) -> type:
-    """An autograd Function `name` for an operation on the rows of x [..., K] with a per-feature weight w [K]
-    and a float eps: y = forward(x2, w, eps) with x2 = x as [rows, K] (y [rows, N], reshaped to [..., N]);
-    backward(x2, w, dy2, eps, need_dw) -> (dx [rows, K] in x's dtype, dw [K] or None). Saves x and w only."""
+    """An autograd Function `name` for an operation on the rows of x2 [rows, K] with a per-feature weight
+    w [K] and a float eps: y2 = forward(x2, w, eps); backward(x2, w, dy2, eps, need_dw) -> (dx2 in x2's
+    dtype, dw [K] or None). Saves x2 and w only. Apply it to 2-D tensors and reshape outside (`apply_rowwise`),
+    so that its output is not a view made inside the Function (which could not be changed in place later)."""
 
-    def fwd(ctx, x, w, eps):
-        ctx.save_for_backward(x, w)
+    def fwd(ctx, x2, w, eps):
+        ctx.save_for_backward(x2, w)
         ctx.eps = eps
-        y = forward(x.reshape(-1, x.shape[-1]), w, eps)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return forward(x2, w, eps)
 
-    def bwd(ctx, dy):
-        x, w = ctx.saved_tensors
-        K = x.shape[-1]
-        dx, dw = backward(x.reshape(-1, K), w, dy.reshape(-1, dy.shape[-1]).contiguous(), ctx.eps,
-                          ctx.needs_input_grad[1])
-        return (dx.view(x.shape) if ctx.needs_input_grad[0] else None,
-                None if dw is None else dw.to(w.dtype), None)
+    def bwd(ctx, dy2):
+        x2, w = ctx.saved_tensors
+        dx, dw = backward(x2, w, dy2.contiguous(), ctx.eps, ctx.needs_input_grad[1])
+        return (dx if ctx.needs_input_grad[0] else None), (None if dw is None else dw.to(w.dtype)), None
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+
+
+def apply_rowwise(fn: type, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """fn (a `rowwise_function`) on the rows of x [..., K] -> [..., N]."""
+    y2 = fn.apply(x.reshape(-1, x.shape[-1]), w, eps)
+    return y2.view(*x.shape[:-1], y2.shape[-1])

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_compile import CpuKernel, rowwise_function
+from .cpu_compile import CpuKernel, apply_rowwise, rowwise_function
 
 
 def input_forward(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
@@ -45,9 +45,9 @@ def input_backward(x: torch.Tensor, g: torch.Tensor, dy: torch.Tensor, eps: floa
 
 
 FusedBitLinearInput = rowwise_function("FusedBitLinearInput", CpuKernel(input_forward), CpuKernel(input_backward))
-"""x [..., K] -> Q_a(RMSNorm_g(x)); gradients for x and g. Saves x and g only."""
+"""x2 [rows, K] -> Q_a(RMSNorm_g(x2)); gradients for x2 and g. Saves x2 and g only."""
 
 
 def fused_bitlinear_input(x: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
     """Q_a(RMSNorm_g(x)) with the gradients of x and g, by the compiled kernels (see the module docstring)."""
-    return FusedBitLinearInput.apply(x, g, eps)
+    return apply_rowwise(FusedBitLinearInput, x, g, eps)

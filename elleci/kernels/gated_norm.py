@@ -55,24 +55,24 @@ _fwd, _bwd = CpuKernel(_forward), CpuKernel(_backward)
 
 
 class _GatedNorm(torch.autograd.Function):
+    """y2, z2 [rows, Di] -> LayerNorm(y2 ⊙ silu(z2)); saves y2, z2 and w."""
+
     @staticmethod
-    def forward(ctx, y, z, w, b, eps):
-        ctx.save_for_backward(y, z, w)
+    def forward(ctx, y2, z2, w, b, eps):
+        ctx.save_for_backward(y2, z2, w)
         ctx.eps = eps
-        Di = y.shape[-1]
-        return _fwd(y.reshape(-1, Di), z.reshape(-1, Di), w, b, eps).view(z.shape)
+        return _fwd(y2, z2, w, b, eps)
 
     @staticmethod
     def backward(ctx, dout):
-        y, z, w = ctx.saved_tensors
-        Di = y.shape[-1]
+        y2, z2, w = ctx.saved_tensors
         need_wb = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
-        dy, dz, dw, db = _bwd(y.reshape(-1, Di), z.reshape(-1, Di), w, dout.reshape(-1, Di).contiguous(),
-                              ctx.eps, need_wb)
-        return (dy.view(y.shape).to(y.dtype), dz.view(z.shape), None if dw is None else dw.to(w.dtype),
+        dy, dz, dw, db = _bwd(y2, z2, w, dout.contiguous(), ctx.eps, need_wb)
+        return (dy.to(y2.dtype), dz, None if dw is None else dw.to(w.dtype),
                 None if db is None else db.to(w.dtype), None)
 
 
 def gated_norm(y: torch.Tensor, z: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm_{w,b}(y.to(z.dtype) ⊙ silu(z)) by the compiled kernels; y [..., Di] (fp32), z [..., Di], w, b [Di]."""
-    return _GatedNorm.apply(y, z, w, b, eps)
+    Di = z.shape[-1]
+    return _GatedNorm.apply(y.reshape(-1, Di), z.reshape(-1, Di), w, b, eps).view(z.shape)

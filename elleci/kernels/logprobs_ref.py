@@ -8,6 +8,7 @@ time, forward and backward (a custom autograd Function recomputes it from the sa
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 
@@ -72,24 +73,31 @@ def _logits_acc(h, w):
     return out
 
 
+_PRECISION_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _exact_bf16_products(h, w):
     """On the CPU, when h and w are bf16, let oneDNN run the fp32 product h.float() @ w.float()ᵀ on its bf16
     units (`torch.backends.mkldnn.matmul.fp32_precision = "bf16"`): its inputs are bf16 values, so rounding
-    them to bf16 changes nothing, each product is exact in fp32 and the sums stay fp32, as in the IEEE fp32
-    GEMM (measured [1022, 2048] x [2048, 2048]: 35 -> 11 ms, max error against float64 9e-5 vs 6e-5, the
-    order of the fp32 sums). Anything else (fp16 or fp32 inputs, whose values bf16 cannot hold; other
-    devices) keeps the IEEE product. The setting is restored on exit."""
-    backend = torch.backends.mkldnn.matmul
-    if not (h.device.type == "cpu" and h.dtype == torch.bfloat16 and w.dtype == torch.bfloat16):
+    them to bf16 changes nothing (denormal inputs aside, which such units may flush), each product is exact
+    in fp32 and the sums stay fp32, as in the IEEE fp32 GEMM (measured [1022, 2048] x [2048, 2048]: 35 -> 11
+    ms, max error against float64 9e-5 vs 6e-5, the order of the fp32 sums). Anything else (fp16 or fp32
+    inputs, whose values bf16 cannot hold; other devices; a torch without the setting) keeps the IEEE
+    product. The setting is process-wide: it is restored on exit, and a lock keeps two threads in here from
+    restoring each other's value, but an fp32 matmul another thread runs meanwhile also gets bf16 products."""
+    backend = getattr(torch.backends.mkldnn, "matmul", None)
+    if not (h.device.type == "cpu" and h.dtype == torch.bfloat16 and w.dtype == torch.bfloat16
+            and hasattr(backend, "fp32_precision")):
         yield
         return
-    previous = backend.fp32_precision
-    backend.fp32_precision = "bf16"
-    try:
-        yield
-    finally:
-        backend.fp32_precision = previous
+    with _PRECISION_LOCK:
+        previous = backend.fp32_precision
+        backend.fp32_precision = "bf16"
+        try:
+            yield
+        finally:
+            backend.fp32_precision = previous
 
 
 def _grad_hidden_acc(grad, w):

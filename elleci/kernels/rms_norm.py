@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .cpu_compile import CpuKernel, rowwise_function
+from .cpu_compile import CpuKernel, apply_rowwise, rowwise_function
 
 
 def rms_norm_forward(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,9 +36,9 @@ def rms_norm_backward(x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, eps: f
 
 
 FusedRMSNorm = rowwise_function("FusedRMSNorm", CpuKernel(rms_norm_forward), CpuKernel(rms_norm_backward))
-"""x [..., K], w [K] -> RMSNorm_w(x); gradients for x and w. Saves x and w only."""
+"""x2 [rows, K], w [K] -> RMSNorm_w(x2); gradients for x2 and w. Saves x2 and w only."""
 
 
 def fused_rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm_w(x) by the compiled kernels, with the gradients of x and w."""
-    return FusedRMSNorm.apply(x, w, eps)
+    return apply_rowwise(FusedRMSNorm, x, w, eps)

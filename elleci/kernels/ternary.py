@@ -362,7 +362,7 @@ def _rows_kernel(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> 
     p = packed.view(1, N, K4)
     t = ((((p & 3).float() - 1) * xf[:, :, 0] + (((p >> 2) & 3).float() - 1) * xf[:, :, 1])
          + ((((p >> 4) & 3).float() - 1) * xf[:, :, 2] + (((p >> 6) & 3).float() - 1) * xf[:, :, 3]))
-    return (t.sum(-1) * scale.float()).to(x.dtype)
+    return (t.sum(-1) * scale.to(x.dtype).float()).to(x.dtype)        # γ as the float path has it: in x's dtype
 
 
 _rows = CpuKernel(_rows_kernel, dynamic_rows=False)
@@ -371,8 +371,9 @@ _rows = CpuKernel(_rows_kernel, dynamic_rows=False)
 def ternary_linear_rows(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, in_features: int) -> torch.Tensor:
     """y = x (c γ)ᵀ for a few rows (decoding) without a gradient: one compiled loop over the packed bytes
     (`CpuKernel`), each byte's four codes taken by shift and mask and multiplied with their four x columns,
-    the dot products summed in fp32 and scaled by γ, rounded once to x's dtype. The same value as the float
-    path up to the order of its fp32 sums. x [..., K] -> [..., N]."""
+    the dot products summed in fp32 and scaled by γ (rounded to x's dtype, as in the float path's weight
+    c · γ.to(dtype)), rounded once to x's dtype. The float path's value up to the order of its fp32 sums and
+    the one fp32 rounding of the final product by γ. x [..., K] -> [..., N]."""
     _check(x, packed, scale, in_features)
     N, K4 = packed.shape
     lead = x.shape[:-1]

@@ -37,7 +37,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if w.dtype == x.dtype and cpu_kernels_apply(x) and not torch._C._functorch.is_functorch_wrapped_tensor(w):
+        if w.dtype == x.dtype and cpu_kernels_apply(x, w):
             return fused_rms_norm(x, w, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight

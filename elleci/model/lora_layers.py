@@ -160,7 +160,9 @@ class LoRALinear(nn.Module):
         y, x_q = self.base_layer.forward_with_input(x.reshape(-1, x.shape[-1]))   # [M, N], [M, K]
         A, B, s = self.adapter()
         A, B = A.to(x_q.dtype), B.to(x_q.dtype)
-        if isinstance(self.lora_dropout, nn.Dropout) or not _plain(y, x_q, A, B):
+        in_place = (y.dtype == x_q.dtype and _plain(y, x_q, A, B) and not isinstance(self.lora_dropout, nn.Dropout)
+                    and not torch.is_autocast_enabled(y.device.type))       # (addmm_ is not autocast)
+        if not in_place:
             y = torch.add(y, F.linear(F.linear(self.lora_dropout(x_q), A), B), alpha=s)
         else:
             y = add_lowrank_(y, x_q, A, B, s)          # in place: the base's fresh output is the accumulator

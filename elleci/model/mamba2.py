@@ -182,8 +182,8 @@ class Mamba2Mixer(nn.Module):
         """LayerNorm(y ⊙ silu(z)) with y (the scan's fp32 output) rounded to z's dtype first; on the CPU for
         large inputs as compiled kernels (`elleci.kernels.gated_norm`, same formula)."""
         w, b = self.norm.weight, self.norm.bias
-        if (cpu_kernels_apply(z) and w.dtype == b.dtype == z.dtype and y.dtype in (z.dtype, torch.float32)
-                and not torch._C._functorch.is_functorch_wrapped_tensor(w)):
+        if (cpu_kernels_apply(z, y, w, b) and w.dtype == b.dtype == z.dtype and y.dtype in (z.dtype, torch.float32)
+                and y.shape == z.shape):
             return gated_norm(y, z, w, b, self.norm.eps)
         return self.norm(y.to(z.dtype) * F.silu(z))
 

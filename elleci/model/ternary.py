@@ -70,10 +70,11 @@ class TernaryLinear(nn.Module):
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
         """Q_a(x̃): the matmul's (and a LoRA adapter's) input, BitLinear's formula. On the CPU, for training-sized
-        16/32-bit inputs, computed by the compiled kernels of `elleci.kernels.fused_input` (with or without a
-        gradient, so a reference pass and a policy pass get the same bits)."""
+        16/32-bit inputs, computed by the compiled kernels of `elleci.kernels.fused_input`, with or without a
+        gradient (so a reference pass and a policy pass through here get the same bits; `forward_with_input`
+        takes other paths for short inputs without a gradient)."""
         g = self.rms_norm.weight
-        if cpu_kernels_apply(x) and not torch._C._functorch.is_functorch_wrapped_tensor(g):
+        if cpu_kernels_apply(x, g):
             return fused_bitlinear_input(x, g, self.rms_norm.eps)
         return bitlinear_input(x, self.rms_norm)
 
@@ -96,7 +97,7 @@ class TernaryLinear(nn.Module):
         if (x.device.type == "cpu" and x.dtype != torch.float64 and rows <= _kernel.INT_ROWS and not grad
                 and not torch.is_autocast_enabled("cpu")):
             x_q, q, s = bitlinear_codes(x, self.rms_norm)
-            if rows <= _kernel.GEMV_ROWS and cpu_kernels_apply(x_q, min_elements=0):
+            if rows <= _kernel.GEMV_ROWS and cpu_kernels_apply(x_q, self.weight_packed, min_elements=0):
                 return ternary_linear_rows(x_q, self.weight_packed, self.weight_scale, self.in_features), x_q
             return ternary_linear_int8(q, s, self.weight_packed, self.weight_scale, self.in_features, x_q.dtype), x_q
         x_q = self.quantized_input(x)

@@ -16,6 +16,14 @@ from elleci.model.ternary import TernaryLinear
 K, ROWS = 2048, 256                                   # 2^19 elements: above MIN_ELEMENTS
 
 
+
+def _node(t):
+    """The autograd node that made t, looking through the reshape views around a Function's 2-D output."""
+    fn = t.grad_fn
+    while type(fn).__name__ in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"):
+        fn = fn.next_functions[0][0]
+    return type(fn).__name__
+
 def _case(dtype, seed=0, rows=ROWS, k=K):
     g = torch.Generator().manual_seed(seed)
     norm = RMSNorm(k, eps=1e-5).to(dtype)
@@ -32,15 +40,17 @@ def test_forward_is_the_eager_input_path_but_for_single_steps_at_ties(dtype):
     y = fused_bitlinear_input(x, norm.weight, norm.eps)
     y_ref = bitlinear_input(x.clone().requires_grad_(), norm).detach()          # the eager Function
     assert y.dtype == dtype and y.shape == x.shape
-    # a flipped code moves the value by one step 1/s = max|x̃| / 127 (plus the output's rounding); in fp32 a
-    # last-bit difference of r also moves s, and so every value of the row, by a few fp32 ulps
+    # A code at a rounding tie can come out one step 1/s = max|x̃| / 127 apart, plus the output's rounding;
+    # when a row's largest |x̃| itself rounds the other way, s moves and the whole row with it (within the
+    # same bound). In fp32 a last-bit difference of r moves every value of its row by a few fp32 ulps.
     step = bitlinear_norm(x, norm).double().abs().amax(-1, keepdim=True) / 127
+    out_ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -23
     diff = (y.double() - y_ref.double()).abs()
-    assert (diff <= step * (1 + 2 ** -6)).all()
-    flipped = diff > step * 1e-4                                               # a code, not a last bit
-    assert flipped.double().mean() <= 1e-4                                     # ties only
+    assert (diff <= step + 2 * out_ulp * y_ref.double().abs()).all()
     if dtype == torch.bfloat16:
-        assert (y != y_ref).double().mean() <= 1e-4
+        assert (y != y_ref).any(-1).double().mean() <= 0.02                   # rows touched by a tie
+    else:
+        assert (diff > 1e-3 * step).double().mean() <= 1e-4                    # codes: ties only
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -57,21 +67,21 @@ def test_gradients_agree_with_a_float64_reference(dtype):
     assert (norm.weight.grad.double() - g64.grad).abs().max() <= tol * g64.grad.abs().max()
 
 
-def test_frozen_layer_takes_it_with_and_without_a_gradient_and_small_inputs_stay_eager():
+def test_frozen_layer_takes_it_with_and_without_a_gradient_and_small_inputs_stay_eager(cpu_kernels_compile):
     torch.manual_seed(0)
     layer = TernaryLinear(K, 64).to(torch.bfloat16)
     x = torch.randn(2, 160, K).bfloat16().requires_grad_()                  # 320 rows: not the int8 decode path
     y, x_q = layer.forward_with_input(x)
-    assert type(x_q.grad_fn).__name__ == "FusedBitLinearInputBackward"
+    assert _node(x_q) == "FusedBitLinearInputBackward"
     with torch.no_grad():
         y0, x_q0 = layer.forward_with_input(x)
     assert torch.equal(x_q0, x_q.detach()) and torch.equal(y0, y.detach())     # one path, one set of bits
     small = x[:, :8].detach().clone().requires_grad_()
-    assert type(layer.quantized_input(small).grad_fn).__name__ == "_BitLinearInputBackward"
+    assert _node(layer.quantized_input(small)) == "_BitLinearInputBackward"
     previous = set_cpu_kernels(False)
     try:
         assert not cpu_kernels_apply(x)
-        assert type(layer.quantized_input(x).grad_fn).__name__ == "_BitLinearInputBackward"
+        assert _node(layer.quantized_input(x)) == "_BitLinearInputBackward"
     finally:
         set_cpu_kernels(previous)
 
@@ -91,7 +101,7 @@ def test_a_failing_compile_warns_once_and_runs_eagerly(monkeypatch):
         assert torch.equal(kernel(a, b), a * b + 1)
 
 
-def test_fake_tensors_and_dispatch_modes_keep_the_eager_path():
+def test_fake_tensors_and_dispatch_modes_keep_the_eager_path(cpu_kernels_compile):
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils._python_dispatch import TorchDispatchMode
     x = torch.randn(ROWS, K)

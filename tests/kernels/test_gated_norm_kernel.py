@@ -9,6 +9,14 @@ from elleci.kernels.gated_norm import gated_norm, gated_norm_ref
 Di, ROWS = 1024, 512
 
 
+
+def _node(t):
+    """The autograd node that made t, looking through the reshape views around a Function's 2-D output."""
+    fn = t.grad_fn
+    while type(fn).__name__ in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"):
+        fn = fn.next_functions[0][0]
+    return type(fn).__name__
+
 def _case(dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     y = torch.randn(2, ROWS // 2, Di, generator=g, dtype=torch.float64).float() * 2       # the scan's fp32 output
@@ -25,9 +33,11 @@ def test_forward_is_the_eager_expression_up_to_last_bits(dtype):
     y, z, w, b, _ = _case(dtype)
     out, ref = gated_norm(y, z, w, b, 1e-5), gated_norm_ref(y, z, w, b, 1e-5)
     assert out.dtype == ref.dtype == dtype and not z.is_contiguous()
-    ulp = 2 ** -8 if dtype == torch.bfloat16 else 2 ** -23
+    # bf16: h and out each a rounding step apart at most; fp32: the statistics' sums in another order
+    # (and another algorithm: eager LayerNorm is Welford's) move every value by a few ulps
+    bound = 4 * 2 ** -8 if dtype == torch.bfloat16 else 2 ** -18
     scale = ref.double().abs().amax(-1, keepdim=True)
-    assert ((out.double() - ref.double()).abs() <= 4 * ulp * scale).all()   # a few roundings of ~unit values
+    assert ((out.double() - ref.double()).abs() <= bound * scale).all()
     if dtype == torch.bfloat16:
         assert (out != ref).double().mean() <= 1e-2
 
@@ -47,7 +57,7 @@ def test_gradients_agree_with_a_float64_reference(dtype):
         assert (got.grad.double() - want.grad).abs().max() <= tol * want.grad.abs().max()
 
 
-def test_the_mixer_uses_it_for_large_inputs_and_the_eager_expression_otherwise():
+def test_the_mixer_uses_it_for_large_inputs_and_the_eager_expression_otherwise(cpu_kernels_compile):
     from elleci.model import ElleciConfig
     from elleci.model.mamba2 import Mamba2Mixer
     cfg = ElleciConfig.from_name("tiny")
@@ -55,12 +65,12 @@ def test_the_mixer_uses_it_for_large_inputs_and_the_eager_expression_otherwise()
     Dm = mixer.d_inner
     y = torch.randn(2, max(8, (1 << 18) // (2 * Dm) + 1), Dm)
     z = torch.randn(*y.shape[:-1], Dm).bfloat16().requires_grad_()
-    assert type(mixer._gate_and_norm(y, z).grad_fn).__name__ == "_GatedNormBackward"
+    assert _node(mixer._gate_and_norm(y, z)) == "_GatedNormBackward"
     previous = set_cpu_kernels(False)
     try:
         eager = mixer._gate_and_norm(y, z)
     finally:
         set_cpu_kernels(previous)
-    assert type(eager.grad_fn).__name__ != "_GatedNormBackward"
+    assert _node(eager) != "_GatedNormBackward"
     small = mixer._gate_and_norm(y[:, :2], z[:, :2])
-    assert type(small.grad_fn).__name__ != "_GatedNormBackward"
+    assert _node(small) != "_GatedNormBackward"

@@ -3,6 +3,7 @@
 Without a GPU the kernel runs in the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before
 elleci is imported), so shapes are small; with one, the same tests run the compiled kernel on CUDA.
 """
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -225,10 +226,12 @@ def test_blocked_bf16_logits_on_bf16_units_stay_exact_products(monkeypatch):
     seen = []
     real = ref._exact_bf16_products
 
+    @contextlib.contextmanager
     def spy(h, w):
-        seen.append((h.dtype, w.dtype))
-        return real(h, w)
+        with real(h, w):
+            seen.append(torch.backends.mkldnn.matmul.fp32_precision)     # the setting the products run under
+            yield
     monkeypatch.setattr(ref, "_exact_bf16_products", spy)
     check(lp.token_logprobs_ref, torch.bfloat16, *CASES[0], chunk_size=7)
-    assert seen and all(d == (torch.bfloat16, torch.bfloat16) for d in seen)
+    assert seen and all(p == "bf16" for p in seen)
     assert torch.backends.mkldnn.matmul.fp32_precision == before

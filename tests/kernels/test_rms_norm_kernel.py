@@ -1,5 +1,7 @@
 """The compiled CPU RMSNorm (`elleci.kernels.rms_norm`) against the eager formula (forward: equal but for
 last-bit roundings of the fp32 sums' order) and a float64 reference (gradients), and RMSNorm's dispatch."""
+import copy
+
 import pytest
 import torch
 
@@ -9,6 +11,14 @@ from elleci.model.layers import RMSNorm
 
 K, ROWS = 2048, 256
 
+
+
+def _node(t):
+    """The autograd node that made t, looking through the reshape views around a Function's 2-D output."""
+    fn = t.grad_fn
+    while type(fn).__name__ in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"):
+        fn = fn.next_functions[0][0]
+    return type(fn).__name__
 
 def _case(dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -35,18 +45,20 @@ def test_forward_is_the_eager_formula_up_to_last_bits(dtype):
         y, y_ref = norm(x), _eager(norm, x)
     assert y.dtype == y_ref.dtype == dtype
     rel = (y.double() - y_ref.double()).abs() / y_ref.double().abs().clamp(min=1e-30)
-    ulp = 2 ** -7 if dtype == torch.bfloat16 else 2 ** -22
-    assert (rel <= 2 * ulp).all()                                  # two roundings (x̂, then x̂ w) at most one step each
+    # bf16: x̂ and x̂ w each one rounding step apart at most; fp32: r a few ulps apart (the sums' order and
+    # vector width differ by CPU), and then the two roundings
+    bound = 2 ** -6 if dtype == torch.bfloat16 else 2 ** -19
+    assert (rel <= bound).all()
     if dtype == torch.bfloat16:
         assert (y != y_ref).double().mean() <= 1e-3                # rare: r's last fp32 bit at a bf16 boundary
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gradients_agree_with_a_float64_reference(dtype):
+def test_gradients_agree_with_a_float64_reference(dtype, cpu_kernels_compile):
     norm, x, dy = _case(dtype, seed=1)
     xi = x.clone().requires_grad_()
     y = norm(xi)
-    assert type(y.grad_fn).__name__ == "FusedRMSNormBackward"
+    assert _node(y) == "FusedRMSNormBackward"
     y.backward(dy)
     x64 = x.double().requires_grad_()
     w64 = norm.weight.detach().double().requires_grad_()
@@ -56,16 +68,22 @@ def test_gradients_agree_with_a_float64_reference(dtype):
     assert (norm.weight.grad.double() - w64.grad).abs().max() <= tol * w64.grad.abs().max()
 
 
-def test_small_float64_and_mixed_dtype_inputs_keep_the_eager_formula():
+def test_small_float64_and_mixed_dtype_inputs_keep_the_eager_formula(cpu_kernels_compile):
     norm, x, _ = _case(torch.bfloat16)
-    assert type(norm(x[:, :4].clone().requires_grad_()).grad_fn).__name__ != "FusedRMSNormBackward"
-    assert type(norm.double()(x.double().requires_grad_()).grad_fn).__name__ != "FusedRMSNormBackward"
+    assert _node(norm(x[:, :4].clone().requires_grad_())) == "MulBackward0"               # the eager formula
+    assert _node(norm(x.clone().requires_grad_())) == "FusedRMSNormBackward"
+    assert _node(copy.deepcopy(norm).double()(x.double().requires_grad_())) == "MulBackward0"
     fp32_weight = RMSNorm(K)                                        # bf16 x, fp32 weight: promotes to fp32 eagerly
     y = fp32_weight(x.requires_grad_())
-    assert y.dtype == torch.float32 and type(y.grad_fn).__name__ != "FusedRMSNormBackward"
+    assert y.dtype == torch.float32 and _node(y) != "FusedRMSNormBackward"
 
 
-def test_direct_call_matches_the_module():
-    norm, x, _ = _case(torch.bfloat16)
-    with torch.no_grad():
-        assert torch.equal(fused_rms_norm(x, norm.weight, norm.eps), norm(x))
+def test_its_output_can_be_changed_in_place_under_autograd():
+    norm, x, dy = _case(torch.bfloat16)
+    xi = x.clone().requires_grad_()
+    y = fused_rms_norm(xi, norm.weight, norm.eps)                 # [2, 128, K]: a view of the Function's output
+    y.mul_(2)                                                      # allowed: the view is made outside the Function
+    y.backward(dy)
+    xr = x.clone().requires_grad_()
+    (2 * _eager(norm, xr)).backward(dy)
+    assert (xi.grad.double() - xr.grad.double()).abs().max() <= 2 ** -6 * xr.grad.double().abs().max()
