@@ -5,7 +5,8 @@ is one loop over the data. `CpuKernel(fn)` is fn itself, compiled on first use w
 of every 2-D tensor argument dynamic (the rows: tokens in a batch vary, the features do not, so there is one
 graph per feature size and dtype) and with inductor's `emulate_precision_casts` (every cast to a 16-bit
 dtype in fn rounds as it does eagerly). If inductor cannot compile here (no C++ compiler, an unsupported
-build), the first failure warns once and every CpuKernel runs eagerly from then on. `ELLECI_CPU_KERNELS=0`
+build), the first failure whose eager run succeeds warns once and every CpuKernel runs eagerly from then on
+(a bad input fails eagerly with its own error and turns nothing off). `ELLECI_CPU_KERNELS=0`
 turns them all off. Callers decide where one applies (`cpu_kernels_apply`): plain CPU tensors of 16/32-bit
 floats, large enough to be worth a compile, outside torch.compile, torch.func and dispatch modes (the
 memory plan's FakeTensorMode, the tests' recorders).
