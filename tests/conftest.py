@@ -102,3 +102,15 @@ def cpu_kernels_compile():
             cc.CpuKernel(lambda a: a * 2 + 1)(torch.ones(4, 4))
     if not cc._enabled["on"]:
         pytest.skip("compiled CPU kernels are unavailable or off here")
+
+
+@pytest.fixture
+def grad_node():
+    """node(t): the name of the autograd node that made t, looking through the reshape views around a
+    Function's 2-D output."""
+    def node(t):
+        fn = t.grad_fn
+        while type(fn).__name__ in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"):
+            fn = fn.next_functions[0][0]
+        return type(fn).__name__
+    return node

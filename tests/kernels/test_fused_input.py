@@ -16,14 +16,6 @@ from elleci.model.ternary import TernaryLinear
 K, ROWS = 2048, 256                                   # 2^19 elements: above MIN_ELEMENTS
 
 
-
-def _node(t):
-    """The autograd node that made t, looking through the reshape views around a Function's 2-D output."""
-    fn = t.grad_fn
-    while type(fn).__name__ in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"):
-        fn = fn.next_functions[0][0]
-    return type(fn).__name__
-
 def _case(dtype, seed=0, rows=ROWS, k=K):
     g = torch.Generator().manual_seed(seed)
     norm = RMSNorm(k, eps=1e-5).to(dtype)
@@ -67,21 +59,21 @@ def test_gradients_agree_with_a_float64_reference(dtype):
     assert (norm.weight.grad.double() - g64.grad).abs().max() <= tol * g64.grad.abs().max()
 
 
-def test_frozen_layer_takes_it_with_and_without_a_gradient_and_small_inputs_stay_eager(cpu_kernels_compile):
+def test_frozen_layer_takes_it_with_and_without_a_gradient_and_small_inputs_stay_eager(cpu_kernels_compile, grad_node):
     torch.manual_seed(0)
     layer = TernaryLinear(K, 64).to(torch.bfloat16)
     x = torch.randn(2, 160, K).bfloat16().requires_grad_()                  # 320 rows: not the int8 decode path
     y, x_q = layer.forward_with_input(x)
-    assert _node(x_q) == "FusedBitLinearInputBackward"
+    assert grad_node(x_q) == "FusedBitLinearInputBackward"
     with torch.no_grad():
         y0, x_q0 = layer.forward_with_input(x)
     assert torch.equal(x_q0, x_q.detach()) and torch.equal(y0, y.detach())     # one path, one set of bits
     small = x[:, :8].detach().clone().requires_grad_()
-    assert _node(layer.quantized_input(small)) == "_BitLinearInputBackward"
+    assert grad_node(layer.quantized_input(small)) == "_BitLinearInputBackward"
     previous = set_cpu_kernels(False)
     try:
         assert not cpu_kernels_apply(x)
-        assert _node(layer.quantized_input(x)) == "_BitLinearInputBackward"
+        assert grad_node(layer.quantized_input(x)) == "_BitLinearInputBackward"
     finally:
         set_cpu_kernels(previous)
 

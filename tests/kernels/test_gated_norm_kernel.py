@@ -9,14 +9,6 @@ from elleci.kernels.gated_norm import gated_norm, gated_norm_ref
 Di, ROWS = 1024, 512
 
 
-
-def _node(t):
-    """The autograd node that made t, looking through the reshape views around a Function's 2-D output."""
-    fn = t.grad_fn
-    while type(fn).__name__ in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"):
-        fn = fn.next_functions[0][0]
-    return type(fn).__name__
-
 def _case(dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     y = torch.randn(2, ROWS // 2, Di, generator=g, dtype=torch.float64).float() * 2       # the scan's fp32 output
@@ -57,7 +49,7 @@ def test_gradients_agree_with_a_float64_reference(dtype):
         assert (got.grad.double() - want.grad).abs().max() <= tol * want.grad.abs().max()
 
 
-def test_the_mixer_uses_it_for_large_inputs_and_the_eager_expression_otherwise(cpu_kernels_compile):
+def test_the_mixer_uses_it_for_large_inputs_and_the_eager_expression_otherwise(cpu_kernels_compile, grad_node):
     from elleci.model import ElleciConfig
     from elleci.model.mamba2 import Mamba2Mixer
     cfg = ElleciConfig.from_name("tiny")
@@ -65,12 +57,12 @@ def test_the_mixer_uses_it_for_large_inputs_and_the_eager_expression_otherwise(c
     Dm = mixer.d_inner
     y = torch.randn(2, max(8, (1 << 18) // (2 * Dm) + 1), Dm)
     z = torch.randn(*y.shape[:-1], Dm).bfloat16().requires_grad_()
-    assert _node(mixer._gate_and_norm(y, z)) == "_GatedNormBackward"
+    assert grad_node(mixer._gate_and_norm(y, z)) == "_GatedNormBackward"
     previous = set_cpu_kernels(False)
     try:
         eager = mixer._gate_and_norm(y, z)
     finally:
         set_cpu_kernels(previous)
-    assert _node(eager) != "_GatedNormBackward"
+    assert grad_node(eager) != "_GatedNormBackward"
     small = mixer._gate_and_norm(y[:, :2], z[:, :2])
-    assert _node(small) != "_GatedNormBackward"
+    assert grad_node(small) != "_GatedNormBackward"

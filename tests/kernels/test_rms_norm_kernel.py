@@ -12,14 +12,6 @@ from elleci.model.layers import RMSNorm
 K, ROWS = 2048, 256
 
 
-
-def _node(t):
-    """The autograd node that made t, looking through the reshape views around a Function's 2-D output."""
-    fn = t.grad_fn
-    while type(fn).__name__ in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"):
-        fn = fn.next_functions[0][0]
-    return type(fn).__name__
-
 def _case(dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     norm = RMSNorm(K, eps=1e-6).to(dtype)
@@ -54,11 +46,11 @@ def test_forward_is_the_eager_formula_up_to_last_bits(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gradients_agree_with_a_float64_reference(dtype, cpu_kernels_compile):
+def test_gradients_agree_with_a_float64_reference(dtype, cpu_kernels_compile, grad_node):
     norm, x, dy = _case(dtype, seed=1)
     xi = x.clone().requires_grad_()
     y = norm(xi)
-    assert _node(y) == "FusedRMSNormBackward"
+    assert grad_node(y) == "FusedRMSNormBackward"
     y.backward(dy)
     x64 = x.double().requires_grad_()
     w64 = norm.weight.detach().double().requires_grad_()
@@ -68,14 +60,14 @@ def test_gradients_agree_with_a_float64_reference(dtype, cpu_kernels_compile):
     assert (norm.weight.grad.double() - w64.grad).abs().max() <= tol * w64.grad.abs().max()
 
 
-def test_small_float64_and_mixed_dtype_inputs_keep_the_eager_formula(cpu_kernels_compile):
+def test_small_float64_and_mixed_dtype_inputs_keep_the_eager_formula(cpu_kernels_compile, grad_node):
     norm, x, _ = _case(torch.bfloat16)
-    assert _node(norm(x[:, :4].clone().requires_grad_())) == "MulBackward0"               # the eager formula
-    assert _node(norm(x.clone().requires_grad_())) == "FusedRMSNormBackward"
-    assert _node(copy.deepcopy(norm).double()(x.double().requires_grad_())) == "MulBackward0"
+    assert grad_node(norm(x[:, :4].clone().requires_grad_())) == "MulBackward0"               # the eager formula
+    assert grad_node(norm(x.clone().requires_grad_())) == "FusedRMSNormBackward"
+    assert grad_node(copy.deepcopy(norm).double()(x.double().requires_grad_())) == "MulBackward0"
     fp32_weight = RMSNorm(K)                                        # bf16 x, fp32 weight: promotes to fp32 eagerly
     y = fp32_weight(x.requires_grad_())
-    assert y.dtype == torch.float32 and _node(y) != "FusedRMSNormBackward"
+    assert y.dtype == torch.float32 and grad_node(y) != "FusedRMSNormBackward"
 
 
 def test_its_output_can_be_changed_in_place_under_autograd():
