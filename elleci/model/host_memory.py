@@ -12,12 +12,12 @@ re-faulting the pages later reused. Measured on elleci-v1 (frozen ternary base, 
 "The frozen ternary base"):
 
     tokens per side    off (the default)     every 4th block
-    512                3.28 GB, 24.16 s      2.89 GB, 25.45 s
-    1024               4.05 GB, 43.57 s      3.41 GB, 48.54 s
+    512                3.03 GB, 15.71 s      2.81 GB, 16.51 s
+    1024               3.55 GB, 27.78 s      3.23 GB, 28.93 s
 
-So since the CPU scan stopped making [b, L, c] fp32 copies, the untrimmed peak is 0.55x the
-transformers + PEFT step's, and the trim buys 12-16% of it for 5-11% of the time: it is off by default;
-`host_memory.TRIM_EVERY = 4` turns it on. (Before that scan, off: 4.20 / 5.83 GB, on: 3.19 / 4.24 GB.)
+The untrimmed peak is 0.48-0.52x the transformers + PEFT step's, and the trim buys 7-9% of it for 4-5% of
+the time: it is off by default; `host_memory.TRIM_EVERY = 4` turns it on. (Before the CPU scan stopped making
+[b, L, c] fp32 copies, off: 4.20 / 5.83 GB, on: 3.19 / 4.24 GB.)
 Where glibc's `malloc_trim` does not exist (macOS, musl) trimming is a no-op.
 """
 from __future__ import annotations
